@@ -1,0 +1,156 @@
+"""PostgreSQL: an asyncpg pool and a migration runner that ten processes can start at once.
+
+Migrations are ordered SQL steps registered per capability.  At start they are
+applied inside ``pg_advisory_lock`` keyed by the namespace, each step in its own
+transaction together with the row that records it in ``<namespace>_schema_migrations``,
+so processes starting together apply every step exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from asgi_dist.errors import BackendUnavailable, ConfigError
+
+__all__ = ["PostgresBackend", "describe_dsn"]
+
+log = logging.getLogger("asgi_dist.postgres")
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/database`` without credentials, for messages."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "localhost"
+    return f"{host}:{parts.port or 5432}{parts.path or ''}"
+
+
+class PostgresBackend:
+    """The PostgreSQL pool of one Dist and the migrations of its capabilities."""
+
+    def __init__(
+        self,
+        target: str | asyncpg.Pool,
+        *,
+        namespace: str,
+        node_id: str,
+        connect_timeout: float = 5.0,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        self.namespace = namespace
+        self.node_id = node_id
+        self.connect_timeout = connect_timeout
+        self._dsn = target if isinstance(target, str) else None
+        self._pool: asyncpg.Pool | None = None if isinstance(target, str) else target
+        self._owns_pool = isinstance(target, str)
+        self.where = describe_dsn(target) if isinstance(target, str) else "the given asyncpg pool"
+        self._pool_size = (min_size, max_size)
+        self._migrations: dict[str, list[str]] = {}
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise BackendUnavailable(f"PostgreSQL at {self.where} is not connected: start the Dist")
+        return self._pool
+
+    def table(self, name: str) -> str:
+        """The namespaced table name ``<namespace>_<name>`` (the namespace is validated)."""
+        return f"{self.namespace}_{name}"
+
+    def register_migrations(self, capability: str, steps: Sequence[str]) -> None:
+        """Register ordered SQL steps; ``{ns}`` in them becomes the namespace.
+
+        Steps are append-only: version N is ``steps[N-1]``; never edit a released step.
+        """
+        if capability in self._migrations and self._migrations[capability] != list(steps):
+            raise ConfigError(f"migrations for {capability!r} registered twice with other steps")
+        self._migrations[capability] = list(steps)
+
+    def unavailable(self, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"PostgreSQL at {self.where} is unavailable ({type(exc).__name__}: {exc}); "
+            "check that it is running and that ASGI_DIST_POSTGRES_DSN points at it"
+        )
+
+    async def start(self) -> None:
+        if self._pool is None:
+            assert self._dsn is not None
+            try:
+                self._pool = await asyncio.wait_for(
+                    asyncpg.create_pool(
+                        self._dsn,
+                        min_size=self._pool_size[0],
+                        max_size=self._pool_size[1],
+                        timeout=self.connect_timeout,
+                        command_timeout=60,
+                    ),
+                    self.connect_timeout,
+                )
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise BackendUnavailable(
+                    f"PostgreSQL at {self.where} did not answer within "
+                    f"{self.connect_timeout:g}s ({type(exc).__name__}: {exc or 'timeout'}); "
+                    "start it or fix the DSN (Dist(postgres=...) or ASGI_DIST_POSTGRES_DSN)"
+                ) from exc
+        await self.migrate()
+
+    async def stop(self) -> None:
+        if self._owns_pool and self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except Exception:
+                pool.terminate()
+
+    async def migrate(self) -> list[tuple[str, int]]:
+        """Apply pending steps; returns the (capability, version) pairs this call applied."""
+        applied: list[tuple[str, int]] = []
+        if not self._migrations:
+            return applied
+        table = self.table("schema_migrations")
+        async with self.pool.acquire() as conn:
+            # One lock per namespace: serialises concurrent starters, not other apps.
+            await conn.execute(
+                "SELECT pg_advisory_lock(hashtextextended($1, 0))", f"asgi_dist:migrate:{table}"
+            )
+            try:
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} ("
+                    " capability text NOT NULL, version int NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now(), node_id text NOT NULL,"
+                    " PRIMARY KEY (capability, version))"
+                )
+                rows = await conn.fetch(
+                    f"SELECT capability, max(version) AS v FROM {table} GROUP BY capability"
+                )
+                done = {r["capability"]: r["v"] for r in rows}
+                for capability, steps in self._migrations.items():
+                    for version, sql in enumerate(steps, start=1):
+                        if version <= done.get(capability, 0):
+                            continue
+                        async with conn.transaction():
+                            await conn.execute(sql.format(ns=self.namespace))
+                            await conn.execute(
+                                f"INSERT INTO {table} (capability, version, node_id)"
+                                " VALUES ($1, $2, $3)",
+                                capability,
+                                version,
+                                self.node_id,
+                            )
+                        applied.append((capability, version))
+                        log.info("applied migration %s/%d", capability, version)
+            finally:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                    f"asgi_dist:migrate:{table}",
+                )
+        return applied
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self.pool.fetchval(query, *args)

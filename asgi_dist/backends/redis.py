@@ -1,0 +1,220 @@
+"""Redis: one client factory for every deployment shape, tagged keys, and Lua scripts.
+
+URL forms::
+
+    redis://[:password@]host:port[/db]            rediss:// for TLS
+    redis+sentinel://[:password@]host:port[,host:port]/service_name[/db]
+    redis+cluster://[:password@]host:port[,host:port]
+
+Every key of one object shares the hash tag ``{namespace:kind:name}`` so that
+a Lua script touching them runs on one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+from asgi_dist.errors import BackendUnavailable, ConfigError
+
+__all__ = [
+    "RedisBackend",
+    "RedisClient",
+    "Script",
+    "create_redis_client",
+    "describe_redis_url",
+    "validate_name",
+]
+
+log = logging.getLogger("asgi_dist.redis")
+
+RedisClient: TypeAlias = "Redis | RedisCluster"
+
+MAX_NAME_LENGTH = 512
+_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster", "unix")
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Refuse names that cannot safely become part of a key."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}: "
+            "use a shorter name (hash long identifiers)"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in name) or "{" in name or "}" in name:
+        raise ConfigError(
+            f"{what} {name!r} contains a control character or a brace; "
+            "use printable characters without '{' and '}'"
+        )
+    return name
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host:
+            host, port = port, ""
+        hosts.append((host.strip("[]") or "127.0.0.1", int(port) if port else default_port))
+    return hosts
+
+
+def _password(netloc: str) -> tuple[str | None, str | None]:
+    userinfo, at, _ = netloc.rpartition("@")
+    if not at:
+        return None, None
+    user, colon, password = userinfo.partition(":")
+    return (unquote(user) or None), (unquote(password) if colon else None)
+
+
+def describe_redis_url(url: str) -> str:
+    """``scheme://host:port[,host:port]`` without credentials, for messages."""
+    parts = urlsplit(url)
+    hosts = ",".join(f"{h}:{p}" for h, p in _hosts(parts.netloc, 6379))
+    return f"{parts.scheme}://{hosts}"
+
+
+def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClient:
+    """Build a ``redis.asyncio`` client for any of the supported URL forms."""
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise ConfigError(
+            f"unsupported Redis URL scheme {parts.scheme!r} in {describe_redis_url(url)}: use "
+            "redis://, rediss://, redis+sentinel://host:port/service or redis+cluster://host:port"
+        )
+    timeouts: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+    if parts.scheme in ("redis", "rediss", "unix"):
+        return Redis.from_url(url, **timeouts)
+    username, password = _password(parts.netloc)
+    if parts.scheme == "redis+cluster":
+        nodes = [ClusterNode(h, p) for h, p in _hosts(parts.netloc, 6379)]
+        return RedisCluster(
+            startup_nodes=nodes,
+            username=username,
+            password=password,
+            socket_connect_timeout=connect_timeout,
+        )
+    # redis+sentinel://host:port,host:port/service_name[/db]
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ConfigError(
+            f"{describe_redis_url(url)} names no service: "
+            "use redis+sentinel://host:port[,host:port]/service_name[/db]"
+        )
+    db = int(path[1]) if len(path) > 1 else 0
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        _hosts(parts.netloc, 26379),
+        socket_timeout=connect_timeout,
+        sentinel_kwargs={"socket_connect_timeout": connect_timeout, "password": password},
+    )
+    client: Redis = sentinel.master_for(
+        path[0], db=db, username=username, password=password, **timeouts
+    )
+    return client
+
+
+class Script:
+    """A Lua script shipped in a package, called by SHA with a NOSCRIPT fallback.
+
+    ``EVALSHA`` routes by the first key, so the same call works on a single
+    server, behind Sentinel and on Cluster; a node that lost its script cache
+    (restart, failover) gets the source once through ``EVAL``.
+    """
+
+    def __init__(self, package: str, name: str) -> None:
+        self.name = f"{package}:{name}"
+        self.source = resources.files(package).joinpath(f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(
+        self, client: RedisClient, keys: Sequence[Any], args: Sequence[Any] = ()
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+    async def load(self, client: RedisClient) -> None:
+        """Load into every primary (before pipelined EVALSHA, which has no fallback)."""
+        await client.script_load(self.source)
+
+
+class RedisBackend:
+    """The Redis connection of one Dist: client, key builder and script registry."""
+
+    def __init__(
+        self, target: str | RedisClient, *, namespace: str, connect_timeout: float = 5.0
+    ) -> None:
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        if isinstance(target, str):
+            self.where = describe_redis_url(target)
+            self.client: RedisClient = create_redis_client(target, connect_timeout=connect_timeout)
+            self._owns_client = True
+        else:
+            self.where = _describe_client(target)
+            self.client = target
+            self._owns_client = False
+        self.is_cluster = isinstance(self.client, RedisCluster)
+        self._scripts: dict[tuple[str, str], Script] = {}
+
+    def key(self, kind: str, name: str, suffix: str = "") -> str:
+        """``{namespace:kind:name}`` plus an optional ``:suffix``; one slot per object."""
+        tag = f"{{{self.namespace}:{kind}:{validate_name(name)}}}"
+        return f"{tag}:{suffix}" if suffix else tag
+
+    def script(self, package: str, name: str) -> Script:
+        """The script ``<package>/<name>.lua``, loaded from disk once per process."""
+        key = (package, name)
+        script = self._scripts.get(key)
+        if script is None:
+            script = self._scripts[key] = Script(package, name)
+        return script
+
+    def unavailable(self, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Redis at {self.where} is unavailable ({type(exc).__name__}: {exc}); "
+            "check that it is running and that ASGI_DIST_REDIS_URL points at it"
+        )
+
+    async def start(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.ping(), self.connect_timeout)
+        except (TimeoutError, OSError, redis_errors.RedisError) as exc:
+            await self.stop()
+            raise BackendUnavailable(
+                f"Redis at {self.where} did not answer within {self.connect_timeout:g}s "
+                f"({type(exc).__name__}: {exc or 'timeout'}); start it or fix the URL "
+                "(Dist(redis=...) or ASGI_DIST_REDIS_URL)"
+            ) from exc
+        log.debug("connected to Redis at %s", self.where)
+
+    async def stop(self) -> None:
+        if self._owns_client:
+            try:
+                await self.client.aclose()
+            except Exception:  # closing a broken connection must not mask the real error
+                log.debug("error closing Redis client", exc_info=True)
+
+
+def _describe_client(client: RedisClient) -> str:
+    if isinstance(client, RedisCluster):
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in client.startup_nodes)
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs.get('host', 'unix')}:{kwargs.get('port', '')}"

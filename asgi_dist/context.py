@@ -1,0 +1,101 @@
+"""The request context behind ``get_session()``, ``get_locks()`` and ``get_tx()``.
+
+:class:`~asgi_dist.DistMiddleware` sets one :class:`RequestContext` per HTTP or
+websocket connection in a :mod:`contextvars` variable; the capabilities attach
+their request-scoped objects to it through :class:`RequestHook`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import TYPE_CHECKING, Protocol
+
+from asgi_dist._types import Message, Scope
+from asgi_dist.errors import NoRequestContext
+
+if TYPE_CHECKING:
+    from asgi_dist.locks.request import RequestLocks
+    from asgi_dist.sessions.session import Session
+    from asgi_dist.transactions.request import RequestTransaction
+
+__all__ = ["RequestContext", "RequestHook", "get_locks", "get_session", "get_tx"]
+
+
+class RequestContext:
+    """Everything asgi_dist holds for one request or websocket connection."""
+
+    __slots__ = ("locks", "scope", "session", "tx")
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.session: Session | None = None
+        self.locks: RequestLocks | None = None
+        self.tx: RequestTransaction | None = None
+
+
+class RequestHook(Protocol):
+    """What one capability does around a request.
+
+    Hooks run like nested middleware: ``on_request`` in registration order,
+    ``on_response_start`` and ``on_finish`` in reverse.  ``on_response_start``
+    runs before ``http.response.start`` is forwarded and may add headers to
+    ``message``; if it raises, the middleware answers with an error response
+    instead of the app's (a failed commit must never look like success).
+    """
+
+    async def on_request(self, ctx: RequestContext) -> None: ...
+
+    async def on_response_start(self, ctx: RequestContext, message: Message) -> None: ...
+
+    async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None: ...
+
+
+_current: contextvars.ContextVar[RequestContext] = contextvars.ContextVar("asgi_dist_request")
+
+
+def current_request(what: str = "this") -> RequestContext:
+    try:
+        return _current.get()
+    except LookupError:
+        raise NoRequestContext(
+            f"{what} was called outside a request: it works only while DistMiddleware is "
+            "handling an HTTP or websocket request (wrap the app with dist.wrap(app) or "
+            "app.add_middleware(DistMiddleware, dist=dist))"
+        ) from None
+
+
+def set_current(ctx: RequestContext) -> contextvars.Token[RequestContext]:
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[RequestContext]) -> None:
+    _current.reset(token)
+
+
+def get_session() -> Session:
+    """The session of the current request (also inside websockets)."""
+    ctx = current_request("get_session()")
+    if ctx.session is None:
+        raise NoRequestContext(
+            "get_session(): sessions are disabled for this Dist; build it with sessions enabled"
+        )
+    return ctx.session
+
+
+def get_locks() -> RequestLocks:
+    """The request's lock scope: every lock it acquires is released when the response ends."""
+    ctx = current_request("get_locks()")
+    if ctx.locks is None:
+        raise NoRequestContext("get_locks(): the lock capability is not attached to this request")
+    return ctx.locks
+
+
+def get_tx() -> RequestTransaction:
+    """The request's PostgreSQL transaction; it begins on first use."""
+    ctx = current_request("get_tx()")
+    if ctx.tx is None:
+        raise NoRequestContext(
+            "get_tx() needs PostgreSQL: build the Dist with postgres=... "
+            "(or set ASGI_DIST_POSTGRES_DSN)"
+        )
+    return ctx.tx

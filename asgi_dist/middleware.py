@@ -1,0 +1,206 @@
+"""DistMiddleware: pure ASGI glue between an app and its Dist.
+
+* ``lifespan``: starts the Dist before the inner app's startup and stops it after
+  the inner app's shutdown, whether or not the inner app speaks lifespan.
+* ``http`` / ``websocket``: sets the request context behind ``get_session()``,
+  ``get_locks()`` and ``get_tx()`` and runs the capabilities' request hooks.
+* errors: an outage becomes 503 + ``Retry-After``, a busy lock 409, a failed
+  commit 500 -- never a success for work that was rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from asgi_dist._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_dist.backends import as_backend_unavailable
+from asgi_dist.context import RequestContext, RequestHook, reset_current, set_current
+from asgi_dist.errors import BackendUnavailable, LockTimeout, TransactionError
+
+if TYPE_CHECKING:
+    from asgi_dist.dist import Dist
+
+__all__ = ["DistMiddleware", "error_response"]
+
+log = logging.getLogger("asgi_dist")
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, str], str] | None:
+    """(status, headers, body) for the errors asgi_dist answers itself, else ``None``."""
+    if isinstance(exc, LockTimeout):
+        retry = max(1, math.ceil(exc.retry_after))
+        return 409, {"retry-after": str(retry)}, f"Conflict: {exc}"
+    outage = as_backend_unavailable(exc)
+    if outage is not None:
+        retry = max(1, math.ceil(outage.retry_after))
+        # The body names the cause, not the server's address.
+        return (
+            503,
+            {"retry-after": str(retry)},
+            f"Service Unavailable: a backing store is unreachable; retry after {retry} s",
+        )
+    if isinstance(exc, TransactionError):
+        return 500, {}, f"Internal Server Error: {exc}; nothing was saved"
+    return None
+
+
+async def _send_error(send: Send, status: int, headers: dict[str, str], body: str) -> None:
+    data = body.encode()
+    raw = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(data))]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class DistMiddleware:
+    """Pure ASGI middleware; ``app = DistMiddleware(app, dist=dist)`` or ``dist.wrap(app)``."""
+
+    def __init__(self, app: ASGIApp, dist: Dist) -> None:
+        self.app = app
+        self.dist = dist
+        self._hooks: list[RequestHook] | None = None
+        _install_exception_handlers(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            await self._request(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # lifespan ------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # pragma: no cover - protocol violation
+            return
+        try:
+            await self.dist.start()
+        except Exception as exc:
+            log.error("asgi_dist could not start: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": f"asgi_dist: {exc}"})
+            return
+
+        startup_answered = shutdown_answered = False
+        pending: list[Message] = [message]
+
+        async def inner_receive() -> Message:
+            return pending.pop() if pending else await receive()
+
+        async def inner_send(msg: Message) -> None:
+            nonlocal startup_answered, shutdown_answered
+            kind = msg["type"]
+            if kind.startswith("lifespan.startup."):
+                startup_answered = True
+                if kind == "lifespan.startup.failed":
+                    await self.dist.stop()
+            elif kind.startswith("lifespan.shutdown."):
+                # Stop after the inner app's shutdown, before the server hears of it.
+                shutdown_answered = True
+                await self.dist.stop()
+            await send(msg)
+
+        try:
+            await self.app(scope, inner_receive, inner_send)
+        except BaseException:
+            if startup_answered:
+                await self.dist.stop()
+                raise
+            # The inner app does not speak lifespan (it raised on the scope type):
+            # asgi_dist still needs its own startup and shutdown.
+            log.debug("inner app does not support lifespan; asgi_dist handles it alone")
+        if not startup_answered:
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await self.dist.stop()
+            await send({"type": "lifespan.shutdown.complete"})
+        elif not shutdown_answered:
+            await self.dist.stop()
+
+    # requests ------------------------------------------------------------------
+
+    def _request_hooks(self) -> list[RequestHook]:
+        if self._hooks is None:
+            self._hooks = self.dist.request_hooks()
+        return self._hooks
+
+    async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext(scope)
+        token = set_current(ctx)
+        entered: list[RequestHook] = []
+        started = replaced = False
+        error: BaseException | None = None
+
+        async def hooked_send(message: Message) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return  # the app's body belongs to a response we replaced
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                try:
+                    for hook in reversed(entered):
+                        await hook.on_response_start(ctx, message)
+                except Exception as exc:
+                    answer = error_response(exc) or (500, {}, "Internal Server Error")
+                    log.error("request %s failed before its response: %s", scope.get("path"), exc)
+                    replaced = started = True
+                    if message["type"] == "http.response.start":
+                        await _send_error(send, *answer)
+                    else:
+                        await send({"type": "websocket.close", "code": 1011})
+                    return
+                started = True
+            await send(message)
+
+        try:
+            for hook in self._request_hooks():
+                await hook.on_request(ctx)
+                entered.append(hook)
+            await self.app(scope, receive, hooked_send)
+        except Exception as exc:
+            error = exc
+            answer = error_response(exc)
+            if answer is None or started:
+                raise
+            log.warning("%s %s answered %d: %s", scope["type"], scope.get("path"), answer[0], exc)
+            if scope["type"] == "http":
+                await _send_error(send, *answer)
+            else:
+                await send({"type": "websocket.close", "code": 1013})
+        finally:
+            for hook in reversed(entered):
+                try:
+                    await hook.on_finish(ctx, error)
+                except Exception:
+                    log.exception("request hook %s failed to finish", type(hook).__name__)
+            reset_current(token)
+
+
+def _install_exception_handlers(app: Any) -> None:
+    """Teach Starlette/FastAPI apps our status codes.
+
+    Their ``ServerErrorMiddleware`` turns any exception into a 500 before an
+    outer middleware could see it, so the mapping must live inside the app.
+    """
+    add = getattr(app, "add_exception_handler", None)
+    if add is None:
+        return
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        status, headers, body = error_response(exc) or (500, {}, "Internal Server Error")
+        return PlainTextResponse(body, status_code=status, headers=headers)
+
+    from redis import exceptions as redis_errors
+
+    for cls in (
+        BackendUnavailable,
+        LockTimeout,
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+    ):
+        add(cls, handler)

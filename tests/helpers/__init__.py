@@ -1,0 +1,1 @@
+"""Test helpers: private servers and real OS processes."""
