@@ -82,6 +82,7 @@ class Dist:
             raise ConfigError(f"connect_timeout={connect_timeout!r} must be a positive number")
         keys = _secret_keys(secret_keys)
         self.namespace = namespace
+        self._secret_keys = keys
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         redis_backend = None
         if redis not in _MEMORY:
@@ -112,12 +113,6 @@ class Dist:
         self.locks = LockService(self.runtime)
         self._sessions: SessionManager | None = None
         if sessions is not False:
-            if not keys and (redis_backend or postgres_backend):
-                raise ConfigError(
-                    "secret_keys is required when sessions are stored in Redis or PostgreSQL "
-                    "(every process must sign cookies alike): pass Dist(secret_keys=[...]), set "
-                    "ASGI_DIST_SECRET_KEYS, or turn sessions off with Dist(sessions=False)"
-                )
             self._sessions = SessionManager(self.runtime, sessions or SessionConfig(), keys)
         self.scheduler = Scheduler(self.runtime, scheduler or SchedulerConfig(), self.locks)
         self.transactions = TransactionService(
@@ -234,6 +229,19 @@ class Dist:
         from asgi_dist.middleware import DistMiddleware
 
         return DistMiddleware(app, dist=self)
+
+    def check_serving(self) -> None:
+        """Refuse to serve requests with a configuration that would break them.
+
+        Called by DistMiddleware; workers that only lock or schedule need no keys.
+        """
+        shared = self.runtime.redis is not None or self.runtime.postgres is not None
+        if self._sessions is not None and not self._secret_keys and shared:
+            raise ConfigError(
+                "secret_keys is required when sessions are stored in Redis or PostgreSQL "
+                "(every process must sign cookies alike): pass Dist(secret_keys=[...]), set "
+                "ASGI_DIST_SECRET_KEYS, or turn sessions off with Dist(sessions=False)"
+            )
 
     def request_hooks(self) -> list[RequestHook]:
         hooks: list[RequestHook | None] = [cap.request_hook() for cap in self._capabilities()]

@@ -58,6 +58,7 @@ class DistMiddleware:
     """Pure ASGI middleware; ``app = DistMiddleware(app, dist=dist)`` or ``dist.wrap(app)``."""
 
     def __init__(self, app: ASGIApp, dist: Dist) -> None:
+        dist.check_serving()
         self.app = app
         self.dist = dist
         self._hooks: list[RequestHook] | None = None

@@ -103,7 +103,11 @@ class ProcessGroup:
         return started
 
     def python(
-        self, code: str, n: int = 1, env: Mapping[str, str] | None = None, args: list[str] | None = None
+        self,
+        code: str,
+        n: int = 1,
+        env: Mapping[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> list[Worker]:
         """Run ``code`` (a Python program) in ``n`` processes; ``sys.argv[1]`` is the index."""
         script = self.tmp / f"worker-{len(self.workers)}.py"

@@ -40,7 +40,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 class RedisServer:
-    """One private ``redis-server`` process; ``kill()``, ``pause()``, ``resume()``, ``restart()``."""
+    """A private ``redis-server``: ``kill()``, ``pause()``, ``resume()``, ``restart()``."""
 
     def __init__(self, *extra: str, port: int | None = None) -> None:
         self.port = port or free_port()

@@ -1,0 +1,1 @@
+"""Framework integrations: FastAPI dependencies and Quart setup."""

@@ -1,0 +1,199 @@
+"""DistMiddleware: lifespan, request context, and the status codes of our errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from asgi_dist import (
+    BackendUnavailable,
+    Dist,
+    DistMiddleware,
+    LockTimeout,
+    NoRequestContext,
+    TransactionError,
+    get_locks,
+    get_session,
+    get_tx,
+)
+from asgi_dist._types import Message, Receive, Scope, Send
+from asgi_dist.context import RequestContext, current_request
+from tests.helpers.asgi import Lifespan
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_lifespan_starts_dist_before_app_startup_and_stops_after_shutdown() -> None:
+    dist = Dist()
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        events.append(f"app startup, dist started={dist.started}")
+        yield {"answer": 42}
+        events.append(f"app shutdown, dist started={dist.started}")
+
+    async def home(request: Request) -> JSONResponse:
+        return JSONResponse({"answer": request.state.answer})
+
+    app = dist.wrap(Starlette(routes=[Route("/", home)], lifespan=lifespan))
+    async with Lifespan(app) as lifespan_driver:
+        assert dist.started
+        scope_state = lifespan_driver.state
+        assert scope_state == {"answer": 42}  # Starlette's lifespan state still works
+    assert not dist.started
+    assert events == ["app startup, dist started=True", "app shutdown, dist started=True"]
+    assert dist.start_count == 1
+
+
+async def test_lifespan_works_when_the_inner_app_does_not_speak_lifespan() -> None:
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http", "this app knows only http"
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    dist = Dist()
+    async with Lifespan(dist.wrap(bare)):
+        assert dist.started
+    assert not dist.started
+    assert dist.start_count == 1
+
+
+async def test_lifespan_reports_start_failure_with_the_message() -> None:
+    dist = Dist(redis="redis://:hunter2@127.0.0.1:1/0", secret_keys=["k" * 32], connect_timeout=2)
+    driver = Lifespan(dist.wrap(Starlette()))
+    message = await driver.startup()
+    assert message["type"] == "lifespan.startup.failed"
+    assert "127.0.0.1:1" in message["message"]
+    assert "hunter2" not in message["message"]
+    assert not dist.started
+
+
+async def test_inner_startup_failure_stops_the_dist() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("the app's own startup broke")
+        yield
+
+    dist = Dist()
+    driver = Lifespan(dist.wrap(Starlette(lifespan=lifespan)))
+    message = await driver.startup()
+    assert message["type"] == "lifespan.startup.failed"
+    assert "the app's own startup broke" in message["message"]
+    assert not dist.started
+
+
+async def test_request_context_is_set_inside_a_request_and_gone_outside() -> None:
+    seen: list[RequestContext] = []
+
+    async def home(request: Request) -> PlainTextResponse:
+        seen.append(current_request())
+        return PlainTextResponse("ok")
+
+    dist = Dist()
+    async with dist, _client(dist.wrap(Starlette(routes=[Route("/", home)]))) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert seen[0].scope["path"] == "/"
+    for accessor in (get_session, get_locks, get_tx):
+        with pytest.raises(NoRequestContext, match="outside a request"):
+            accessor()
+
+
+def test_request_context_is_set_inside_a_websocket() -> None:
+    paths: list[str] = []
+
+    async def ws(websocket: WebSocket) -> None:
+        paths.append(current_request().scope["path"])
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    dist = Dist()
+    app = dist.wrap(Starlette(routes=[WebSocketRoute("/ws", ws)]))
+    with TestClient(app) as client, client.websocket_connect("/ws") as socket:
+        assert socket.receive_text() == "hi"
+    assert paths == ["/ws"]
+
+
+def _raising_app(exc: Exception) -> Starlette:
+    async def boom(request: Request) -> PlainTextResponse:
+        raise exc
+
+    return Starlette(routes=[Route("/", boom)])
+
+
+@pytest.mark.parametrize("style", ["wrap", "add_middleware", "pure_asgi"])
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (BackendUnavailable("Redis at 127.0.0.1:6379 is unavailable", retry_after=2), 503),
+        (LockTimeout("lock 'sku:1' is busy", name="sku:1", retry_after=3), 409),
+    ],
+)
+async def test_errors_become_503_and_409_with_retry_after(
+    style: str, exc: Exception, status: int
+) -> None:
+    dist = Dist()
+    app: Any
+    if style == "wrap":
+        app = dist.wrap(_raising_app(exc))
+    elif style == "add_middleware":
+        app = _raising_app(exc)
+        app.add_middleware(DistMiddleware, dist=dist)
+    else:
+
+        async def pure(scope: Scope, receive: Receive, send: Send) -> None:
+            raise exc
+
+        app = DistMiddleware(pure, dist=dist)
+    async with dist, _client(app) as client:
+        response = await client.get("/")
+    assert response.status_code == status
+    assert int(response.headers["retry-after"]) >= 1
+    assert "127.0.0.1" not in response.text  # the body names the cause, not our servers
+    assert response.text.startswith(("Service Unavailable", "Conflict"))
+
+
+async def test_a_hook_failing_before_the_response_replaces_the_success() -> None:
+    class FailingCommit:
+        async def on_request(self, ctx: RequestContext) -> None:
+            return None
+
+        async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
+            raise TransactionError("commit failed: serialization failure")
+
+        async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
+            return None
+
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("order placed")
+
+    dist = Dist()
+    dist.request_hooks = lambda: [FailingCommit()]  # type: ignore[method-assign]
+    async with dist, _client(dist.wrap(Starlette(routes=[Route("/", home)]))) as client:
+        response = await client.get("/")
+    assert response.status_code == 500
+    assert "order placed" not in response.text
+    assert "commit failed" in response.text
+
+
+def test_app_add_middleware_form_runs_lifespan_once() -> None:
+    dist = Dist()
+    app = Starlette(middleware=[Middleware(DistMiddleware, dist=dist)])
+    with TestClient(app):
+        assert dist.started
+    assert dist.start_count == 1
+    assert not dist.started
