@@ -243,6 +243,18 @@ class Dist:
                 "ASGI_DIST_SECRET_KEYS, or turn sessions off with Dist(sessions=False)"
             )
 
+    def add_migrations(self, name: str, steps: Sequence[str]) -> None:
+        """Register the app's own ordered SQL steps, applied at start like asgi_dist's.
+
+        ``{ns}`` in a step becomes the namespace (name your tables ``{ns}_orders``).
+        Steps are append-only: add new ones at the end, never edit a released one.
+        Ten processes starting at once apply each step exactly once.
+        """
+        postgres = self.runtime.require_postgres("add_migrations()")
+        if not name.isidentifier():
+            raise ConfigError(f"migration name {name!r} must be an identifier, like 'shop'")
+        postgres.register_migrations(f"app:{name}", steps)
+
     def request_hooks(self) -> list[RequestHook]:
         hooks: list[RequestHook | None] = [cap.request_hook() for cap in self._capabilities()]
         return [h for h in hooks if h is not None]

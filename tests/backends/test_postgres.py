@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from asgi_dist import Dist
 from tests.helpers.processes import ProcessGroup
@@ -76,3 +77,19 @@ async def test_a_restart_applies_only_new_steps(postgres_dsn: str, namespace: st
         count = await again.runtime.postgres.fetchval(f"SELECT count(*) FROM {namespace}_probe")
     assert applied == []  # step 3 was applied by start(); migrate() again finds nothing
     assert count == 1
+
+
+async def test_apps_register_their_own_migrations(postgres_dsn: str, namespace: str) -> None:
+    dist = Dist(postgres=postgres_dsn, namespace=namespace)
+    dist.add_migrations("shop", ["CREATE TABLE {ns}_orders (id int PRIMARY KEY)"])
+    async with dist:
+        assert dist.runtime.postgres is not None
+        count = await dist.runtime.postgres.fetchval(f"SELECT count(*) FROM {namespace}_orders")
+    assert count == 0
+
+
+def test_app_migrations_need_postgres() -> None:
+    from asgi_dist import ConfigError
+
+    with pytest.raises(ConfigError, match="needs PostgreSQL"):
+        Dist().add_migrations("shop", ["SELECT 1"])
