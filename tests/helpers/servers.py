@@ -30,9 +30,13 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TimeoutError(f"the process for port {port} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
@@ -53,19 +57,32 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [
-            REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.dir),
-            "--protected-mode", "no",
-            *self.extra,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-        return self
+        for attempt in range(3):
+            log = self.dir / "redis.log"
+            args = [
+                REDIS_SERVER,
+                *self.extra,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.dir),
+                "--protected-mode", "no",
+                "--logfile", str(log),
+            ]  # fmt: skip
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            try:
+                wait_port(self.port, 20, self.proc)
+                return self
+            except TimeoutError:
+                self.proc.kill()
+                self.proc.wait(5)
+                if attempt == 2:
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    message = f"redis-server on {self.port} did not start:\n{tail}"
+                    raise TimeoutError(message) from None
+                self.port = free_port()  # the port was taken between probe and bind
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
