@@ -1,9 +1,243 @@
-"""The request-scoped PostgreSQL transaction (``get_tx()``)."""
+"""The request-scoped PostgreSQL transaction (``get_tx()``) and its per-endpoint options.
+
+The transaction begins on first use, so a request that never touches it takes no
+connection.  It is decided before ``http.response.start`` is forwarded: committed
+when the status is below 400 (by default), rolled back otherwise; a failed commit
+turns the response into a 500, so the client never sees success for lost work.
+"""
 
 from __future__ import annotations
 
-__all__ = ["RequestTransaction"]
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import asyncpg
+
+from asgi_dist._types import Message, Scope
+from asgi_dist.backends import PostgresBackend
+from asgi_dist.context import RequestContext
+from asgi_dist.errors import ConfigError, TransactionError
+from asgi_dist.transactions.transaction import Outbox, Transaction, outages
+
+__all__ = ["RequestTransaction", "TransactionHook", "TransactionOptions", "transactional"]
+
+log = logging.getLogger("asgi_dist.transactions")
+
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+_ISOLATIONS = ("read_committed", "repeatable_read", "serializable")
+_OPTIONS_ATTR = "__asgi_dist_transaction__"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-class RequestTransaction:
-    """Placeholder until the transaction capability lands."""
+@dataclass(frozen=True)
+class TransactionOptions:
+    """How one endpoint's request transaction begins and ends (see :func:`transactional`)."""
+
+    isolation: Isolation | None = None
+    readonly: bool = False
+    deferrable: bool = False
+    rollback_on: Callable[[int], bool] = lambda status: status >= 400
+
+    def __post_init__(self) -> None:
+        if self.isolation is not None and self.isolation not in _ISOLATIONS:
+            raise ConfigError(
+                f"isolation={self.isolation!r} is invalid: use one of {', '.join(_ISOLATIONS)}"
+            )
+        if self.deferrable and not (self.readonly and self.isolation == "serializable"):
+            raise ConfigError(
+                "deferrable=True only applies to readonly=True, isolation='serializable'"
+            )
+
+
+DEFAULT_OPTIONS = TransactionOptions()
+
+
+def transactional(
+    *,
+    isolation: Isolation | None = None,
+    readonly: bool = False,
+    deferrable: bool = False,
+    rollback_on: int | Callable[[int], bool] = 400,
+) -> Callable[[F], F]:
+    """Per-endpoint options of the request transaction; the endpoint itself is unchanged.
+
+    ``rollback_on`` is the lowest status that rolls back (default 400) or a predicate
+    on the status, e.g. ``rollback_on=lambda s: s >= 500`` to keep work on a 4xx.  Works
+    on Starlette and FastAPI endpoints in either decorator order (it reads
+    ``scope["endpoint"]`` when the transaction begins).
+    """
+    if isinstance(rollback_on, bool) or not (isinstance(rollback_on, int) or callable(rollback_on)):
+        raise ConfigError(
+            f"rollback_on={rollback_on!r} is invalid: pass the lowest status that rolls back "
+            "(e.g. 500) or a function of the status returning True to roll back"
+        )
+    if isinstance(rollback_on, int):
+        threshold = rollback_on
+        predicate: Callable[[int], bool] = lambda status: status >= threshold  # noqa: E731
+    else:
+        predicate = rollback_on
+    options = TransactionOptions(isolation, readonly, deferrable, predicate)
+
+    def decorate(endpoint: F) -> F:
+        setattr(endpoint, _OPTIONS_ATTR, options)
+        return endpoint
+
+    return decorate
+
+
+def options_for(scope: Scope) -> TransactionOptions:
+    """The endpoint's options; the router has put the endpoint in the scope by now."""
+    endpoint = scope.get("endpoint")
+    options = getattr(endpoint, _OPTIONS_ATTR, None)
+    return options if isinstance(options, TransactionOptions) else DEFAULT_OPTIONS
+
+
+class RequestTransaction(Transaction):
+    """What ``get_tx()`` returns: the request's transaction, begun on first use."""
+
+    def __init__(
+        self, outbox: Outbox, postgres: PostgresBackend, scope: Scope, acquire_timeout: float
+    ) -> None:
+        super().__init__(outbox)
+        self._postgres = postgres
+        self._scope = scope
+        self._acquire_timeout = acquire_timeout
+        self._transaction: Any = None
+        self._begin_lock = asyncio.Lock()
+        self._state: Literal["idle", "open", "committed", "rolled back"] = "idle"
+
+    @property
+    def state(self) -> str:
+        """``idle`` (never used), ``open``, ``committed`` or ``rolled back``."""
+        return self._state
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """The connection of the begun transaction (``await tx.begin()`` first)."""
+        if self._connection is None or self._state != "open":
+            raise TransactionError(
+                f"the request transaction is {self._state}: call `await tx.begin()` or run a "
+                "query before using tx.connection"
+            )
+        return self._connection
+
+    async def begin(self) -> asyncpg.Connection:
+        """Take a connection and BEGIN (done for you by the first query); returns it."""
+        return await self._conn()
+
+    async def _conn(self) -> asyncpg.Connection:
+        if self._state == "open":
+            assert self._connection is not None
+            return self._connection
+        async with self._begin_lock:  # two tasks of one request must not BEGIN twice
+            if self._state == "idle":
+                await self._begin()
+        if self.state != "open":
+            raise TransactionError(
+                f"the request transaction is already {self._state} (it is decided when the "
+                "response starts): do database work before returning the response"
+            )
+        assert self._connection is not None
+        return self._connection
+
+    async def _begin(self) -> None:
+        options = options_for(self._scope)
+        pool = self._postgres.pool
+        with outages():
+            conn = await pool.acquire(timeout=self._acquire_timeout)
+        try:
+            transaction = conn.transaction(
+                isolation=options.isolation,
+                readonly=options.readonly,
+                deferrable=options.deferrable,
+            )
+            with outages():
+                await transaction.start()
+        except BaseException:
+            await _release(pool, conn)
+            raise
+        self._connection = conn
+        self._transaction = transaction
+        self._state = "open"
+
+    def rolls_back(self, status: int) -> bool:
+        return options_for(self._scope).rollback_on(status)
+
+    async def commit(self) -> None:
+        """Commit now; raises :class:`TransactionError` if PostgreSQL refuses."""
+        if self._state != "open":
+            return
+        try:
+            await self._transaction.commit()
+        except Exception as exc:
+            self._state = "rolled back"
+            raise TransactionError(
+                f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._state = "committed"
+
+    async def rollback(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "rolled back"
+        try:
+            await self._transaction.rollback()
+        except Exception as exc:  # the connection is discarded on release anyway
+            log.warning("request transaction rollback failed: %s", exc)
+
+    async def close(self) -> None:
+        """Roll back whatever is still open and give the connection back to the pool."""
+        try:
+            await self.rollback()
+        finally:
+            conn, self._connection = self._connection, None
+            if conn is not None:
+                await _release(self._postgres.pool, conn)
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    try:
+        await pool.release(conn)
+    except Exception as exc:  # a broken connection: the pool replaces it
+        log.debug("releasing a PostgreSQL connection failed: %s", exc)
+        conn.terminate()
+
+
+class TransactionHook:
+    """Attaches a :class:`RequestTransaction` to every request when PostgreSQL is configured."""
+
+    def __init__(self, outbox: Outbox, postgres: PostgresBackend, acquire_timeout: float) -> None:
+        self._outbox = outbox
+        self._postgres = postgres
+        self._acquire_timeout = acquire_timeout
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        ctx.tx = RequestTransaction(self._outbox, self._postgres, ctx.scope, self._acquire_timeout)
+
+    async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
+        tx = ctx.tx
+        if tx is None or tx.state != "open":
+            return
+        # A websocket accept has no status: accepting is success.
+        status = int(message.get("status", 200))
+        if tx.rolls_back(status):
+            await tx.rollback()
+        else:
+            await tx.commit()
+
+    async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
+        tx = ctx.tx
+        if tx is None or tx.state == "idle":
+            return
+        # Shielded: a cancelled request (client gone) must still return its connection.
+        closing = asyncio.ensure_future(tx.close())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(closing)
+        if not closing.done():
+            # We were cancelled; let the close finish on its own, then re-raise.
+            raise asyncio.CancelledError

@@ -1,42 +1,222 @@
-"""TransactionService: the transaction capability of one Dist."""
+"""TransactionService: the transaction capability of one Dist.
+
+It owns the outbox, the request hook behind ``get_tx()``, and, in every process,
+the background workers: the relay, the consumers registered with
+``@dist.consumer``, the check-back of transactional messages and the purge.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from asgi_dist.backends import Runtime
 from asgi_dist.context import RequestHook
+from asgi_dist.errors import ConfigError
 from asgi_dist.scheduling import Scheduler
+from asgi_dist.transactions.checkback import Check, CheckBack, TransactionalMessage
+from asgi_dist.transactions.config import TransactionConfig
+from asgi_dist.transactions.consumer import Consumer, ConsumerSpec, Handler
+from asgi_dist.transactions.message import validate_topic
+from asgi_dist.transactions.relay import Relay, purge_loop
+from asgi_dist.transactions.request import TransactionHook
+from asgi_dist.transactions.schema import MIGRATIONS
+from asgi_dist.transactions.transaction import Outbox
 
 __all__ = ["TransactionConfig", "TransactionService"]
 
-
-@dataclass(frozen=True)
-class TransactionConfig:
-    enabled: bool = True
+log = logging.getLogger("asgi_dist.transactions")
 
 
 class TransactionService:
+    """Request transaction, outbox relay, idempotent consumers, transactional messages."""
+
     def __init__(self, runtime: Runtime, config: TransactionConfig, scheduler: Scheduler) -> None:
+        if not isinstance(config, TransactionConfig):
+            raise ConfigError(f"transactions={config!r} must be a TransactionConfig")
         self.runtime = runtime
         self.config = config
+        # Kept for the DESIGN's wiring; these workers run per process (runtime.spawn)
+        # and are safe in parallel, so they need no leader.
         self.scheduler = scheduler
+        self.specs: list[ConsumerSpec] = []
+        self.consumers: list[Consumer] = []
+        self.relay: Relay | None = None
+        self._outbox: Outbox | None = None
+        self._checkback: CheckBack | None = None
+        self._pending_checks: list[Check] = []
+        self._started = False
+
+    @property
+    def active(self) -> bool:
+        return self.config.enabled and self.runtime.postgres is not None
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            postgres = self.runtime.require_postgres("the transactional outbox")
+            self._outbox = Outbox(postgres, self.config.max_payload)
+        return self._outbox
+
+    # lifecycle -------------------------------------------------------------------
 
     def register(self) -> None:
-        return None
+        if self.active:
+            assert self.runtime.postgres is not None
+            self.runtime.postgres.register_migrations("transactions", MIGRATIONS)
 
     async def start(self) -> None:
-        return None
+        if not self.active:
+            if self.specs:
+                raise ConfigError(
+                    "consumers need PostgreSQL (their inbox) and Redis (their stream): "
+                    "pass Dist(postgres=..., redis=...)"
+                )
+            return
+        postgres = self.runtime.require_postgres("transactions")
+        self._checkback = CheckBack(postgres, self.config)
+        for check in self._pending_checks:
+            self._checkback.register(check)
+        redis = self.runtime.redis
+        if redis is None:
+            if self.specs:
+                raise ConfigError(
+                    "consumers read Redis Streams: pass Dist(redis=...) or set ASGI_DIST_REDIS_URL"
+                )
+            log.warning(
+                "transactions: no Redis configured, so nothing relays the outbox here; rows "
+                "wait in %s until a process with Redis relays them",
+                postgres.table("outbox"),
+            )
+        else:
+            if self.config.relay:
+                self.relay = Relay(postgres, redis, self.config, self.runtime.node_id)
+                self.runtime.spawn("outbox-relay", self.relay.run)
+            for spec in self.specs:
+                self._spawn_consumer(spec)
+        self.runtime.spawn("transactions-checkback", self._checkback.run)
+        self.runtime.spawn("transactions-purge", lambda: purge_loop(postgres, self.config))
+        self._started = True
 
     async def stop(self) -> None:
-        return None
+        # The workers are runtime tasks: the Dist cancels and awaits them after this.
+        self._started = False
+        self.consumers.clear()
+        self.relay = None
 
     def request_hook(self) -> RequestHook | None:
-        return None
+        if not self.active:
+            return None
+        assert self.runtime.postgres is not None
+        return TransactionHook(self.outbox, self.runtime.postgres, self.config.acquire_timeout)
 
-    def consumer(self, topic: str, **options: Any) -> Any:
-        raise NotImplementedError("transactions land with issue 6")
+    # consumers -------------------------------------------------------------------
 
-    def transactional_message(self, topic: str, payload: Any, **options: Any) -> Any:
-        raise NotImplementedError("transactions land with issue 6")
+    def consumer(
+        self,
+        topic: str,
+        *,
+        group: str,
+        concurrency: int = 1,
+        max_deliveries: int = 5,
+        timeout: float | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Register ``async def handler(message, tx)`` as a member of ``group`` on ``topic``.
+
+        Every process that registers it joins the Redis Streams consumer group;
+        each message is handled by one of them, in a PostgreSQL transaction that
+        also records the message id in the inbox, so its effects happen exactly
+        once even when it is delivered twice.  A handler that raises (or runs past
+        ``timeout`` seconds) is retried after a backoff; after ``max_deliveries``
+        the message goes to the dead-letter stream ``{ns:topic:<topic>}:dead:<group>``
+        with its last error.  ``concurrency`` handlers run at once per process.
+        """
+
+        def register(handler: Handler) -> Handler:
+            spec = ConsumerSpec(topic, group, handler, concurrency, max_deliveries, timeout)
+            if any(s.topic == topic and s.group == group for s in self.specs):
+                raise ConfigError(
+                    f"a consumer of {topic!r} in group {group!r} is already registered in this "
+                    "process: use one handler per (topic, group), with concurrency=N"
+                )
+            self.specs.append(spec)
+            if self._started:
+                self._spawn_consumer(spec)
+            return handler
+
+        return register
+
+    def _spawn_consumer(self, spec: ConsumerSpec) -> None:
+        postgres = self.runtime.require_postgres(f"consumer of {spec.topic!r}")
+        redis = self.runtime.require_redis(f"consumer of {spec.topic!r}")
+        consumer = Consumer(spec, postgres, redis, self.outbox, self.config, self.runtime.node_id)
+        self.consumers.append(consumer)
+        self.runtime.spawn(f"consumer:{spec.topic}:{spec.group}", consumer.run)
+
+    # transactional messages ----------------------------------------------------------
+
+    def register_check(self, check: Check) -> Check:
+        """Let this process answer check-backs with ``check`` (usable as a decorator).
+
+        ``transactional_message(..., check=fn)`` registers ``fn`` itself; register it
+        in processes that only run check-backs, or it is found by import if it is a
+        module-level function.
+        """
+        if self._checkback is None:
+            from asgi_dist.transactions.checkback import checker_name
+
+            checker_name(check)  # validates
+            self._pending_checks.append(check)
+        else:
+            self._checkback.register(check)
+        return check
+
+    def transactional_message(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        check: Check,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        check_after: float | None = None,
+        check_interval: float | None = None,
+        max_checks: int | None = None,
+    ) -> TransactionalMessage:
+        """A half message, made visible when the ``async with`` body exits normally.
+
+        ``check(message)`` answers ``"commit"``, ``"rollback"`` or ``"unknown"`` (or
+        True / False / None) for messages whose process died inside the body; it is
+        asked first after ``check_after`` seconds (6), then every ``check_interval``
+        (60), at most ``max_checks`` times (15), after which the message is discarded
+        with an error in the log -- RocketMQ's defaults.
+        """
+        validate_topic(topic)
+        if self._checkback is None:
+            raise ConfigError(
+                "transactional_message needs a started Dist with PostgreSQL: "
+                "pass Dist(postgres=...) and use it inside the app's lifespan or `async with dist`"
+            )
+        name = self._checkback.register(check)
+        after = self.config.check_after if check_after is None else check_after
+        every = self.config.check_interval if check_interval is None else check_interval
+        limit = self.config.max_checks if max_checks is None else max_checks
+        for what, value in (("check_after", after), ("check_interval", every)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{what}={value!r} must be a positive number of seconds")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"max_checks={limit!r} must be an integer >= 1")
+        postgres = self.runtime.require_postgres("transactional_message")
+        return TransactionalMessage(
+            postgres,
+            self.outbox,
+            topic,
+            payload,
+            checker=name,
+            key=key,
+            headers=headers,
+            check_after=float(after),
+            check_interval=float(every),
+            max_checks=limit,
+        )

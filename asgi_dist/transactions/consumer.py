@@ -1,0 +1,349 @@
+"""Idempotent consumers: Redis Streams consumer groups plus a PostgreSQL inbox.
+
+Each delivery runs the handler in a PostgreSQL transaction that first inserts
+``(group, message id)`` into the inbox, so a message delivered twice (a consumer
+killed before ``XACK``, a reclaim, a relay re-publishing) has its effects exactly
+once: the second insert conflicts and the delivery is acknowledged unrun.
+
+While a handler runs, its entry is heartbeated (``XCLAIM ... IDLE 0``), so only
+entries of dead consumers, or failed ones waiting for their retry, go idle long
+enough for ``XAUTOCLAIM``.  A failed entry's idle time is set so that it becomes
+claimable after its backoff; after ``max_deliveries`` it moves to the group's
+dead-letter stream with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
+from asgi_dist.errors import ConfigError
+from asgi_dist.transactions.config import TransactionConfig
+from asgi_dist.transactions.message import Message, validate_topic
+from asgi_dist.transactions.relay import Backoff, stream_key
+from asgi_dist.transactions.transaction import Outbox, Transaction
+
+__all__ = ["Consumer", "ConsumerSpec", "Handler", "dead_letter_key"]
+
+log = logging.getLogger("asgi_dist.transactions")
+
+Handler = Callable[[Message, Transaction], Awaitable[Any]]
+_PACKAGE = "asgi_dist.transactions"
+
+
+def dead_letter_key(redis: RedisBackend, topic: str, group: str) -> str:
+    return redis.key("topic", topic, f"dead:{group}")
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A ``@dist.consumer(...)`` registration, validated where it enters."""
+
+    topic: str
+    group: str
+    handler: Handler
+    concurrency: int = 1
+    max_deliveries: int = 5
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_topic(self.topic)
+        validate_topic(self.group, "group")
+        if not inspect.iscoroutinefunction(self.handler):
+            raise ConfigError(f"consumer {self.handler!r} must be `async def handler(message, tx)`")
+        for name in ("concurrency", "max_deliveries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise ConfigError(f"consumer {name}={value!r} is invalid: use an integer >= 1")
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, int | float)
+            or self.timeout <= 0
+        ):
+            raise ConfigError(f"consumer timeout={self.timeout!r} must be None or > 0 seconds")
+
+
+class Consumer:
+    """One process's member of a consumer group: read, reclaim, handle, ack."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        postgres: PostgresBackend,
+        redis: RedisBackend,
+        outbox: Outbox,
+        config: TransactionConfig,
+        name: str,
+    ) -> None:
+        self.spec = spec
+        self.postgres = postgres
+        self.redis = redis
+        self.outbox = outbox
+        self.config = config
+        self.name = name
+        self.stream = stream_key(redis, spec.topic)
+        self.dead_stream = dead_letter_key(redis, spec.topic, spec.group)
+        self._claim_owned = redis.script(_PACKAGE, "claim_owned")
+        self._dead_letter = redis.script(_PACKAGE, "dead_letter")
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._inbox_insert = (
+            f"INSERT INTO {postgres.table('inbox')} (grp, msg_id) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true"
+        )
+        self.handled = 0  # handler runs committed by this process (stats, tests)
+
+    # loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"asgi_dist:hb:{self.stream}")
+        backoff = Backoff()
+        last_claim = 0.0
+        try:
+            await self._ensure_group(backoff)
+            while True:
+                free = self.spec.concurrency - len(self._inflight)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), self.config.claim_interval)
+                    continue
+                try:
+                    entries: list[tuple[str, dict[bytes, bytes] | None, int]] = []
+                    now = time.monotonic()
+                    if now - last_claim >= self.config.claim_interval:
+                        last_claim = now
+                        entries += await self._autoclaim(free)
+                    want = free - len(entries)
+                    if want > 0:
+                        block = None if entries else int(self.config.claim_interval * 1000)
+                        entries += await self._read(want, block)
+                    backoff.reset()
+                except redis_errors.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._ensure_group(backoff)  # the stream was deleted under us
+                    continue
+                except Exception as exc:
+                    if as_backend_unavailable(exc) is None:
+                        raise
+                    log.warning(
+                        "consumer %s/%s: %s; retrying", self.spec.topic, self.spec.group, exc
+                    )
+                    await backoff.sleep()
+                    continue
+                for stream_id, fields, deliveries in entries:
+                    if stream_id in self._inflight:
+                        continue
+                    task = asyncio.create_task(
+                        self._handle(stream_id, fields, deliveries), name=stream_id
+                    )
+                    self._inflight[stream_id] = task
+                    task.add_done_callback(self._done)
+        finally:
+            heartbeat.cancel()
+            tasks = [heartbeat, *self._inflight.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task.get_name(), None)
+        self._slot_freed.set()
+
+    async def _ensure_group(self, backoff: Backoff) -> None:
+        while True:
+            try:
+                # From the start of the stream: messages relayed before the group
+                # existed are still the group's to handle (the outbox promised them).
+                await self.redis.client.xgroup_create(
+                    self.stream, self.spec.group, id="0", mkstream=True
+                )
+                return
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    return
+                raise
+            except Exception as exc:
+                if as_backend_unavailable(exc) is None:
+                    raise
+                log.warning("consumer %s: %s; retrying", self.spec.group, exc)
+                await backoff.sleep()
+
+    async def _read(
+        self, count: int, block: int | None
+    ) -> list[tuple[str, dict[bytes, bytes] | None, int]]:
+        reply: Any = await self.redis.client.xreadgroup(
+            self.spec.group, self.name, {self.stream: ">"}, count=count, block=block
+        )
+        out: list[tuple[str, dict[bytes, bytes] | None, int]] = []
+        for _stream, entries in reply or []:
+            for sid, fields in entries:
+                out.append((_s(sid), fields, 1))
+        return out
+
+    async def _autoclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes] | None, int]]:
+        """Entries idle past ``reclaim_after``: of dead consumers, or due for a retry."""
+        reply: Any = await self.redis.client.xautoclaim(
+            self.stream,
+            self.spec.group,
+            self.name,
+            min_idle_time=int(self.config.reclaim_after * 1000),
+            start_id="0-0",
+            count=count,
+        )
+        claimed = [(_s(sid), fields) for sid, fields in reply[1] if fields is not None]
+        if not claimed:
+            return []
+        # XAUTOCLAIM counted this delivery; read the counts to number the attempt.
+        pending: Any = await self.redis.client.xpending_range(
+            self.stream,
+            self.spec.group,
+            min=claimed[0][0],
+            max=claimed[-1][0],
+            count=len(claimed) * 4 + 16,
+            consumername=self.name,
+        )
+        counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return [(sid, fields, counts.get(sid, 2)) for sid, fields in claimed]
+
+    async def _heartbeat(self) -> None:
+        """Keep the entries being handled un-idle, so no other consumer reclaims them."""
+        interval = self.config.reclaim_after / 4
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._inflight)
+            if not ids:
+                continue
+            try:
+                owned = await self._claim_owned(
+                    self.redis.client, [self.stream], [self.spec.group, self.name, 0, *ids]
+                )
+            except Exception as exc:
+                log.debug("consumer heartbeat failed: %s", exc)
+                continue
+            lost = set(ids) - {_s(x) for x in owned}
+            if lost:
+                log.warning(
+                    "consumer %s lost %d entries to another consumer (it was too slow to "
+                    "heartbeat); the inbox keeps their effects single",
+                    self.name,
+                    len(lost),
+                )
+
+    # one delivery ------------------------------------------------------------------
+
+    async def _handle(
+        self, stream_id: str, fields: dict[bytes, bytes] | None, deliveries: int
+    ) -> None:
+        try:
+            message = Message.from_entry(self.spec.topic, stream_id, fields or {}, deliveries)
+        except ValueError as exc:
+            await self._to_dead_letter(stream_id, str(exc), deliveries)
+            return
+        if deliveries > self.spec.max_deliveries:
+            await self._to_dead_letter(
+                stream_id,
+                f"delivered {deliveries} times without success (last attempts never finished: "
+                "the consumer died or stalled)",
+                deliveries,
+            )
+            return
+        backoff = Backoff(first=0.2, cap=self.config.reclaim_after / 2)
+        while True:
+            try:
+                await self._run_once(message)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if as_backend_unavailable(exc) is not None:
+                    # PostgreSQL is down: not the message's fault, so no attempt is spent;
+                    # keep the entry (heartbeated) and try again.
+                    log.warning("consumer %s: %s; retrying", self.spec.group, exc)
+                    await backoff.sleep()
+                    continue
+                await self._failed(message, exc)
+                return
+        try:
+            await self.redis.client.xack(self.stream, self.spec.group, stream_id)
+        except Exception as exc:
+            # Committed but not acked: the redelivery finds the inbox row and is dropped.
+            log.warning("consumer %s could not XACK %s: %s", self.spec.group, stream_id, exc)
+
+    async def _run_once(self, message: Message) -> None:
+        async with self.postgres.pool.acquire() as conn, conn.transaction():
+            first = await conn.fetchval(self._inbox_insert, self.spec.group, uuid.UUID(message.id))
+            if not first:
+                log.debug("message %s already handled by %s", message.id, self.spec.group)
+                return
+            tx = Transaction(self.outbox, conn)
+            if self.spec.timeout is None:
+                await self.spec.handler(message, tx)
+            else:
+                async with asyncio.timeout(self.spec.timeout):
+                    await self.spec.handler(message, tx)
+        self.handled += 1
+
+    async def _failed(self, message: Message, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        assert message.stream_id is not None
+        if message.attempt >= self.spec.max_deliveries:
+            log.error(
+                "consumer %s/%s: message %s failed %d times; moved to the dead-letter stream: %s",
+                self.spec.topic,
+                self.spec.group,
+                message.id,
+                message.attempt,
+                error,
+            )
+            await self._to_dead_letter(message.stream_id, error, message.attempt)
+            return
+        delay = min(
+            self.config.retry_backoff * 2 ** (message.attempt - 1),
+            self.config.retry_backoff_max,
+            self.config.reclaim_after,
+        )
+        log.warning(
+            "consumer %s/%s: message %s attempt %d failed (%s); retry in %.1fs",
+            self.spec.topic,
+            self.spec.group,
+            message.id,
+            message.attempt,
+            error,
+            delay,
+        )
+        # Make the entry look idle for (reclaim_after - delay): XAUTOCLAIM takes it in `delay`.
+        idle = int((self.config.reclaim_after - delay) * 1000)
+        try:
+            await self._claim_owned(
+                self.redis.client,
+                [self.stream],
+                [self.spec.group, self.name, idle, message.stream_id],
+            )
+        except Exception as exc2:  # it stays pending: reclaimed after reclaim_after
+            log.warning("consumer %s could not schedule a retry: %s", self.spec.group, exc2)
+
+    async def _to_dead_letter(self, stream_id: str, error: str, deliveries: int) -> None:
+        try:
+            await self._dead_letter(
+                self.redis.client,
+                [self.stream, self.dead_stream],
+                [self.spec.group, stream_id, error, deliveries, self.name],
+            )
+        except Exception as exc:  # it stays pending and is reclaimed later
+            log.warning("consumer %s could not dead-letter %s: %s", self.spec.group, stream_id, exc)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

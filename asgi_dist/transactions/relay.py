@@ -1,0 +1,254 @@
+"""The outbox relay: committed outbox rows become entries of their topic's Redis stream.
+
+It runs in every process.  Rows are spread over :data:`PARTITIONS` partitions by
+key; a relay claims partitions with ``FOR UPDATE SKIP LOCKED`` and holds each
+under a lease with a fence (a counter bumped by every claim).  Marking rows
+published checks the fence under a row lock, so a relay that was paused past
+its lease cannot mark rows another relay now owns.  One owner per partition and
+``ORDER BY seq`` keep the rows of one key in order.  Delivery is at least once
+(a relay that dies between ``XADD`` and marking re-publishes); consumers dedupe
+by message id in their inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import asyncpg
+
+from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
+from asgi_dist.transactions.config import TransactionConfig
+
+__all__ = ["Relay", "purge_loop"]
+
+log = logging.getLogger("asgi_dist.transactions")
+
+# A relay claims at most this many partitions at a time, so that several relays share.
+_CLAIM = 4
+
+
+def stream_key(redis: RedisBackend, topic: str) -> str:
+    return redis.key("topic", topic, "stream")
+
+
+class Backoff:
+    """Exponential delay after an outage, reset by success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap, self.current = first, cap, 0.0
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+    async def sleep(self) -> None:
+        self.current = min(self.cap, self.current * 2 or self.first)
+        await asyncio.sleep(self.current * random.uniform(0.5, 1.0))
+
+
+class Relay:
+    """One process's relay loop: wake on NOTIFY or poll, claim, XADD, mark, repeat."""
+
+    def __init__(
+        self,
+        postgres: PostgresBackend,
+        redis: RedisBackend,
+        config: TransactionConfig,
+        node_id: str,
+    ) -> None:
+        self.postgres = postgres
+        self.redis = redis
+        self.config = config
+        self.node_id = node_id
+        self.wakeup = asyncio.Event()
+        self.relayed = 0  # rows this process marked published (for tests and stats)
+        outbox, lease = postgres.table("outbox"), postgres.table("outbox_lease")
+        self.channel = f"{postgres.namespace}_outbox"
+        # Partitions with ready rows: one index probe each, not a scan of the backlog.
+        self._claim = f"""
+            WITH free AS (
+                SELECT l.partition FROM {lease} l
+                WHERE (l.lease_until < now() OR l.owner = $1)
+                  AND EXISTS (SELECT 1 FROM {outbox} o WHERE o.partition = l.partition
+                              AND o.state = 0 AND o.published_at IS NULL)
+                ORDER BY random() LIMIT $2
+                FOR UPDATE OF l SKIP LOCKED
+            )
+            UPDATE {lease} l SET owner = $1, fence = l.fence + 1,
+                   lease_until = now() + make_interval(secs => $3)
+            FROM free WHERE l.partition = free.partition
+            RETURNING l.partition, l.fence"""
+        self._rows = f"""
+            SELECT seq, msg_id, topic, key, payload, headers FROM {outbox}
+            WHERE partition = ANY($1::int[]) AND state = 0 AND published_at IS NULL
+            ORDER BY seq LIMIT $2"""
+        # The lease rows are locked first and re-checked (owner, fence, expiry), so a
+        # claim by another relay either happened before (we mark nothing) or waits.
+        self._mark = f"""
+            WITH owned AS (
+                SELECT l.partition FROM {lease} l
+                JOIN unnest($2::int[], $3::bigint[]) AS c(partition, fence)
+                  ON l.partition = c.partition AND l.fence = c.fence
+                WHERE l.owner = $1 AND l.lease_until > now()
+                FOR UPDATE OF l
+            ), marked AS (
+                UPDATE {outbox} o SET published_at = now(), stream_id = r.sid
+                FROM unnest($4::bigint[], $5::text[]) AS r(seq, sid), owned
+                WHERE o.seq = r.seq AND o.partition = owned.partition
+                RETURNING 1
+            ), released AS (
+                UPDATE {lease} l SET lease_until = '-infinity'
+                FROM owned WHERE l.partition = owned.partition
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM released)"""
+        self._release = f"""
+            UPDATE {lease} l SET lease_until = '-infinity'
+            FROM unnest($2::int[], $3::bigint[]) AS c(partition, fence)
+            WHERE l.partition = c.partition AND l.fence = c.fence AND l.owner = $1"""
+
+    async def run(self) -> None:
+        """Relay until cancelled; outages are retried with backoff, nothing is lost."""
+        listener = asyncio.create_task(self._listen(), name="asgi_dist:outbox-listen")
+        backoff = Backoff(cap=self.config.relay_poll_interval * 5)
+        try:
+            while True:
+                try:
+                    while await self.relay_once():
+                        pass
+                    backoff.reset()
+                except Exception as exc:
+                    if as_backend_unavailable(exc) is None:
+                        log.exception("outbox relay failed; retrying")
+                    else:
+                        log.warning("outbox relay: %s; retrying", exc)
+                    await backoff.sleep()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), self.config.relay_poll_interval)
+                self.wakeup.clear()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
+
+    async def relay_once(self) -> int:
+        """Claim some partitions, relay one batch of them; returns the rows marked."""
+        pool = self.postgres.pool
+        claims = await pool.fetch(self._claim, self.node_id, _CLAIM, self.config.relay_lease)
+        if not claims:
+            return 0
+        partitions = [r["partition"] for r in claims]
+        fences = [r["fence"] for r in claims]
+        try:
+            rows = await pool.fetch(self._rows, partitions, self.config.relay_batch)
+            stream_ids = await self._xadd(rows) if rows else []
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pool.execute(self._release, self.node_id, partitions, fences)
+            raise
+        marked, _ = await pool.fetchrow(
+            self._mark,
+            self.node_id,
+            partitions,
+            fences,
+            [r["seq"] for r in rows],
+            stream_ids,
+        )
+        if marked < len(rows):
+            log.warning(
+                "outbox relay lost the lease of partitions %s before marking %d rows: their new "
+                "owner publishes them again (consumers drop the duplicates)",
+                partitions,
+                len(rows) - marked,
+            )
+        self.relayed += marked
+        return int(marked)
+
+    async def _xadd(self, rows: list[asyncpg.Record]) -> list[str]:
+        maxlen = self.config.stream_maxlen
+        pipe = self.redis.client.pipeline(transaction=False)
+        for row in rows:
+            fields: dict[Any, Any] = {
+                "id": str(row["msg_id"]),
+                "payload": row["payload"],
+                "seq": row["seq"],
+            }
+            if row["key"] is not None:
+                fields["key"] = row["key"]
+            if row["headers"] is not None:
+                fields["headers"] = row["headers"]
+            pipe.xadd(
+                stream_key(self.redis, row["topic"]),
+                fields,
+                maxlen=maxlen,
+                approximate=True,
+            )
+        results = await pipe.execute()
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in results]
+
+    async def _listen(self) -> None:
+        """Hold one connection in LISTEN; reconnect after outages."""
+        backoff = Backoff(cap=self.config.relay_poll_interval * 5)
+
+        def notified(*_: Any) -> None:
+            self.wakeup.set()
+
+        while True:
+            try:
+                async with self.postgres.pool.acquire() as conn:
+                    await conn.add_listener(self.channel, notified)
+                    backoff.reset()
+                    try:
+                        # Wake once in case rows were committed while we were not listening.
+                        self.wakeup.set()
+                        await _closed(conn)
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await conn.remove_listener(self.channel, notified)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("outbox LISTEN connection lost: %s", exc)
+            await backoff.sleep()
+
+
+async def _closed(conn: asyncpg.Connection) -> None:
+    closed = asyncio.Event()
+    conn.add_termination_listener(lambda _: closed.set())
+    await closed.wait()
+
+
+async def purge_loop(postgres: PostgresBackend, config: TransactionConfig) -> None:
+    """Delete published outbox rows and inbox rows past their retention, in every process.
+
+    Each round deletes bounded batches chosen with ``SKIP LOCKED``, so processes
+    purging together neither block nor repeat each other.
+    """
+    outbox, inbox = postgres.table("outbox"), postgres.table("inbox")
+    statements = [
+        (
+            f"DELETE FROM {outbox} WHERE seq IN (SELECT seq FROM {outbox} WHERE published_at"
+            " < now() - make_interval(secs => $1) LIMIT 5000 FOR UPDATE SKIP LOCKED)",
+            config.retention,
+        ),
+        (
+            f"DELETE FROM {inbox} WHERE (grp, msg_id) IN (SELECT grp, msg_id FROM {inbox} WHERE"
+            " processed_at < now() - make_interval(secs => $1) LIMIT 5000"
+            " FOR UPDATE SKIP LOCKED)",
+            config.inbox_retention,
+        ),
+    ]
+    while True:
+        await asyncio.sleep(config.purge_interval * random.uniform(0.5, 1.0))
+        for sql, retention in statements:
+            try:
+                for _ in range(100):  # bounded: the next round continues
+                    status = await postgres.pool.execute(sql, retention)
+                    if status.endswith(" 0") or int(status.split()[-1]) < 5000:
+                        break
+            except Exception as exc:
+                log.warning("outbox/inbox purge failed: %s; retrying next round", exc)

@@ -1,0 +1,158 @@
+"""Transaction: one PostgreSQL transaction that can also write to the outbox.
+
+A consumer handler receives one already begun; the request transaction
+(:mod:`asgi_dist.transactions.request`) is one that begins on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import asyncpg
+
+from asgi_dist.backends import PostgresBackend, as_backend_unavailable
+from asgi_dist.transactions.message import (
+    encode_headers,
+    encode_payload,
+    partition_of,
+    validate_key,
+    validate_topic,
+)
+
+__all__ = ["Outbox", "Transaction", "outages"]
+
+
+class Outbox:
+    """Writes outbox rows; the relay turns them into stream entries after commit."""
+
+    def __init__(self, postgres: PostgresBackend, max_payload: int) -> None:
+        self.postgres = postgres
+        self.max_payload = max_payload
+        table = postgres.table("outbox")
+        self._insert = (
+            f"INSERT INTO {table} (msg_id, topic, key, partition, payload, headers, state,"
+            " checker, max_checks, check_every, next_check_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+            " now() + make_interval(secs => $11))"
+        )
+
+    async def insert(
+        self,
+        conn: asyncpg.Connection,
+        topic: str,
+        payload: Any,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        half: tuple[str, int, float, float] | None = None,
+    ) -> str:
+        """Insert one row on ``conn`` (in the caller's transaction); returns the message id.
+
+        ``half`` = (checker, max_checks, check_interval, check_after) stores a half
+        message of a transactional message instead of a ready row.
+        """
+        validate_topic(topic)
+        validate_key(key)
+        text = encode_payload(payload, self.max_payload)
+        head = encode_headers(headers)
+        msg_id = uuid.uuid4()
+        checker, max_checks, every, after = half if half else (None, None, None, None)
+        await conn.execute(
+            self._insert,
+            msg_id,
+            topic,
+            key,
+            partition_of(key, msg_id),
+            text,
+            head,
+            1 if half else 0,
+            checker,
+            max_checks,
+            every,
+            after,
+        )
+        return str(msg_id)
+
+
+class Transaction:
+    """A PostgreSQL transaction; ``execute/fetch/fetchrow/fetchval`` mirror asyncpg's.
+
+    ``await tx.publish(topic, payload, key=None, headers=None)`` writes an outbox row
+    in this transaction: the message leaves if and only if the transaction commits.
+    """
+
+    def __init__(self, outbox: Outbox, connection: asyncpg.Connection | None = None) -> None:
+        self._outbox = outbox
+        self._connection = connection
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """The asyncpg connection running this transaction."""
+        assert self._connection is not None
+        return self._connection
+
+    async def _conn(self) -> asyncpg.Connection:
+        return self.connection
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 - asyncpg's signature
+        conn = await self._conn()
+        with outages():
+            result: str = await conn.execute(query, *args, timeout=timeout)
+        return result
+
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's signature
+        conn = await self._conn()
+        with outages():
+            await conn.executemany(command, args, timeout=timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109 - asyncpg's signature
+        conn = await self._conn()
+        with outages():
+            rows: list[Any] = await conn.fetch(query, *args, timeout=timeout)
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
+        conn = await self._conn()
+        with outages():
+            return await conn.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(
+        self,
+        query: str,
+        *args: Any,
+        column: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's signature
+    ) -> Any:
+        conn = await self._conn()
+        with outages():
+            return await conn.fetchval(query, *args, column=column, timeout=timeout)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write a message to the outbox in this transaction; returns its id.
+
+        Messages with the same ``key`` reach the topic stream in publish order.
+        """
+        conn = await self._conn()
+        with outages():
+            return await self._outbox.insert(conn, topic, payload, key, headers)
+
+
+@contextlib.contextmanager
+def outages() -> Iterator[None]:
+    """An outage becomes BackendUnavailable (503 in a request); anything else passes as is."""
+    try:
+        yield
+    except Exception as exc:
+        outage = as_backend_unavailable(exc)
+        if outage is None or outage is exc:
+            raise
+        raise outage from exc

@@ -1,0 +1,56 @@
+"""Fixtures of the transaction tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from asgi_dist.transactions import TransactionConfig
+from tests.transactions.proxy import TcpProxy
+
+# Short timings so retries, reclaims and check-backs happen within a test's budget.
+FAST = TransactionConfig(
+    relay_poll_interval=0.2,
+    reclaim_after=2.0,
+    claim_interval=0.1,
+    retry_backoff=0.1,
+    retry_backoff_max=1.0,
+    check_after=0.5,
+    check_interval=0.5,
+    check_poll_interval=0.2,
+    check_timeout=2.0,
+    acquire_timeout=2.0,
+)
+
+
+@pytest.fixture
+async def pg(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, outside any Dist."""
+    conn = await asyncpg.connect(postgres_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def pg_proxy(postgres_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """(proxy, dsn through it): ``await proxy.cut()`` makes PostgreSQL unreachable."""
+    parts = urlsplit(postgres_dsn)
+    proxy = await TcpProxy(parts.port or 5432, parts.hostname or "127.0.0.1").start()
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    dsn = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+    yield proxy, dsn
+    await proxy.cut()
+
+
+@pytest.fixture
+def fast_dist(make_dist: Callable[..., Any]) -> Callable[..., Any]:
+    async def factory(**overrides: Any) -> Any:
+        overrides.setdefault("transactions", FAST)
+        return await make_dist(**overrides)
+
+    return factory

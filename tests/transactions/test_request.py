@@ -1,0 +1,229 @@
+"""The request transaction: begun on first use, decided before the response starts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from asgi_dist import ConfigError, Dist, TransactionError, get_tx
+from asgi_dist.transactions import RequestTransaction, transactional
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://test",
+    )
+
+
+@pytest.fixture
+async def dist(make_dist: Callable[..., Any], pg: asyncpg.Connection) -> AsyncIterator[Dist]:
+    d: Dist = await make_dist()
+    await pg.execute(f"CREATE TABLE {d.namespace}_orders (id int PRIMARY KEY, note text)")
+    yield d
+
+
+async def outbox_count(pg: asyncpg.Connection, dist: Dist) -> int:
+    n: int = await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_outbox")
+    return n
+
+
+def starlette_app(dist: Dist) -> Any:
+    orders = f"{dist.namespace}_orders"
+
+    async def create(request: Request) -> JSONResponse:
+        order_id = int(request.path_params["id"])
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
+        await tx.publish("orders.created", {"id": order_id}, key=f"order-{order_id}")
+        status = int(request.query_params.get("status", "200"))
+        if request.query_params.get("raise"):
+            raise RuntimeError("boom after the insert")
+        return JSONResponse({"id": order_id}, status_code=status)
+
+    @transactional(rollback_on=500)
+    async def keep_on_4xx(request: Request) -> JSONResponse:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (77)")
+        return JSONResponse({"conflict": True}, status_code=409)
+
+    @transactional(isolation="serializable", readonly=True)
+    async def report(request: Request) -> JSONResponse:
+        level = await get_tx().fetchval("SHOW transaction_isolation")
+        readonly = await get_tx().fetchval("SHOW transaction_read_only")
+        if request.query_params.get("write"):
+            await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (99)")
+        return JSONResponse({"isolation": level, "readonly": readonly})
+
+    async def untouched(request: Request) -> JSONResponse:
+        pool = dist.runtime.require_postgres("test").pool
+        tx = get_tx()
+        return JSONResponse(
+            {"state": tx.state, "in_use": pool.get_size() - pool.get_idle_size()}
+        )
+
+    async def stream(request: Request) -> StreamingResponse:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (55)")
+
+        async def body() -> AsyncIterator[bytes]:
+            # The transaction committed when the response started: visible from outside.
+            conn = await asyncpg.connect(request.app.state.dsn)
+            try:
+                n = await conn.fetchval(f"SELECT count(*) FROM {orders} WHERE id = 55")
+            finally:
+                await conn.close()
+            yield f"seen={n}".encode()
+
+        return StreamingResponse(body())
+
+    async def deferred(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {dist.namespace}_child (parent) VALUES (12345)")
+        await tx.publish("orders.created", {"id": 12345})
+        return PlainTextResponse("ok")
+
+    async def bad_payload(request: Request) -> PlainTextResponse:
+        try:
+            await get_tx().publish("orders.created", {"when": object()})
+        except TransactionError as exc:
+            return PlainTextResponse(str(exc), status_code=422)
+        return PlainTextResponse("accepted")
+
+    app = Starlette(
+        routes=[
+            Route("/orders/{id}", create, methods=["POST"]),
+            Route("/keep", keep_on_4xx, methods=["POST"]),
+            Route("/report", report),
+            Route("/untouched", untouched),
+            Route("/stream", stream),
+            Route("/deferred", deferred, methods=["POST"]),
+            Route("/bad-payload", bad_payload, methods=["POST"]),
+        ]
+    )
+    return dist.wrap(app)
+
+
+async def test_200_means_the_row_is_committed_when_the_client_reads_it(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    async with client(starlette_app(dist)) as http:
+        response = await http.post("/orders/1")
+        # No waiting: the commit happened before the response started.
+        row = await pg.fetchrow(f"SELECT id FROM {dist.namespace}_orders WHERE id = 1")
+    assert response.status_code == 200
+    assert row is not None
+    assert await outbox_count(pg, dist) == 1
+
+
+@pytest.mark.parametrize("query", ["status=404", "status=500", "raise=1"])
+async def test_error_status_or_exception_leaves_no_row_and_no_message(
+    dist: Dist, pg: asyncpg.Connection, query: str
+) -> None:
+    async with client(starlette_app(dist)) as http:
+        response = await http.post(f"/orders/2?{query}")
+    assert response.status_code >= 400
+    assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders") == 0
+    assert await outbox_count(pg, dist) == 0
+
+
+async def test_failing_commit_answers_500_and_publishes_nothing(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_parent (id int PRIMARY KEY)")
+    # The foreign key is checked at COMMIT, after the endpoint returned 200.
+    await pg.execute(
+        f"CREATE TABLE {ns}_child (parent int REFERENCES {ns}_parent (id)"
+        " DEFERRABLE INITIALLY DEFERRED)"
+    )
+    async with client(starlette_app(dist)) as http:
+        response = await http.post("/deferred")
+    assert response.status_code == 500
+    assert "nothing was saved" in response.text
+    assert await pg.fetchval(f"SELECT count(*) FROM {ns}_child") == 0
+    assert await outbox_count(pg, dist) == 0
+
+
+async def test_rollback_on_option_keeps_work_of_a_409(dist: Dist, pg: asyncpg.Connection) -> None:
+    async with client(starlette_app(dist)) as http:
+        response = await http.post("/keep")
+    assert response.status_code == 409
+    assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders WHERE id = 77") == 1
+
+
+async def test_isolation_and_readonly_options_apply(dist: Dist, pg: asyncpg.Connection) -> None:
+    async with client(starlette_app(dist)) as http:
+        response = await http.get("/report")
+        refused = await http.get("/report?write=1")
+    assert response.json() == {"isolation": "serializable", "readonly": "on"}
+    assert refused.status_code == 500
+    assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders") == 0
+
+
+async def test_a_request_that_never_uses_the_transaction_takes_no_connection(dist: Dist) -> None:
+    pool = dist.runtime.require_postgres("test").pool
+    background = pool.get_size() - pool.get_idle_size()  # the relay's LISTEN connection
+    async with client(starlette_app(dist)) as http:
+        response = await http.get("/untouched")
+    assert response.json() == {"state": "idle", "in_use": background}
+
+
+async def test_streaming_response_commits_when_it_starts(
+    dist: Dist, postgres_dsn: str
+) -> None:
+    app = starlette_app(dist)
+    app.app.state.dsn = postgres_dsn
+    async with client(app) as http:
+        response = await http.get("/stream")
+    assert response.text == "seen=1"
+
+
+async def test_non_json_payload_and_bad_topic_are_refused_at_publish(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    async with client(starlette_app(dist)) as http:
+        response = await http.post("/bad-payload")
+    assert response.status_code == 422
+    assert "not JSON" in response.text
+    pool = dist.runtime.require_postgres("test").pool
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(ConfigError, match="topic"):
+            await dist.transactions.outbox.insert(conn, "orders created!", {})
+        with pytest.raises(TransactionError, match="limit"):
+            await dist.transactions.outbox.insert(conn, "big", "x" * 300_000)
+
+
+async def test_fastapi_dependency_gives_the_request_transaction(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    api = FastAPI()
+    orders = f"{dist.namespace}_orders"
+
+    @api.post("/orders/{order_id}")
+    @transactional(rollback_on=500)
+    async def create(order_id: int, tx: RequestTransaction = Depends(get_tx)) -> dict[str, Any]:
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
+        await tx.publish("orders.created", {"id": order_id})
+        return {"id": order_id}
+
+    @api.post("/fail/{order_id}")
+    async def fail(order_id: int, tx: RequestTransaction = Depends(get_tx)) -> dict[str, Any]:
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
+        raise RuntimeError("rolled back")
+
+    async with client(dist.wrap(api)) as http:
+        ok = await http.post("/orders/5")
+        failed = await http.post("/fail/6")
+    assert ok.status_code == 200
+    assert failed.status_code == 500
+    ids = [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders} ORDER BY id")]
+    assert ids == [5]
+    assert await outbox_count(pg, dist) == 1
