@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import httpx
@@ -16,6 +16,8 @@ from starlette.routing import Route
 
 from asgi_dist import ConfigError, Dist, TransactionError, get_tx
 from asgi_dist.transactions import RequestTransaction, transactional
+
+Tx = Annotated[RequestTransaction, Depends(get_tx)]
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -66,9 +68,7 @@ def starlette_app(dist: Dist) -> Any:
     async def untouched(request: Request) -> JSONResponse:
         pool = dist.runtime.require_postgres("test").pool
         tx = get_tx()
-        return JSONResponse(
-            {"state": tx.state, "in_use": pool.get_size() - pool.get_idle_size()}
-        )
+        return JSONResponse({"state": tx.state, "in_use": pool.get_size() - pool.get_idle_size()})
 
     async def stream(request: Request) -> StreamingResponse:
         await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (55)")
@@ -176,9 +176,7 @@ async def test_a_request_that_never_uses_the_transaction_takes_no_connection(dis
     assert response.json() == {"state": "idle", "in_use": background}
 
 
-async def test_streaming_response_commits_when_it_starts(
-    dist: Dist, postgres_dsn: str
-) -> None:
+async def test_streaming_response_commits_when_it_starts(dist: Dist, postgres_dsn: str) -> None:
     app = starlette_app(dist)
     app.app.state.dsn = postgres_dsn
     async with client(app) as http:
@@ -209,13 +207,13 @@ async def test_fastapi_dependency_gives_the_request_transaction(
 
     @api.post("/orders/{order_id}")
     @transactional(rollback_on=500)
-    async def create(order_id: int, tx: RequestTransaction = Depends(get_tx)) -> dict[str, Any]:
+    async def create(order_id: int, tx: Tx) -> dict[str, Any]:
         await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
         await tx.publish("orders.created", {"id": order_id})
         return {"id": order_id}
 
     @api.post("/fail/{order_id}")
-    async def fail(order_id: int, tx: RequestTransaction = Depends(get_tx)) -> dict[str, Any]:
+    async def fail(order_id: int, tx: Tx) -> dict[str, Any]:
         await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
         raise RuntimeError("rolled back")
 
