@@ -1,28 +1,238 @@
-"""SessionManager: the session capability of one Dist."""
+"""SessionManager: the session capability of one Dist, and its request hook.
+
+Per request: read the cookie (no store round trip for a missing or forged
+one), load the session (one round trip, none on a near-cache hit), hand it to
+the app as ``scope["session"]`` / ``get_session()``, and before the response
+starts write only what changed (one round trip, none for a read-only request),
+then set the cookie and ``Vary: Cookie``.
+"""
 
 from __future__ import annotations
 
+import logging
+import secrets
+from typing import Any
+
+from asgi_dist._types import Message
 from asgi_dist.backends import Runtime
-from asgi_dist.context import RequestHook
+from asgi_dist.context import RequestContext, RequestHook
+from asgi_dist.errors import ConfigError, SessionError
 from asgi_dist.sessions.config import SessionConfig
+from asgi_dist.sessions.cookie import SessionCookie
+from asgi_dist.sessions.memory import MemorySessionStore
+from asgi_dist.sessions.postgres import MIGRATIONS, PostgresSessionStore
+from asgi_dist.sessions.redis import RedisSessionStore
+from asgi_dist.sessions.session import Session
+from asgi_dist.sessions.store import (
+    SaveOutcome,
+    SessionInfo,
+    SessionKey,
+    SessionStore,
+    StoredSession,
+    new_session_id,
+)
 
 __all__ = ["SessionManager"]
 
+log = logging.getLogger("asgi_dist.sessions")
+
 
 class SessionManager:
+    """Sessions of one Dist: ``dist.sessions``.
+
+    ``await invalidate_user(uid)`` ends every session of a user (logout
+    everywhere) and ``await list_user(uid)`` lists them; each is one store round
+    trip (on Redis Cluster, one per session).
+    """
+
     def __init__(self, runtime: Runtime, config: SessionConfig, secret_keys: list[str]) -> None:
         self.runtime = runtime
         self.config = config
+        self.backend = config.backend or runtime.default_backend
+        if not secret_keys:
+            if self.backend != "memory":
+                raise ConfigError(
+                    f"sessions in {self.backend} need secret_keys shared by every process: "
+                    "pass Dist(secret_keys=[...]) or set ASGI_DIST_SECRET_KEYS"
+                )
+            # One process, one memory store: a random key is as good as any, and the
+            # sessions it signs die with the process anyway.
+            secret_keys = [secrets.token_urlsafe(32)]
+            log.info("sessions: no secret_keys given; signing with a random per-process key")
         self.secret_keys = secret_keys
+        self.cookie = SessionCookie(config, secret_keys)
+        self.channel = f"{runtime.namespace}:session:invalidate"
+        self.store: SessionStore = self._make_store()
+        self._near: Any = None  # NearCache when config.near_cache (imported lazily)
+
+    def _make_store(self) -> SessionStore:
+        if self.backend == "redis":
+            redis = self.runtime.require_redis("SessionConfig(backend='redis')")
+            return RedisSessionStore(
+                redis, self.config, self.channel if self.config.near_cache else ""
+            )
+        if self.config.near_cache:
+            raise ConfigError(
+                "SessionConfig(near_cache=True) needs the Redis session store (its writes "
+                "publish invalidations): configure Dist(redis=...) or turn near_cache off"
+            )
+        if self.backend == "postgres":
+            postgres = self.runtime.require_postgres("SessionConfig(backend='postgres')")
+            return PostgresSessionStore(postgres, self.config, self.runtime)
+        return MemorySessionStore(self.config)
+
+    # lifecycle -----------------------------------------------------------------
 
     def register(self) -> None:
-        return None
+        if isinstance(self.store, PostgresSessionStore):
+            self.store.backend.register_migrations("sessions", MIGRATIONS)
 
     async def start(self) -> None:
-        return None
+        await self.store.start()
+        if self.config.near_cache:
+            from asgi_dist.sessions.nearcache import NearCache
+
+            self._near = NearCache(self.config, self.channel)
+            await self._near.start(self.runtime.pubsub)
 
     async def stop(self) -> None:
-        return None
+        if self._near is not None:
+            self._near.stop()
+            self._near = None
+        await self.store.stop()
 
     def request_hook(self) -> RequestHook | None:
-        return None
+        return _SessionHook(self)
+
+    @property
+    def near_cache(self) -> Any:
+        """The near cache of this process (``hits``/``misses``), or ``None``."""
+        return self._near
+
+    # per request ---------------------------------------------------------------
+
+    async def _load(self, key: SessionKey) -> StoredSession | None:
+        near = self._near
+        if near is None:
+            return await self.store.load(key)
+        handle = key.handle
+        stored: StoredSession | None = near.get(handle)
+        if stored is not None:
+            return stored
+        stamp = near.stamp()
+        stored = await self.store.load(key)
+        if stored is not None:
+            near.put(handle, stored, stamp)
+        return stored
+
+    async def open(self, ctx: RequestContext) -> Session:
+        """The request's session: loaded if the cookie is valid and the store knows it."""
+        session_id, resign = self.cookie.read(ctx.scope)
+        stored = await self._load(SessionKey.of(session_id)) if session_id else None
+        session = Session(self, session_id, stored, max_size=self.config.max_size)
+        session.had_cookie = session_id is not None
+        session.resign = resign and stored is not None
+        return session
+
+    async def commit(self, session: Session, headers: list[tuple[bytes, bytes]] | None,
+                     scope: Any) -> None:  # fmt: skip
+        """Write what the request changed; add the cookie headers if ``headers`` is given."""
+        cookie_needed = session.regenerated or session.resign
+        if session.is_new:
+            if session.has_content:
+                delta = session.full_delta()
+                if not await self.store.create(session.key, delta):
+                    raise SessionError("a new session id collided with a stored one; retry")
+                session.mark_saved(delta)
+                cookie_needed = True
+            elif session.invalidated and session.had_cookie and headers is not None:
+                headers.append(self.cookie.expire_header(scope))
+                return
+        else:
+            delta = session.delta()
+            if delta:
+                outcome = await self.store.save(session.key, delta)
+                if self._near is not None:
+                    self._near.drop(session.key.handle)
+                if outcome == SaveOutcome.GONE:
+                    # Ended meanwhile (logout elsewhere, expiry): stay ended.
+                    log.info("session ended while a request changed it; changes dropped")
+                    if headers is not None:
+                        headers.append(self.cookie.expire_header(scope))
+                    return
+                session.mark_saved(delta)
+            elif not session.regenerated:
+                cookie_needed = False  # re-sign with the newest key on the next write only
+        if cookie_needed and headers is not None:
+            headers.append(self.cookie.set_header(session.id, scope))
+            session.resign = False
+
+    async def regenerate(self, session: Session) -> None:
+        if session.is_new:
+            session.mark_regenerated(new_session_id())
+            return
+        old = session.key
+        new_id = new_session_id(shard=old.shard)
+        moved = await self.store.regenerate(old, SessionKey.of(new_id), session.stored_user_id)
+        if self._near is not None:
+            self._near.drop(old.handle)
+        if not moved:
+            # The old session ended meanwhile: this request's view becomes a new session.
+            session.mark_unstored()
+        session.mark_regenerated(new_id)
+
+    async def invalidate(self, session: Session) -> None:
+        if not session.is_new:
+            key = session.key
+            await self.store.delete(key, session.stored_user_id)
+            if self._near is not None:
+                self._near.drop(key.handle)
+        session.mark_invalidated()
+
+    # administration ------------------------------------------------------------
+
+    async def invalidate_user(self, user_id: str | int) -> int:
+        """End every session of ``user_id`` (logout everywhere); returns how many ended."""
+        return await self.store.invalidate_user(str(user_id))
+
+    async def list_user(self, user_id: str | int) -> list[SessionInfo]:
+        """The live sessions of ``user_id`` (handles and times, never their ids)."""
+        return await self.store.list_user(str(user_id))
+
+
+class _SessionHook:
+    """Opens the session on request, commits it before the response starts."""
+
+    __slots__ = ("manager",)
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        session = await self.manager.open(ctx)
+        ctx.session = session
+        ctx.scope["session"] = session
+
+    async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
+        session = ctx.session
+        if session is None:
+            return
+        headers = list(message.get("headers") or ())
+        count = len(headers)
+        await self.manager.commit(session, headers, ctx.scope)
+        if session.accessed or len(headers) > count:
+            headers.append((b"vary", b"Cookie"))
+        if len(headers) > count:
+            message["headers"] = headers
+        session.committed = True
+
+    async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
+        session = ctx.session
+        # A websocket's session may change after the handshake: save it (no cookie).
+        if (
+            session is not None
+            and error is None
+            and ctx.scope["type"] == "websocket"
+            and session.committed
+        ):
+            await self.manager.commit(session, None, ctx.scope)

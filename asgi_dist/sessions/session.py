@@ -1,11 +1,293 @@
-"""The session object a request sees."""
+"""The session object a request sees: a mapping of JSON values that records its delta.
+
+Only what a request changed is written back, so two overlapping requests of one
+user that change different keys both persist (the same key: last writer wins).
+A change is a key set or deleted through the mapping, or a list/dict value
+mutated in place (found at save time by comparing its JSON with the loaded one).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from asgi_dist.errors import SessionError, SessionTooLarge
+from asgi_dist.sessions.store import SessionDelta, SessionKey, StoredSession, new_session_id
+
+if TYPE_CHECKING:
+    from asgi_dist.sessions.manager import SessionManager
 
 __all__ = ["Session"]
 
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decode = json.loads
 
-class Session(dict[str, Any]):
-    """Placeholder until the session capability lands."""
+
+def _size(key: str, text: str) -> int:
+    # ensure_ascii (the encoder's default) makes len() the byte count of values.
+    return len(key.encode()) + len(text)
+
+
+class Session(MutableMapping[str, Any]):
+    """``request.session`` / ``get_session()``: a ``MutableMapping[str, Any]`` of JSON values.
+
+    ``.id`` is the session id (the secret the cookie carries); ``await .regenerate()``
+    gives it a new id with the same data (call it on login: fixation defence);
+    ``await .invalidate()`` ends it (logout); ``.user_id = ...`` indexes it under a
+    user for ``dist.sessions.invalidate_user()`` / ``list_user()``.
+    """
+
+    __slots__ = (
+        "_accessed",
+        "_deleted",
+        "_dirty",
+        "_id",
+        "_in_store",
+        "_invalidated",
+        "_manager",
+        "_max_size",
+        "_raw",
+        "_regenerated",
+        "_size",
+        "_stored_user_id",
+        "_user_changed",
+        "_user_id",
+        "_values",
+        "committed",
+        "had_cookie",
+        "resign",
+    )
+
+    def __init__(
+        self,
+        manager: SessionManager | None,
+        session_id: str | None = None,
+        stored: StoredSession | None = None,
+        *,
+        max_size: int = 64 * 1024,
+    ) -> None:
+        self._manager = manager
+        self._max_size = max_size
+        self._in_store = stored is not None
+        self._id = session_id if stored is not None and session_id else new_session_id()
+        self._raw: dict[str, str] = stored.fields if stored is not None else {}
+        self._values: dict[str, Any] = {k: _decode(v) for k, v in self._raw.items()}
+        self._size = sum(_size(k, v) for k, v in self._raw.items())
+        self._dirty: dict[str, str] = {}  # key -> new JSON text
+        self._deleted: set[str] = set()
+        self._user_id = stored.user_id if stored is not None else None
+        self._stored_user_id = self._user_id
+        self._user_changed = False
+        self._accessed = False
+        self._regenerated = False
+        self._invalidated = False
+        self.resign = False  # the cookie was signed with an older key
+        self.had_cookie = False  # the request carried a valid cookie
+        self.committed = False  # saved when the response (or websocket) started
+
+    # identity -------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The session id; a fresh session has one too, stored on its first write."""
+        return self._id
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey.of(self._id)
+
+    @property
+    def is_new(self) -> bool:
+        """Not in the store (yet): nothing was loaded and nothing saved."""
+        return not self._in_store
+
+    @property
+    def user_id(self) -> str | None:
+        self._accessed = True
+        return self._user_id
+
+    @user_id.setter
+    def user_id(self, value: str | int | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise TypeError(f"session.user_id must be a str, an int or None, not {value!r}")
+            value = str(value)
+            if not value or len(value) > 512:
+                raise SessionError("session.user_id must be 1 to 512 characters long")
+        self._accessed = True
+        if value != self._user_id:
+            self._user_id = value
+            self._user_changed = value != self._stored_user_id
+
+    async def regenerate(self) -> None:
+        """Move the data to a new id in one atomic store step (call it on login).
+
+        The old id stays readable for ``regenerate_grace`` seconds so that parallel
+        requests of the same browser do not break; the new cookie is sent with this
+        response, after the store confirmed the move.
+        """
+        if self._manager is None:
+            raise SessionError("this session is not attached to a SessionManager")
+        await self._manager.regenerate(self)
+
+    async def invalidate(self) -> None:
+        """Delete the session from the store and expire its cookie (logout).
+
+        Keys set afterwards in the same request start a new session with a new id.
+        """
+        if self._manager is None:
+            raise SessionError("this session is not attached to a SessionManager")
+        await self._manager.invalidate(self)
+
+    # mapping --------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        self._accessed = True
+        return self._values[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._accessed = True
+        if not isinstance(key, str):
+            raise TypeError(f"session keys must be str, not {type(key).__name__} ({key!r})")
+        try:
+            text = _encode(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"session[{key!r}] = {type(value).__name__} is not JSON-serialisable ({exc}); "
+                "store str, int, float, bool, None, and lists/dicts of them"
+            ) from None
+        old = self._dirty.get(key, self._raw.get(key)) if key in self._values else None
+        size = self._size - (_size(key, old) if old is not None else 0) + _size(key, text)
+        if size > self._max_size:
+            raise SessionTooLarge(
+                f"session[{key!r}] would make the session {size} bytes, over max_size="
+                f"{self._max_size}; nothing was stored: keep large data elsewhere and put "
+                "its id in the session, or raise SessionConfig(max_size=...)"
+            )
+        self._size = size
+        self._values[key] = value
+        self._dirty[key] = text
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._accessed = True
+        del self._values[key]
+        old = self._dirty.pop(key, None) or self._raw.get(key)
+        if old is not None:
+            self._size -= _size(key, old)
+        if key in self._raw:
+            self._deleted.add(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._accessed = True
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        self._accessed = True
+        return len(self._values)
+
+    def __contains__(self, key: object) -> bool:
+        self._accessed = True
+        return key in self._values
+
+    def __repr__(self) -> str:
+        return f"<Session {len(self._values)} keys{' new' if self.is_new else ''}>"
+
+    def clear(self) -> None:
+        for key in list(self._values):
+            del self[key]
+
+    # bookkeeping for the manager -------------------------------------------------
+
+    @property
+    def accessed(self) -> bool:
+        """Read or written in this request (the response then varies by Cookie)."""
+        return self._accessed
+
+    def delta(self) -> SessionDelta:
+        """The changes of this request: keys set, keys deleted, in-place mutations."""
+        changed = dict(self._dirty)
+        grown = False
+        if self._accessed:
+            for key, value in self._values.items():
+                # Only containers can change without __setitem__.
+                if isinstance(value, dict | list):
+                    text = _encode(value)
+                    if text != changed.get(key, self._raw.get(key)):
+                        changed[key] = text
+                        grown = True
+        if grown:
+            size = sum(_size(k, changed.get(k) or self._raw[k]) for k in self._values)
+            if size > self._max_size:
+                raise SessionTooLarge(
+                    f"the session grew to {size} bytes by changes made in place, over "
+                    f"max_size={self._max_size}; nothing was stored"
+                )
+        return SessionDelta(
+            set=changed,
+            delete=sorted(self._deleted),
+            user_changed=self._user_changed,
+            user_id=self._user_id,
+            previous_user_id=self._stored_user_id,
+        )
+
+    def full_delta(self) -> SessionDelta:
+        """Everything, for a session not yet in the store."""
+        delta = self.delta()
+        delta.set = {k: delta.set.get(k) or self._raw[k] for k in self._values}
+        delta.delete = []
+        delta.user_changed = self._user_id is not None
+        delta.previous_user_id = None
+        return delta
+
+    def mark_saved(self, delta: SessionDelta) -> None:
+        """The store holds ``delta`` now: later deltas are relative to it."""
+        for key in delta.delete:
+            self._raw.pop(key, None)
+        self._raw.update(delta.set)
+        self._dirty.clear()
+        self._deleted.clear()
+        self._stored_user_id = self._user_id
+        self._user_changed = False
+        self._in_store = True
+
+    def mark_regenerated(self, new_id: str) -> None:
+        self._id = new_id
+        self._regenerated = True
+
+    def mark_invalidated(self) -> None:
+        """Gone from the store; what is set later starts a new session with a new id."""
+        self._values.clear()
+        self._raw = {}
+        self._dirty.clear()
+        self._deleted.clear()
+        self._size = 0
+        self._user_id = self._stored_user_id = None
+        self._user_changed = False
+        self._in_store = False
+        self._regenerated = False
+        self._invalidated = True
+        self._id = new_session_id()
+
+    def mark_unstored(self) -> None:
+        """The store lost it meanwhile: the next save creates it from this view."""
+        self._in_store = False
+
+    @property
+    def has_content(self) -> bool:
+        """Something worth storing: a key, or a user."""
+        return bool(self._values) or self._user_id is not None
+
+    @property
+    def stored_user_id(self) -> str | None:
+        """The user the store indexes this session under."""
+        return self._stored_user_id
+
+    @property
+    def regenerated(self) -> bool:
+        return self._regenerated
+
+    @property
+    def invalidated(self) -> bool:
+        return self._invalidated

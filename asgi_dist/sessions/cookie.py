@@ -1,0 +1,92 @@
+"""The session cookie: an opaque id signed with a key ring, and its attributes.
+
+The cookie carries nothing but the id and its signature.  A client never
+chooses its id: a cookie that fails the signature is ignored before any store
+round trip, and an id the store does not know is replaced with a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from itsdangerous import Signer
+
+from asgi_dist._types import Scope
+from asgi_dist.sessions.config import SessionConfig
+from asgi_dist.sessions.store import is_session_id
+
+__all__ = ["SessionCookie"]
+
+_SALT = "asgi_dist.session"
+
+
+class SessionCookie:
+    """Reads, signs and writes the session cookie of one :class:`SessionConfig`."""
+
+    def __init__(self, config: SessionConfig, secret_keys: Sequence[str]) -> None:
+        self.config = config
+        self.name = config.cookie_key
+        self._name_bytes = self.name.encode("latin-1")
+        # itsdangerous signs with the *last* key of a ring and accepts all of them;
+        # our ring is newest first.
+        self._newest = Signer(secret_keys[0], salt=_SALT, digest_method=hashlib.sha256)
+        self._ring = (
+            Signer(list(reversed(secret_keys)), salt=_SALT, digest_method=hashlib.sha256)
+            if len(secret_keys) > 1
+            else None
+        )
+        attrs = [f"Path={config.path}"]
+        if config.domain:
+            attrs.append(f"Domain={config.domain}")
+        attrs += ["HttpOnly", f"SameSite={config.same_site.capitalize()}"]
+        if config.partitioned:
+            attrs.append("Partitioned")
+        self._attrs = "; ".join(attrs)
+        self._max_age = f"; Max-Age={int(config.absolute_timeout)}" if config.persistent else ""
+
+    def read(self, scope: Scope) -> tuple[str | None, bool]:
+        """``(session id, signed with an older key)`` from the request, or ``(None, False)``."""
+        raw = self._find(scope)
+        if raw is None or len(raw) > self.config.max_cookie_length:
+            return None, False  # absent, or absurd: ignored unread
+        value, sep, sig = raw.rpartition(".")
+        if not sep or not is_session_id(value):
+            return None, False
+        if self._newest.verify_signature(value, sig):
+            return value, False
+        if self._ring is not None and self._ring.verify_signature(value, sig):
+            return value, True  # re-signed with the newest key on the next write
+        return None, False
+
+    def _find(self, scope: Scope) -> str | None:
+        prefix = self._name_bytes + b"="
+        for name, value in scope.get("headers", ()):
+            if name != b"cookie" or prefix not in value:
+                continue
+            for part in value.split(b";"):
+                part = part.strip()
+                if part.startswith(prefix):
+                    found: bytes = part[len(prefix) :].strip(b'"')
+                    return found.decode("latin-1")
+        return None
+
+    def _secure(self, scope: Scope) -> bool:
+        if self.config.host_prefix or self.config.partitioned:
+            return True
+        if self.config.secure == "auto":
+            return scope.get("scheme") in ("https", "wss")
+        return bool(self.config.secure)
+
+    def set_header(self, session_id: str, scope: Scope) -> tuple[bytes, bytes]:
+        value = self._newest.sign(session_id).decode()
+        header = f"{self.name}={value}; {self._attrs}{self._max_age}"
+        if self._secure(scope):
+            header += "; Secure"
+        return b"set-cookie", header.encode("latin-1")
+
+    def expire_header(self, scope: Scope) -> tuple[bytes, bytes]:
+        header = f"{self.name}=; {self._attrs}; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        if self._secure(scope):
+            header += "; Secure"
+        return b"set-cookie", header.encode("latin-1")

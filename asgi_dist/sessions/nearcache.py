@@ -1,0 +1,133 @@
+"""Near cache: recently used sessions kept in this process, invalidated by every write.
+
+The modern form of Tomcat's session replication: instead of shipping session
+data between nodes, every write publishes the session's handle on one Redis
+channel (inside the same script, so a save stays one round trip) and every
+process drops its copy.  A read-only request on a hot session then makes no
+store round trip at all.
+
+Consistency rules:
+
+* A copy is served only while the process is subscribed; on a reconnect
+  (messages may have been lost) everything is dropped.
+* A load that raced with an invalidation of the same session is not cached:
+  every invalidation bumps a tick, and a load stamped before the last
+  invalidation of its handle is discarded.
+* A copy lives at most ``near_cache_ttl`` and at most a tenth of the idle
+  timeout, so the store still sees activity often enough to refresh the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from asgi_dist.backends.pubsub import PubSubHub, Subscription
+from asgi_dist.sessions.config import SessionConfig
+from asgi_dist.sessions.store import StoredSession
+
+__all__ = ["NearCache"]
+
+log = logging.getLogger("asgi_dist.sessions")
+
+_FORGET_AFTER = 10_000  # invalidation ticks remembered per process
+
+
+@dataclass(slots=True)
+class _Entry:
+    stored: StoredSession
+    fresh_until: float  # loop time
+
+
+class NearCache:
+    """The per-process session cache of one Dist."""
+
+    def __init__(self, config: SessionConfig, channel: str) -> None:
+        self.config = config
+        self.channel = channel
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._tick = 0
+        self._invalidated: OrderedDict[str, int] = OrderedDict()  # handle -> tick
+        self._floor = 0  # loads stamped before this tick are never cached
+        self._subscription: Subscription | None = None
+        self.hits = 0
+        self.misses = 0
+
+    async def start(self, hub: PubSubHub) -> None:
+        self._subscription = await hub.subscribe(self.channel, self._on_message)
+
+    def stop(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        self._entries.clear()
+
+    def _on_message(self, payload: bytes | None) -> None:
+        self._tick += 1
+        if payload is None:
+            # Reconnected: invalidations may have been missed.
+            self._entries.clear()
+            self._floor = self._tick
+            return
+        self.drop(payload.decode())
+
+    def drop(self, handle: str) -> None:
+        self._tick += 1
+        self._entries.pop(handle, None)
+        self._invalidated[handle] = self._tick
+        self._invalidated.move_to_end(handle)
+        if len(self._invalidated) > _FORGET_AFTER:
+            _, tick = self._invalidated.popitem(last=False)
+            self._floor = max(self._floor, tick)
+
+    def stamp(self) -> int:
+        """Taken before a load; ``put`` refuses the result if the session changed since."""
+        return self._tick
+
+    def get(self, handle: str) -> StoredSession | None:
+        entry = self._entries.get(handle)
+        if entry is None or self._subscription is None:
+            self.misses += 1
+            return None
+        if asyncio.get_running_loop().time() >= entry.fresh_until:
+            del self._entries[handle]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(handle)
+        self.hits += 1
+        stored = entry.stored
+        # The request's Session owns (and mutates) its fields dict: hand out a copy.
+        return StoredSession(
+            dict(stored.fields),
+            stored.user_id,
+            stored.created,
+            stored.last_access,
+            stored.ttl,
+            stored.moved,
+        )
+
+    def put(self, handle: str, stored: StoredSession, stamp: int) -> None:
+        if self._subscription is None or stored.moved:
+            return
+        if stamp < self._floor or self._invalidated.get(handle, -1) > stamp:
+            return  # an invalidation crossed this load
+        lifetime = min(self.config.near_cache_ttl, self.config.refresh_interval, stored.ttl)
+        if lifetime <= 0:
+            return
+        fresh_until = asyncio.get_running_loop().time() + lifetime
+        self._entries[handle] = _Entry(
+            StoredSession(
+                dict(stored.fields),
+                stored.user_id,
+                stored.created,
+                stored.last_access,
+                stored.ttl,
+                stored.moved,
+            ),
+            fresh_until,
+        )
+        self._entries.move_to_end(handle)
+        while len(self._entries) > self.config.near_cache_size:
+            self._entries.popitem(last=False)

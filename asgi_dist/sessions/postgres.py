@@ -1,0 +1,217 @@
+"""PostgreSQL session store: one table, JSONB, each operation one statement.
+
+The delta merge ``(data - deleted) || set`` is evaluated by ``UPDATE`` on the
+latest row version (READ COMMITTED re-reads a row it waited for), so two
+overlapping requests that change different keys both persist.  Expiry is
+decided by ``now()`` in every statement; a sweeper deletes the dead rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from asgi_dist.backends import Runtime
+from asgi_dist.backends.postgres import PostgresBackend
+from asgi_dist.sessions.config import SessionConfig
+from asgi_dist.sessions.store import (
+    SaveOutcome,
+    SessionDelta,
+    SessionInfo,
+    SessionKey,
+    StoredSession,
+)
+
+__all__ = ["MIGRATIONS", "PostgresSessionStore"]
+
+log = logging.getLogger("asgi_dist.sessions")
+T = TypeVar("T")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE {ns}_sessions (
+        key text PRIMARY KEY,               -- shard.digest: a hash of the id, never the id
+        data jsonb NOT NULL DEFAULT '{{}}',
+        user_id text,
+        created timestamptz NOT NULL,
+        accessed timestamptz NOT NULL,
+        expires timestamptz NOT NULL,       -- min(last refresh + idle, created + absolute)
+        moved boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX {ns}_sessions_user ON {ns}_sessions (user_id) WHERE user_id IS NOT NULL;
+    CREATE INDEX {ns}_sessions_expires ON {ns}_sessions (expires);
+    """,
+]
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_SWEEP_EVERY = 60.0
+_SWEEP_BATCH = 1000
+
+
+class PostgresSessionStore:
+    """Sessions in PostgreSQL (table ``<namespace>_sessions``)."""
+
+    def __init__(self, backend: PostgresBackend, config: SessionConfig, runtime: Runtime) -> None:
+        self.backend = backend
+        self.config = config
+        self.runtime = runtime
+        t = backend.table("sessions")
+        self._idle = float(config.idle_timeout)
+        self._absolute = float(config.absolute_timeout)
+        expires = "least(now() + make_interval(secs => $2), created + make_interval(secs => $3))"
+        self._load_sql = f"""
+            WITH s AS (
+                SELECT key, data, user_id, created, accessed, expires, moved
+                FROM {t} WHERE key = $1 AND expires > now()
+            ), refreshed AS (
+                -- The idle timeout is refreshed at most every tenth of it.
+                UPDATE {t} SET accessed = now(), expires = {expires.replace("created", "s.created")}
+                FROM s WHERE {t}.key = s.key AND NOT s.moved
+                    AND s.accessed <= now() - make_interval(secs => $4)
+                RETURNING {t}.expires
+            )
+            SELECT s.data::text AS data, s.user_id, s.moved,
+                extract(epoch FROM s.created)::float8 AS created,
+                extract(epoch FROM s.accessed)::float8 AS accessed,
+                extract(epoch FROM coalesce((SELECT expires FROM refreshed), s.expires) - now())
+                    ::float8 AS ttl
+            FROM s
+        """
+        self._create_sql = f"""
+            INSERT INTO {t} (key, data, user_id, created, accessed, expires)
+            VALUES ($1, $4::text::jsonb, $5, now(), now(), {expires.replace("created", "now()")})
+            ON CONFLICT (key) DO NOTHING RETURNING 1
+        """
+        self._save_sql = f"""
+            UPDATE {t} SET data = (data - $4::text[]) || $5::text::jsonb, accessed = now(),
+                expires = {expires},
+                user_id = CASE WHEN $6 THEN $7 ELSE user_id END
+            WHERE key = $1 AND expires > now() AND NOT moved
+            RETURNING 1
+        """
+        self._regenerate_sql = f"""
+            WITH old AS (
+                UPDATE {t} SET moved = true,
+                    expires = least(expires, now() + make_interval(secs => $4))
+                WHERE key = $1 AND expires > now() AND NOT moved
+                RETURNING data, user_id, created
+            )
+            INSERT INTO {t} (key, data, user_id, created, accessed, expires)
+            SELECT $5, data, user_id, created, now(), {expires} FROM old
+            RETURNING 1
+        """
+        self._delete_sql = f"DELETE FROM {t} WHERE key = $1"
+        live = "user_id = $1 AND expires > now() AND NOT moved"
+        self._list_sql = f"""
+            SELECT key, extract(epoch FROM created)::float8 AS created,
+                extract(epoch FROM accessed)::float8 AS accessed
+            FROM {t} WHERE {live} ORDER BY created
+        """
+        self._invalidate_user_sql = f"""
+            DELETE FROM {t} WHERE user_id = $1
+            RETURNING (expires > now() AND NOT moved) AS live
+        """
+        self._sweep_sql = f"""
+            DELETE FROM {t} WHERE key IN (
+                SELECT key FROM {t} WHERE expires < now() LIMIT {_SWEEP_BATCH})
+        """
+
+    async def start(self) -> None:
+        self.runtime.spawn("sessions:postgres-sweeper", self._sweeper)
+
+    async def stop(self) -> None:
+        return None
+
+    async def _sweeper(self) -> None:
+        # Statements ignore dead rows already; this only gives their space back.
+        while not self.runtime.stopping.is_set():
+            await asyncio.sleep(_SWEEP_EVERY)
+            try:
+                for _ in range(100):
+                    status = await self._bounded(self.backend.pool.execute(self._sweep_sql))
+                    if status != f"DELETE {_SWEEP_BATCH}":
+                        break
+            except Exception as exc:
+                log.warning("session sweep failed (%s); retrying in %gs", exc, _SWEEP_EVERY)
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.config.store_timeout):
+            return await call
+
+    def _timeouts(self) -> tuple[float, float]:
+        return self._idle, self._absolute
+
+    async def load(self, key: SessionKey) -> StoredSession | None:
+        row = await self._bounded(
+            self.backend.pool.fetchrow(
+                self._load_sql, key.handle, *self._timeouts(), self.config.refresh_interval
+            )
+        )
+        if row is None:
+            return None
+        data: dict[str, Any] = json.loads(row["data"])
+        return StoredSession(
+            fields={k: _encode(v) for k, v in data.items()},
+            user_id=row["user_id"],
+            created=row["created"],
+            last_access=row["accessed"],
+            ttl=max(0.0, row["ttl"]),
+            moved=row["moved"],
+        )
+
+    @staticmethod
+    def _object(fields: dict[str, str]) -> str:
+        # Values are JSON texts already: join them without decoding.
+        return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
+
+    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
+        done = await self._bounded(
+            self.backend.pool.fetchval(
+                self._create_sql,
+                key.handle,
+                *self._timeouts(),
+                self._object(delta.set),
+                delta.user_id,
+            )
+        )
+        return bool(done == 1)
+
+    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
+        done = await self._bounded(
+            self.backend.pool.fetchval(
+                self._save_sql,
+                key.handle,
+                *self._timeouts(),
+                delta.delete,
+                self._object(delta.set),
+                delta.user_changed,
+                delta.user_id,
+            )
+        )
+        return SaveOutcome.SAVED if done == 1 else SaveOutcome.GONE
+
+    async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
+        done = await self._bounded(
+            self.backend.pool.fetchval(
+                self._regenerate_sql,
+                old.handle,
+                *self._timeouts(),
+                float(self.config.regenerate_grace),
+                new.handle,
+            )
+        )
+        return bool(done == 1)
+
+    async def delete(self, key: SessionKey, user_id: str | None) -> None:
+        await self._bounded(self.backend.pool.execute(self._delete_sql, key.handle))
+
+    async def list_user(self, user_id: str) -> list[SessionInfo]:
+        rows = await self._bounded(self.backend.pool.fetch(self._list_sql, user_id))
+        return [SessionInfo(r["key"], user_id, r["created"], r["accessed"]) for r in rows]
+
+    async def invalidate_user(self, user_id: str) -> int:
+        rows = await self._bounded(self.backend.pool.fetch(self._invalidate_user_sql, user_id))
+        return sum(1 for r in rows if r["live"])

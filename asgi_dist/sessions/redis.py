@@ -1,0 +1,222 @@
+"""Redis session store: one hash per session, every operation one Lua script call.
+
+Layout: ``{<ns>:session:<shard>}:<digest>`` is a hash whose fields are the
+user's keys (prefixed ``.``) beside the metadata ``created``, ``access`` (server
+milliseconds), ``uid`` and ``moved``; its TTL enforces both timeouts.  The user
+index ``{<ns>:session_user:<hash of uid>}`` is a set of session handles, pruned
+whenever it is read (no keyspace notifications needed).
+
+On Redis Cluster a session and its user index live in different slots, so index
+updates and ``list_user``/``invalidate_user`` take extra round trips there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from asgi_dist.backends.redis import RedisBackend
+from asgi_dist.sessions.config import SessionConfig
+from asgi_dist.sessions.store import (
+    SaveOutcome,
+    SessionDelta,
+    SessionInfo,
+    SessionKey,
+    StoredSession,
+    user_digest,
+)
+
+__all__ = ["RedisSessionStore"]
+
+_PACKAGE = "asgi_dist.sessions"
+_META = {b"created", b"access", b"uid", b"moved"}
+T = TypeVar("T")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisSessionStore:
+    """Sessions in Redis (single server, Sentinel or Cluster)."""
+
+    def __init__(self, backend: RedisBackend, config: SessionConfig, channel: str = "") -> None:
+        self.backend = backend
+        self.config = config
+        # Set by the manager when the near cache is on: writes publish the handle there.
+        self.channel = channel
+        self._idle = _ms(config.idle_timeout)
+        self._absolute = _ms(config.absolute_timeout)
+        self._refresh = _ms(config.refresh_interval)
+        self._grace = int(config.regenerate_grace * 1000)
+        self._load = backend.script(_PACKAGE, "load")
+        self._save = backend.script(_PACKAGE, "save")
+        self._regenerate = backend.script(_PACKAGE, "regenerate")
+        self._delete = backend.script(_PACKAGE, "delete")
+        self._user_script = backend.script(_PACKAGE, "user_sessions")
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def _key(self, key: SessionKey) -> str:
+        return self.backend.key("session", key.shard, key.digest)
+
+    def _index(self, user_id: str) -> str:
+        return self.backend.key("session_user", user_digest(user_id))
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        # A paused server must cost a 503, not a hung request.
+        async with asyncio.timeout(self.config.store_timeout):
+            return await call
+
+    async def load(self, key: SessionKey) -> StoredSession | None:
+        reply = await self._bounded(
+            self._load(
+                self.backend.client, [self._key(key)], [self._idle, self._absolute, self._refresh]
+            )
+        )
+        if not reply:
+            return None
+        pttl, flat = reply
+        fields: dict[str, str] = {}
+        meta: dict[bytes, bytes] = {}
+        for i in range(0, len(flat), 2):
+            name, value = flat[i], flat[i + 1]
+            if name[:1] == b".":
+                fields[name[1:].decode()] = value.decode()
+            elif name in _META:
+                meta[name] = value
+        uid = meta.get(b"uid")
+        return StoredSession(
+            fields=fields,
+            user_id=uid.decode() if uid is not None else None,
+            created=int(meta.get(b"created", 0)) / 1000,
+            last_access=int(meta.get(b"access", 0)) / 1000,
+            ttl=max(0, int(pttl)) / 1000,
+            moved=b"moved" in meta,
+        )
+
+    def _save_call(self, mode: str, key: SessionKey, delta: SessionDelta) -> Awaitable[Any]:
+        skey = self._key(key)
+        keys = [skey]
+        user = ""
+        if delta.user_changed:
+            user = "=" + (delta.user_id or "") if delta.user_id is not None else "="
+            if not self.backend.is_cluster:
+                new_index = self._index(delta.user_id) if delta.user_id is not None else skey
+                old = delta.previous_user_id
+                keys += [new_index, self._index(old) if old is not None else skey]
+        args: list[Any] = [
+            mode,
+            self._idle,
+            self._absolute,
+            len(delta.set),
+            len(delta.delete),
+            user,
+            self.channel,
+            key.handle,
+        ]
+        for name, text in delta.set.items():
+            args += ["." + name, text]
+        args += ["." + name for name in delta.delete]
+        return self._save(self.backend.client, keys, args)
+
+    async def _cluster_index(self, key: SessionKey, delta: SessionDelta) -> None:
+        # Cluster: the index is in another slot; a second round trip, on login/logout only.
+        if not (self.backend.is_cluster and delta.user_changed):
+            return
+        client = self.backend.client
+        if delta.previous_user_id is not None:
+            await self._bounded(client.srem(self._index(delta.previous_user_id), key.handle))
+        if delta.user_id is not None:
+            index = self._index(delta.user_id)
+            await self._bounded(client.sadd(index, key.handle))
+            await self._bounded(client.pexpire(index, self._absolute))
+
+    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
+        created = bool(await self._bounded(self._save_call("new", key, delta)) == 1)
+        if created:
+            await self._cluster_index(key, delta)
+        return created
+
+    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
+        if await self._bounded(self._save_call("update", key, delta)) != 1:
+            return SaveOutcome.GONE
+        await self._cluster_index(key, delta)
+        return SaveOutcome.SAVED
+
+    async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
+        keys = [self._key(old), self._key(new)]
+        if user_id is not None and not self.backend.is_cluster:
+            keys.append(self._index(user_id))
+        args = [self._grace, self._idle, self._absolute, self.channel, old.handle, new.handle]
+        reply = await self._bounded(self._regenerate(self.backend.client, keys, args))
+        moved = bool(reply == 1)
+        if moved and user_id is not None and self.backend.is_cluster:
+            index = self._index(user_id)
+            await self._bounded(self.backend.client.srem(index, old.handle))
+            await self._bounded(self.backend.client.sadd(index, new.handle))
+        return moved
+
+    async def delete(self, key: SessionKey, user_id: str | None) -> None:
+        keys = [self._key(key)]
+        if user_id is not None and not self.backend.is_cluster:
+            keys.append(self._index(user_id))
+        await self._bounded(self._delete(self.backend.client, keys, [self.channel, key.handle]))
+        if user_id is not None and self.backend.is_cluster:
+            await self._bounded(self.backend.client.srem(self._index(user_id), key.handle))
+
+    async def _user_sessions(self, user_id: str, action: str) -> list[SessionInfo]:
+        if self.backend.is_cluster:
+            return await self._cluster_user_sessions(user_id, action)
+        prefix = f"{self.backend.namespace}:session:"
+        flat = await self._bounded(
+            self._user_script(
+                self.backend.client,
+                [self._index(user_id)],
+                [action, prefix, user_id, self.channel],
+            )
+        )
+        return [
+            SessionInfo(
+                handle=flat[i].decode(),
+                user_id=user_id,
+                created=int(flat[i + 1]) / 1000,
+                last_access=int(flat[i + 2]) / 1000,
+            )
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def _cluster_user_sessions(self, user_id: str, action: str) -> list[SessionInfo]:
+        client = self.backend.client
+        index = self._index(user_id)
+        out: list[SessionInfo] = []
+        for raw in await self._bounded(client.smembers(index)):
+            handle = raw.decode() if isinstance(raw, bytes) else raw
+            key = SessionKey.from_handle(handle)
+            created, access, uid, moved = await self._bounded(
+                client.hmget(self._key(key), ["created", "access", "uid", "moved"])
+            )
+            if created is None or uid is None or _text(uid) != user_id or moved is not None:
+                await self._bounded(client.srem(index, handle))
+                continue
+            out.append(SessionInfo(handle, user_id, int(created) / 1000, int(access or 0) / 1000))
+            if action == "invalidate":
+                await self.delete(key, None)
+        if action == "invalidate":
+            await self._bounded(client.delete(index))
+        return out
+
+    async def list_user(self, user_id: str) -> list[SessionInfo]:
+        return await self._user_sessions(user_id, "list")
+
+    async def invalidate_user(self, user_id: str) -> int:
+        return len(await self._user_sessions(user_id, "invalidate"))

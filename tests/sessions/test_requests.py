@@ -1,0 +1,190 @@
+"""One request at a time, on each store: cookies, fresh ids, deltas, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.sessions.conftest import client, set_cookie
+
+BACKENDS = ["redis", "postgres", "memory"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def dist(request: pytest.FixtureRequest, session_dist: Callable[..., Any]) -> Any:
+    return await session_dist(request.param)
+
+
+async def test_a_write_sets_a_signed_httponly_lax_cookie_and_the_next_request_reads_it(
+    dist: Any,
+) -> None:
+    async with client(dist) as c:
+        r = await c.post("/set/color/blue")
+        cookie = set_cookie(r)
+        assert cookie is not None and cookie.startswith("session=")
+        attrs = [a.strip() for a in cookie.split(";")]
+        assert "HttpOnly" in attrs and "SameSite=Lax" in attrs and "Path=/" in attrs
+        assert "Secure" not in attrs  # plain http
+        assert r.headers["vary"] == "Cookie"
+        value = attrs[0].removeprefix("session=")
+        assert len(value.partition(".")[0]) == 46  # 264 random bits plus the shard
+        r = await c.get("/get/color")
+        assert r.json()["value"] == "blue"
+        assert set_cookie(r) is None  # read-only: nothing written, no cookie
+
+
+async def test_no_write_no_cookie_and_no_session_is_stored(dist: Any) -> None:
+    async with client(dist) as c:
+        r = await c.get("/get/color")
+        assert r.json()["value"] is None
+        assert set_cookie(r) is None
+        r = await c.get("/noop")
+        assert "vary" not in r.headers  # the session was never read
+
+
+async def test_a_forged_cookie_gets_a_fresh_session_with_a_new_id(dist: Any) -> None:
+    async with client(dist) as c:
+        await c.post("/set/a/1")
+        real = c.cookies["session"]
+        session_id, _, sig = real.partition(".")
+        forged_id = session_id[:-1] + ("A" if session_id[-1] != "A" else "B")
+        c.cookies.clear()
+        c.cookies.set("session", f"{forged_id}.{sig}")
+        r = await c.get("/all")
+        assert r.json()["data"] == {}
+        r = await c.post("/set/b/2")
+        new_id = set_cookie(r).split(";")[0].removeprefix("session=").partition(".")[0]  # type: ignore[union-attr]
+        assert new_id not in (forged_id, session_id)
+        c.cookies.clear()
+        c.cookies.set("session", session_id)  # unsigned
+        assert (await c.get("/all")).json()["data"] == {}
+
+
+async def test_an_absurdly_long_cookie_is_ignored(dist: Any) -> None:
+    async with client(dist) as c:
+        c.cookies.set("session", "x" * 100_000)
+        r = await c.get("/all")
+        assert r.status_code == 200 and r.json()["data"] == {}
+
+
+async def test_only_changed_keys_are_written_and_in_place_list_changes_persist(dist: Any) -> None:
+    async with client(dist) as c:
+        await c.post("/append/one")
+        await c.post("/append-in-place/two")
+        assert (await c.get("/get/items")).json()["value"] == ["one", "two"]
+
+
+async def test_regenerate_moves_the_data_to_a_new_id_and_the_old_one_works_only_in_grace(
+    session_dist: Callable[..., Any],
+) -> None:
+    for backend in BACKENDS:
+        dist = await session_dist(backend, regenerate_grace=1.0, namespace=f"g_{backend}_x")
+        async with client(dist) as c:
+            await c.post("/set/cart/3")
+            old_cookie = c.cookies["session"]
+            r = await c.post("/login/alice")
+            ids = r.json()
+            assert ids["old"] != ids["new"] and ids["old"][:2] == ids["new"][:2]
+            assert set_cookie(r) is not None
+            assert c.cookies["session"] != old_cookie
+            body = (await c.get("/all")).json()
+            assert (body["data"], body["user"]) == ({"cart": "3"}, "alice")
+            async with client(dist) as parallel:
+                parallel.cookies.set("session", old_cookie)
+                assert (await parallel.get("/get/cart")).json()["value"] == "3", backend
+                await asyncio.sleep(1.3)
+                assert (await parallel.get("/get/cart")).json()["value"] is None, backend
+            assert (await c.get("/get/cart")).json()["value"] == "3", backend
+
+
+async def test_invalidate_deletes_the_session_and_expires_the_cookie(dist: Any) -> None:
+    async with client(dist) as c:
+        await c.post("/set/a/1")
+        old = c.cookies["session"]
+        r = await c.post("/logout")
+        cookie = set_cookie(r)
+        assert cookie is not None and "Max-Age=0" in cookie
+        c.cookies.set("session", old)
+        assert (await c.get("/all")).json()["data"] == {}
+
+
+async def test_invalidate_user_ends_all_three_sessions_of_a_user(dist: Any) -> None:
+    browsers = [client(dist) for _ in range(3)]
+    other = client(dist)
+    try:
+        for i, b in enumerate(browsers):
+            await b.post(f"/set/n/{i}")
+            await b.post("/login/bob")
+        await other.post("/login/carol")
+        listed = await dist.sessions.list_user("bob")
+        assert len(listed) == 3 and all(s.user_id == "bob" for s in listed)
+        # A logout drops the session from the index on the next access.
+        await browsers[2].post("/logout")
+        assert len(await dist.sessions.list_user("bob")) == 2
+        assert await dist.sessions.invalidate_user("bob") == 2
+        for b in browsers:
+            body = (await b.get("/all")).json()
+            assert (body["data"], body["user"]) == ({}, None)
+        assert await dist.sessions.list_user("bob") == []
+        assert (await other.get("/all")).json()["user"] == "carol"
+    finally:
+        for b in [*browsers, other]:
+            await b.aclose()
+
+
+async def test_a_session_over_max_size_raises_and_nothing_is_stored(
+    session_dist: Callable[..., Any],
+) -> None:
+    dist = await session_dist("redis", max_size=1024)
+    async with client(dist) as c:
+        await c.post("/set/small/1")
+        r = await c.post("/big/5000")
+        assert r.status_code == 413 and "max_size=1024" in r.text
+        assert (await c.get("/all")).json()["data"] == {"small": "1"}
+        assert (await c.post("/big/500")).text == "stored"
+
+
+async def test_a_non_json_value_raises_a_type_error_naming_the_key() -> None:
+    from asgi_dist.sessions import Session
+
+    session = Session(None)
+    with pytest.raises(TypeError, match=r"session\['when'\] = object is not JSON"):
+        session["when"] = object()
+    assert "when" not in session
+
+
+def _cookie_value(response: Any) -> str:
+    header = set_cookie(response)
+    assert header is not None
+    return header.split(";")[0].removeprefix("session=")
+
+
+async def test_https_sets_secure_and_rotated_keys_are_resigned_on_the_next_write(
+    session_dist: Callable[..., Any], namespace: str
+) -> None:
+    old_key, new_key = "old-secret-key-0123456789abc", "new-secret-key-0123456789abc"
+    dist_old = await session_dist("redis", secret_keys=[old_key])
+    async with client(dist_old, "https://testserver") as c:
+        r = await c.post("/set/k/v")
+        assert "Secure" in set_cookie(r)  # type: ignore[operator]
+        cookie = _cookie_value(r)
+    dist_ring = await session_dist("redis", secret_keys=[new_key, old_key])
+    dist_new = await session_dist("redis", secret_keys=[new_key])
+    async with client(dist_ring) as c, client(dist_new) as only_new:
+
+        def sent(value: str) -> dict[str, str]:
+            return {"cookie": f"session={value}"}
+
+        r = await only_new.get("/get/k", headers=sent(cookie))
+        assert r.json()["value"] is None  # signed with a key it does not hold
+        r = await c.get("/get/k", headers=sent(cookie))
+        assert r.json()["value"] == "v" and set_cookie(r) is None  # a read does not re-sign
+        r = await c.post("/set/k2/v2", headers=sent(cookie))
+        resigned = _cookie_value(r)
+        assert resigned != cookie
+        assert resigned.partition(".")[0] == cookie.partition(".")[0]  # same id
+        r = await only_new.get("/get/k2", headers=sent(resigned))
+        assert r.json()["value"] == "v2"
