@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 from redis import exceptions as redis_errors
@@ -19,6 +19,9 @@ from asgi_dist.backends.memory import MemoryBackend
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.backends.redis import RedisBackend
 from asgi_dist.errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from asgi_dist.backends.pubsub import PubSubHub
 
 __all__ = [
     "BackendName",
@@ -83,6 +86,16 @@ class Runtime:
         self.memory = MemoryBackend(namespace)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
+        self._pubsub: PubSubHub | None = None
+
+    @property
+    def pubsub(self) -> PubSubHub:
+        """This process's one Redis pub/sub connection, opened on first use, closed at stop."""
+        if self._pubsub is None:
+            from asgi_dist.backends.pubsub import PubSubHub
+
+            self._pubsub = PubSubHub(self.require_redis("pub/sub"))
+        return self._pubsub
 
     @property
     def default_backend(self) -> BackendName:
@@ -135,3 +148,6 @@ class Runtime:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pubsub is not None:
+            hub, self._pubsub = self._pubsub, None
+            await hub.close()

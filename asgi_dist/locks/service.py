@@ -1,42 +1,161 @@
-"""LockService: the lock capability of one Dist."""
+"""LockService: the lock capability of one Dist.
+
+It owns one lease backend per store (built on first use), the watchdog that
+renews every lease this process holds, and the public factories
+``dist.lock``, ``dist.election``, ``dist.locked`` ...
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
-from asgi_dist.backends import Runtime
+from asgi_dist.backends import BackendName, Runtime
+from asgi_dist.backends.redis import validate_name
 from asgi_dist.context import RequestHook
+from asgi_dist.errors import ConfigError
+from asgi_dist.locks.backend import LeaseBackend
+from asgi_dist.locks.election import Election, election_timings
+from asgi_dist.locks.lease import Watchdog
+from asgi_dist.locks.lock import Lock, validate_timing
+from asgi_dist.locks.memory import MemoryLeases
+from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases
+from asgi_dist.locks.redis import RedisLeases
 
 __all__ = ["LockService"]
+
+log = logging.getLogger("asgi_dist.locks")
+
+_BACKENDS = ("redis", "postgres", "zookeeper", "memory")
 
 
 class LockService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.watchdog = Watchdog(runtime.spawn)
+        self._backends: dict[str, LeaseBackend] = {}
+
+    # lifecycle -------------------------------------------------------------------
 
     def register(self) -> None:
-        return None
+        if self.runtime.postgres is not None:
+            self.runtime.postgres.register_migrations("locks", MIGRATIONS)
 
     async def start(self) -> None:
-        return None
+        if self.runtime.redis is not None:
+            redis = self.backend("redis")
+            assert isinstance(redis, RedisLeases)
+            # Pipelined EVALSHA (the watchdog) has no NOSCRIPT fallback per call.
+            await redis.load_scripts()
 
     async def stop(self) -> None:
-        return None
+        """Resign every lease still held: elections hand over at once, not after a ttl."""
+        held = list(self.watchdog.held)
+        for h in held:
+            h.mark_lost("the Dist is stopping")
+
+        async def give_back() -> None:
+            await asyncio.gather(
+                *(h.backend.release(h.kind, h.name, h.token) for h in held),
+                return_exceptions=True,
+            )
+
+        if held:
+            try:
+                await asyncio.wait_for(give_back(), 5.0)
+            except TimeoutError:
+                log.warning("could not release %d leases at stop; they expire by ttl", len(held))
 
     def request_hook(self) -> RequestHook | None:
         return None
 
-    def lock(self, name: str, **options: Any) -> Any:
-        raise NotImplementedError("locks land with issue 4")
+    # backends --------------------------------------------------------------------
+
+    def backend(self, name: str | None = None) -> LeaseBackend:
+        """The lease backend called ``name`` (default: the first configured)."""
+        chosen: str = name or self.runtime.default_backend
+        found = self._backends.get(chosen)
+        if found is not None:
+            return found
+        runtime = self.runtime
+        if chosen == "redis":
+            redis = runtime.require_redis("backend='redis'")
+            found = RedisLeases(redis, lambda: runtime.pubsub)
+        elif chosen == "postgres":
+            found = PostgresLeases(runtime.require_postgres("backend='postgres'"))
+        elif chosen == "memory":
+            found = MemoryLeases(runtime.memory)
+        elif chosen == "zookeeper":
+            raise ConfigError("backend='zookeeper' is not available yet; use redis or postgres")
+        else:
+            raise ConfigError(f"backend={name!r} is unknown: use one of {', '.join(_BACKENDS)}")
+        self._backends[chosen] = found
+        return found
+
+    # factories -------------------------------------------------------------------
+
+    def lock(
+        self,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        timeout: float | None = None,
+        fair: bool = False,
+        reentrant: bool = False,
+        backend: BackendName | None = None,
+    ) -> Lock:
+        """A distributed lock; ``async with dist.lock(name) as held:`` or ``await .acquire()``.
+
+        Args:
+            ttl: lease in seconds; renewed by the watchdog while held.
+            timeout: ``None`` waits forever, ``0`` tries once, else seconds.
+            fair: serve waiters in arrival order (not available yet).
+            reentrant: let the holding task acquire again (not available yet).
+            backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the first configured.
+        """
+        validate_name(name, "lock name")
+        validate_timing(ttl, timeout)
+        if fair or reentrant:
+            raise ConfigError("fair=True and reentrant=True are not available yet")
+        return Lock(
+            backend=self.backend(backend),
+            name=name,
+            node_id=self.runtime.node_id,
+            watchdog=self.watchdog,
+            ttl=ttl,
+            timeout=timeout,
+        )
+
+    def election(
+        self,
+        name: str,
+        *,
+        ttl: float | None = None,
+        renew_deadline: float | None = None,
+        retry: float | None = None,
+        backend: BackendName | None = None,
+    ) -> Election:
+        """Leader election over ``name``; timings default from ``Dist(leader_ttl=...)``."""
+        validate_name(name, "election name")
+        ttl, renew_deadline, retry = election_timings(
+            self.runtime.leader_ttl, ttl, renew_deadline, retry
+        )
+        return Election(
+            backend=self.backend(backend),
+            name=name,
+            node_id=self.runtime.node_id,
+            watchdog=self.watchdog,
+            ttl=ttl,
+            renew_deadline=renew_deadline,
+            retry=retry,
+        )
 
     def rwlock(self, name: str, **options: Any) -> Any:
-        raise NotImplementedError("locks land with issue 4")
+        raise NotImplementedError("dist.rwlock() is not available yet")
 
     def semaphore(self, name: str, limit: int, **options: Any) -> Any:
-        raise NotImplementedError("locks land with issue 4")
+        raise NotImplementedError("dist.semaphore() is not available yet")
 
-    def election(self, name: str, **options: Any) -> Any:
-        raise NotImplementedError("locks land with issue 4")
-
-    def locked(self, name: str, **options: Any) -> Any:
-        raise NotImplementedError("locks land with issue 4")
+    def locked(self, template: str, **options: Any) -> Any:
+        raise NotImplementedError("@dist.locked is not available yet")

@@ -1,0 +1,299 @@
+"""One Redis pub/sub connection per process, demultiplexed to many listeners.
+
+Lock waiters, elections and session near caches all need "tell me when X
+changes".  A connection per listener would exhaust Redis (and the client pool)
+under contention, and polling costs a command per waiter per tick; so every
+listener of one Dist shares one connection and one reader task, and a dict
+routes each message to its callbacks.
+
+Rules a listener can rely on:
+
+* ``await hub.subscribe(channel, callback)`` returns only after Redis has
+  acknowledged the ``SUBSCRIBE`` (or the channel was already subscribed), so a
+  listener that subscribes *before* checking state cannot miss a change made
+  after the check.
+* Callbacks are plain functions run in the reader task: they must only record
+  (set an event, drop a cache entry), never block.
+* A callback receives ``None`` instead of a payload after the connection was
+  re-established: messages may have been lost meanwhile, so re-check state.
+* Reconnection uses capped exponential backoff with jitter; a PING heartbeat
+  notices a silently dead connection.
+
+On Redis Cluster classic ``PUBLISH`` is broadcast to every node, so one
+connection to any node hears every channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+
+from asgi_dist.backends.redis import RedisBackend
+
+__all__ = ["Listener", "PubSubHub", "Subscription"]
+
+log = logging.getLogger("asgi_dist.pubsub")
+
+# A message payload, or None after a reconnect ("you may have missed messages").
+Listener = Callable[[bytes | None], None]
+
+_OUTAGE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
+
+
+class Subscription:
+    """One listener on one channel; ``close()`` is synchronous so it works in ``finally``."""
+
+    __slots__ = ("_closed", "_hub", "callback", "channel")
+
+    def __init__(self, hub: PubSubHub, channel: str, callback: Listener) -> None:
+        self._hub = hub
+        self.channel = channel
+        self.callback = callback
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._hub._remove(self)
+
+
+class PubSubHub:
+    """The shared pub/sub connection of one Dist (``runtime.pubsub``)."""
+
+    def __init__(
+        self,
+        redis: RedisBackend,
+        *,
+        heartbeat: float = 5.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._redis = redis
+        self._heartbeat = heartbeat
+        self._max_backoff = max_backoff
+        self._listeners: dict[str, set[Subscription]] = {}
+        # Channels this process wants subscribed (what a reconnect restores).
+        self._wanted: set[str] = set()
+        # SUBSCRIBE acknowledgements awaited, per channel, in send order.
+        self._pending: dict[str, deque[asyncio.Future[None]]] = {}
+        self._conn: AbstractConnection | None = None
+        self._connected = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._runner: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._last_seen = 0.0
+        self._closed = False
+        self.reconnects = 0
+
+    # public ----------------------------------------------------------------------
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Channels with at least one listener (tests check nothing is left behind)."""
+        return frozenset(self._wanted)
+
+    async def subscribe(self, channel: str, callback: Listener) -> Subscription:
+        """Register ``callback`` on ``channel``; returns once Redis has acknowledged."""
+        if self._closed:
+            raise RuntimeError("the pub/sub hub is closed (the Dist was stopped)")
+        self._ensure_running()
+        sub = Subscription(self, channel, callback)
+        self._listeners.setdefault(channel, set()).add(sub)
+        try:
+            if channel not in self._wanted:
+                self._wanted.add(channel)
+                ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._pending.setdefault(channel, deque()).append(ack)
+                await self._send("SUBSCRIBE", channel)
+                await asyncio.shield(ack)
+            else:
+                queue = self._pending.get(channel)
+                if queue:
+                    await asyncio.shield(queue[-1])
+        except BaseException:
+            sub.close()
+            raise
+        return sub
+
+    async def publish(self, channel: str, message: bytes | str) -> int:
+        """``PUBLISH`` through the regular client (not the subscriber connection)."""
+        return int(await self._redis.client.publish(channel, message))
+
+    async def close(self) -> None:
+        self._closed = True
+        # Closing the socket first ends the reader's read even if a cancellation
+        # were lost inside the client library; then cancel and wait, bounded.
+        await self._drop_connection()
+        runner, self._runner = self._runner, None
+        tasks = [t for t in (runner, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        for queue in self._pending.values():
+            for fut in queue:
+                if not fut.done():
+                    fut.cancel()
+        self._pending.clear()
+
+    # internals -------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="asgi_dist:pubsub")
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._listeners.get(sub.channel)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if subs:
+            return
+        del self._listeners[sub.channel]
+        self._wanted.discard(sub.channel)
+        if self._conn is not None and not self._closed:
+            task = asyncio.get_running_loop().create_task(self._unsubscribe(sub.channel))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self._wanted:
+            return  # re-subscribed meanwhile
+        try:
+            await self._send("UNSUBSCRIBE", channel)
+        except _OUTAGE:
+            pass  # the reconnect restores only wanted channels
+
+    async def _send(self, *args: str) -> None:
+        """Send on the subscriber connection; while disconnected, the reconnect sends it."""
+        async with self._send_lock:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                # check_health=False: a health-check PING would read our messages.
+                await conn.send_command(*args, check_health=False)
+            except _OUTAGE:
+                await self._drop_connection()
+
+    def _new_connection(self) -> AbstractConnection:
+        client = self._redis.client
+        if isinstance(client, RedisCluster):
+            node = client.get_default_node() or client.get_primaries()[0]
+            kwargs = dict(node.connection_kwargs)
+            conn: AbstractConnection = node.connection_class(**kwargs)
+        else:
+            assert isinstance(client, Redis)
+            # The pool's factory keeps TLS, auth and Sentinel master discovery.
+            conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        conn.health_check_interval = 0
+        return conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        if conn is not None:
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:
+                log.debug("error closing the pub/sub connection", exc_info=True)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            conn = self._new_connection()
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+                async with self._send_lock:
+                    self._conn = conn
+                    self._last_seen = loop.time()
+                    resubscribe = sorted(self._wanted)
+                    if resubscribe:
+                        await conn.send_command("SUBSCRIBE", *resubscribe, check_health=False)
+                self._connected.set()
+                if self.reconnects or resubscribe:
+                    log.debug("pub/sub connected; restoring %d channels", len(resubscribe))
+                backoff = 0.05
+                heartbeat = loop.create_task(self._beat(conn))
+                try:
+                    await self._read(conn, resync=self.reconnects > 0)
+                finally:
+                    heartbeat.cancel()
+            except asyncio.CancelledError:
+                raise
+            except (*_OUTAGE, redis_errors.RedisError) as exc:
+                if not self._closed:
+                    log.warning("pub/sub connection lost (%s); reconnecting", exc)
+            finally:
+                if self._conn is conn:
+                    await self._drop_connection()
+                else:
+                    await conn.disconnect(nowait=True)
+            if self._closed:
+                return
+            self.reconnects += 1
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _beat(self, conn: AbstractConnection) -> None:
+        """PING now and then; drop a connection that stopped answering."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if loop.time() - self._last_seen > 2.5 * self._heartbeat:
+                log.warning("pub/sub connection silent for %.1fs; reconnecting", self._heartbeat)
+                await conn.disconnect(nowait=True)
+                return
+            async with self._send_lock:
+                if self._conn is not conn:
+                    return
+                await conn.send_command("PING", check_health=False)
+
+    async def _read(self, conn: AbstractConnection, *, resync: bool) -> None:
+        loop = asyncio.get_running_loop()
+        # After a reconnect every restored channel gets None once: messages may
+        # have been published while nobody listened.
+        unsynced = set(self._wanted) if resync else set()
+        # The first acknowledgement on a new connection answers every SUBSCRIBE
+        # sent for that channel on the old one (they were never acknowledged).
+        fresh = set(self._wanted)
+        while True:
+            response = await conn.read_response(timeout=math.inf, push_request=True)
+            self._last_seen = loop.time()
+            if not isinstance(response, list) or not response:
+                continue
+            kind = response[0]
+            if kind == b"message":
+                self._dispatch(response[1].decode(), response[2])
+            elif kind == b"subscribe":
+                channel = response[1].decode()
+                queue = self._pending.get(channel)
+                while queue:
+                    fut = queue.popleft()
+                    if not fut.done():
+                        fut.set_result(None)
+                    if channel not in fresh:
+                        break
+                fresh.discard(channel)
+                if queue is not None and not queue:
+                    del self._pending[channel]
+                if channel in unsynced:
+                    unsynced.discard(channel)
+                    self._dispatch(channel, None)
+
+    def _dispatch(self, channel: str, payload: bytes | None) -> None:
+        for sub in list(self._listeners.get(channel, ())):
+            try:
+                sub.callback(payload)
+            except Exception:
+                log.exception("pub/sub listener on %s failed", channel)

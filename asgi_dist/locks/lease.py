@@ -1,0 +1,386 @@
+"""Held leases: the handle a caller gets, the watchdog that renews them, and the
+wait-and-retry loop that acquires them.
+
+Three rules close the races of naive locks:
+
+* every acquisition has its own random token, so a handle never releases a
+  lease that expired and went to someone else, and a cancelled attempt can be
+  undone by token without touching the next holder's lease;
+* a waiter registers for wake-ups *before* its next attempt and sleeps at most
+  the holder's remaining lease, so it neither misses a release nor polls;
+* cleanup that must happen (release, undoing a cancelled attempt) runs in its
+  own task behind :func:`asyncio.shield`, so the caller's cancellation cannot
+  cut it in half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from asgi_dist.backends import as_backend_unavailable
+from asgi_dist.errors import LockLost, LockNotOwned, LockTimeout
+from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
+
+__all__ = ["Held", "Watchdog", "acquire_lease", "new_token", "shielded"]
+
+log = logging.getLogger("asgi_dist.locks")
+
+# The shortest sleep between two attempts of one waiter: a holder reported as
+# expiring "now" must not turn the wait into a busy loop.
+_MIN_WAIT = 0.002
+
+
+def new_token(owner: str) -> str:
+    """A token unique to one acquisition, naming its node for ``leader()``."""
+    return f"{secrets.token_hex(10)}@{owner}"
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(factory: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``factory()`` to completion even if the caller is cancelled meanwhile.
+
+    The work runs in its own task; a cancelled caller stops waiting for it but
+    the task still finishes (and is kept referenced until it does).
+    """
+
+    async def run() -> Any:
+        return await factory()
+
+    task = asyncio.ensure_future(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return await asyncio.shield(task)
+
+
+class Held:
+    """One acquisition of a lock (or one leadership term).
+
+    ``fence`` increases strictly with every grant of the name; ``lost`` is set
+    when the lease ended without ``release()`` (it expired or was taken over).
+    Used as ``async with``, the body is cancelled when the lease is lost and
+    :class:`~asgi_dist.LockLost` is raised from the block.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: LeaseBackend,
+        kind: str,
+        name: str,
+        token: str,
+        fence: int,
+        ttl: float,
+        renew_every: float,
+        renew_deadline: float,
+        watchdog: Watchdog | None,
+    ) -> None:
+        self.backend = backend
+        self.kind = kind
+        self.name = name
+        self.token = token
+        self.fence = fence
+        self.ttl = ttl
+        self.renew_every = renew_every
+        self.renew_deadline = renew_deadline
+        self.lost = asyncio.Event()
+        self.released = False
+        self.lost_reason = ""
+        loop = asyncio.get_running_loop()
+        # The last time (local monotonic) a renewal that succeeded was *sent*:
+        # the server's expiry is at least this plus ttl.
+        self.renewed_at = loop.time()
+        self.next_renewal = self.renewed_at + renew_every
+        self._watchdog = watchdog
+        self._body: asyncio.Task[Any] | None = None
+        self._cancelled_body = False
+        self._on_end: list[Callable[[Held], None]] = []
+        if watchdog is not None:
+            watchdog.add(self)
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost.is_set() else "released" if self.released else "held"
+        return f"<{type(self).__name__} {self.kind}:{self.name} fence={self.fence} {state}>"
+
+    @property
+    def owner(self) -> str:
+        """The node id of the process holding it."""
+        return self.token.partition("@")[2]
+
+    def on_end(self, callback: Callable[[Held], None]) -> None:
+        self._on_end.append(callback)
+
+    async def extend(self, ttl: float | None = None) -> None:
+        """Reset the lease to ``ttl`` (default: the original ttl) from now."""
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl={ttl!r} must be positive")
+        self._check_owned("extend")
+        new_ttl = self.ttl if ttl is None else float(ttl)
+        sent = asyncio.get_running_loop().time()
+        if not await self.backend.renew(self.kind, self.name, self.token, new_ttl):
+            self.mark_lost("extend() found the lease expired or taken over")
+            raise LockNotOwned(
+                f"{self.kind} {self.name!r} (fence {self.fence}) is no longer held by this "
+                "handle: it expired or was taken over; acquire it again"
+            )
+        self.ttl = new_ttl
+        self.renewed_at = sent
+        self.next_renewal = sent + self.renew_every
+
+    async def release(self) -> None:
+        """Give the lease back and wake waiters; completes even if the caller is cancelled.
+
+        Releasing twice is a no-op; releasing a lease that was lost raises
+        :class:`~asgi_dist.LockNotOwned`.
+        """
+        if self.released:
+            return
+        if self.lost.is_set():
+            self._end()
+            raise LockNotOwned(
+                f"{self.kind} {self.name!r} (fence {self.fence}) was lost before release(): "
+                f"{self.lost_reason}"
+            )
+        self.released = True
+        self._end()
+        owned = await shielded(lambda: self.backend.release(self.kind, self.name, self.token))
+        if not owned:
+            self.lost_reason = "the lease had expired before release()"
+            self.lost.set()
+            raise LockNotOwned(
+                f"{self.kind} {self.name!r} (fence {self.fence}) had expired before release(): "
+                "the critical section outlived its ttl; renewals were not possible"
+            )
+
+    def mark_lost(self, reason: str) -> None:
+        """The lease is gone: tell the holder, cancel the body, stop renewing."""
+        if self.lost.is_set() or self.released:
+            return
+        self.lost_reason = reason
+        self.lost.set()
+        self._end()
+        log.warning("%s %r (fence %d) lost: %s", self.kind, self.name, self.fence, reason)
+        body = self._body
+        if body is not None and not body.done():
+            self._cancelled_body = True
+            body.cancel(f"asgi_dist: {self.kind} {self.name!r} lost: {reason}")
+
+    def _end(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.discard(self)
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            callback(self)
+
+    def _check_owned(self, what: str) -> None:
+        if self.released or self.lost.is_set():
+            raise LockNotOwned(
+                f"{what}() on {self.kind} {self.name!r} (fence {self.fence}) which is "
+                f"{'released' if self.released else 'lost'}"
+            )
+
+    # async with: the body is cancelled when the lease is lost -------------------
+
+    def bind_body(self, task: asyncio.Task[Any] | None) -> None:
+        self._body = task
+
+    async def exit_body(self, exc: BaseException | None) -> None:
+        """Release, and turn the watchdog's cancellation of the body into LockLost."""
+        body, self._body = self._body, None
+        if self._cancelled_body and body is not None:
+            if not isinstance(exc, asyncio.CancelledError):
+                # The body ended before our cancellation landed: consume it here
+                # so it does not hit the caller's next await.
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    pass
+            if body.uncancel() == 0:
+                raise LockLost(
+                    f"{self.kind} {self.name!r} (fence {self.fence}) was lost while held "
+                    f"({self.lost_reason}); the body was cancelled. Keep critical sections "
+                    "shorter than the ttl, or check the fence where the work is written"
+                ) from exc
+            return  # someone else cancelled us too: let CancelledError propagate
+        if self.lost.is_set():
+            if exc is None:
+                raise LockLost(
+                    f"{self.kind} {self.name!r} (fence {self.fence}) was lost while held: "
+                    f"{self.lost_reason}"
+                )
+            return
+        try:
+            await self.release()
+        except LockNotOwned:
+            if exc is None:
+                raise
+
+    async def __aenter__(self) -> Held:
+        self.bind_body(asyncio.current_task())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.exit_body(exc)
+
+
+class Watchdog:
+    """Renews every lease of one service, batched per backend and tick.
+
+    Each lease is renewed every ``renew_every`` seconds; a failed renewal is
+    retried until ``renew_deadline`` after the last success, then the lease is
+    declared lost (before the server can expire it, since the deadline is
+    shorter than the ttl).  A renewal the server refuses means the lease is
+    already gone.
+    """
+
+    def __init__(self, spawn: Callable[[str, Callable[[], Any]], asyncio.Task[Any]]) -> None:
+        self._spawn = spawn
+        self._held: set[Held] = set()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self.ticks = 0
+
+    def add(self, held: Held) -> None:
+        self._held.add(held)
+        self._changed.set()
+        if self._task is None or self._task.done():
+            self._task = self._spawn("lock-watchdog", self._run)
+
+    def discard(self, held: Held) -> None:
+        self._held.discard(held)
+
+    @property
+    def held(self) -> frozenset[Held]:
+        return frozenset(self._held)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._changed.clear()
+            if not self._held:
+                await self._changed.wait()
+                continue
+            wake = min(min(h.next_renewal, h.renewed_at + h.renew_deadline) for h in self._held)
+            delay = wake - loop.time()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), delay)
+                    continue  # a lease was added: recompute the next wake-up
+                except TimeoutError:
+                    pass
+            await self._tick(loop.time())
+
+    async def _tick(self, now: float) -> None:
+        self.ticks += 1
+        for held in list(self._held):
+            if now - held.renewed_at >= held.renew_deadline:
+                held.mark_lost(
+                    f"no renewal succeeded for {held.renew_deadline:g}s (backend unreachable?)"
+                )
+        due = [h for h in self._held if h.next_renewal <= now]
+        groups: dict[int, list[Held]] = {}
+        for held in due:
+            groups.setdefault(id(held.backend), []).append(held)
+        if groups:
+            await asyncio.gather(*(self._renew(now, group) for group in groups.values()))
+
+    async def _renew(self, sent: float, group: list[Held]) -> None:
+        backend = group[0].backend
+        batch = [Renewal(h.kind, h.name, h.token, h.ttl) for h in group]
+        bound = max(0.05, min(h.renewed_at + h.renew_deadline for h in group) - sent)
+        results: list[bool | BaseException]
+        try:
+            results = await asyncio.wait_for(backend.renew_many(batch), bound)
+        except Exception as exc:
+            results = [exc] * len(group)
+        for held, result in zip(group, results, strict=True):
+            if held.released or held.lost.is_set():
+                continue
+            if result is True:
+                held.renewed_at = sent
+                held.next_renewal = sent + held.renew_every
+            elif result is False:
+                held.mark_lost("the lease expired or was taken over before it was renewed")
+            else:
+                # An outage: retry soon, until the renew deadline decides.
+                log.debug("renewal of %s %r failed: %r", held.kind, held.name, result)
+                held.next_renewal = sent + max(0.05, held.renew_every / 3)
+
+
+async def acquire_lease(
+    backend: LeaseBackend,
+    kind: str,
+    name: str,
+    *,
+    token: str,
+    ttl: float,
+    timeout: float | None,  # noqa: ASYNC109 (bounds waiting, not one call)
+    max_wait: float | None = None,
+) -> Attempt:
+    """Attempt, then wait for a wake-up and retry, until granted or ``timeout``.
+
+    ``timeout=None`` waits forever, ``0`` tries once.  ``max_wait`` bounds each
+    sleep (elections use their ``retry``).  Raises :class:`LockTimeout`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    watch: Watch | None = None
+    try:
+        attempt = await _attempt(backend, kind, name, token, ttl)
+        while not attempt.acquired:
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                raise LockTimeout(
+                    f"{kind} {name!r} is held by another owner; not acquired within "
+                    f"{timeout:g}s (retry after about {max(attempt.remaining, 0):.1f}s)",
+                    name=name,
+                    retry_after=max(attempt.remaining, 0.0) or 1.0,
+                )
+            if watch is None:
+                # Register before the next attempt: a release after it wakes us.
+                watch = await backend.watch(kind, name)
+            else:
+                wait = attempt.remaining if attempt.remaining > 0 else _MIN_WAIT
+                if max_wait is not None:
+                    wait = min(wait, max_wait)
+                if backend.poll_interval is not None:
+                    wait = min(wait, backend.poll_interval)
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                try:
+                    await asyncio.wait_for(watch.event.wait(), max(wait, _MIN_WAIT))
+                except TimeoutError:
+                    pass
+            watch.event.clear()
+            attempt = await _attempt(backend, kind, name, token, ttl)
+        return attempt
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+async def _attempt(backend: LeaseBackend, kind: str, name: str, token: str, ttl: float) -> Attempt:
+    try:
+        return await backend.acquire(kind, name, token, ttl)
+    except BaseException as exc:
+        # The script may have run although its reply was lost (cancelled,
+        # timed out, connection dropped): undo it by token, shielded.
+        try:
+            await shielded(lambda: backend.release(kind, name, token))
+        except Exception:
+            log.debug("could not undo an interrupted attempt on %s %r", kind, name, exc_info=True)
+        outage = as_backend_unavailable(exc)
+        if outage is not None and outage is not exc:
+            raise outage from exc
+        raise

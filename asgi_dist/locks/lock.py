@@ -1,0 +1,101 @@
+"""``dist.lock(name)``: a mutual-exclusion lock over any lease backend."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+from asgi_dist.errors import ConfigError
+from asgi_dist.locks.backend import LeaseBackend
+from asgi_dist.locks.lease import Held, Watchdog, acquire_lease, new_token
+
+__all__ = ["KIND", "Lock", "validate_timing"]
+
+KIND = "lock"
+
+_DEFAULT: Any = object()
+
+
+def validate_timing(ttl: float, timeout: float | None) -> None:
+    if not isinstance(ttl, int | float) or not 0.01 <= ttl <= 86400:
+        raise ConfigError(f"ttl={ttl!r} is invalid: use 0.01 to 86400 seconds (a lease must end)")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        raise ConfigError(
+            f"timeout={timeout!r} is invalid: use None (wait forever), 0 (try once) or seconds"
+        )
+
+
+class Lock:
+    """A named lock; every ``acquire()`` returns its own :class:`Held` handle.
+
+    The object holds no acquisition state shared between tasks: ``async with``
+    keeps each task's handle apart, so one ``Lock`` may be used by many tasks.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: LeaseBackend,
+        name: str,
+        node_id: str,
+        watchdog: Watchdog,
+        ttl: float,
+        timeout: float | None,
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        self.node_id = node_id
+        self.ttl = float(ttl)
+        self.timeout = timeout
+        self._watchdog = watchdog
+        self._entered: dict[asyncio.Task[Any] | None, list[Held]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Lock {self.name!r} backend={self.backend.name} ttl={self.ttl:g}>"
+
+    async def acquire(self, timeout: float | None = _DEFAULT) -> Held:  # noqa: ASYNC109
+        """Wait up to ``timeout`` (default: the lock's); raises LockTimeout."""
+        if timeout is _DEFAULT:
+            timeout = self.timeout
+        validate_timing(self.ttl, timeout)
+        token = new_token(self.node_id)
+        attempt = await acquire_lease(
+            self.backend, KIND, self.name, token=token, ttl=self.ttl, timeout=timeout
+        )
+        return Held(
+            backend=self.backend,
+            kind=KIND,
+            name=self.name,
+            token=token,
+            fence=attempt.fence,
+            ttl=self.ttl,
+            renew_every=self.ttl / 3,
+            # Declare the lease lost before the server can expire it.
+            renew_deadline=self.ttl * 0.75,
+            watchdog=self._watchdog,
+        )
+
+    async def locked(self) -> bool:
+        """Whether anyone holds the lock right now (a snapshot)."""
+        return await self.backend.holder(KIND, self.name) is not None
+
+    async def __aenter__(self) -> Held:
+        held = await self.acquire()
+        task = asyncio.current_task()
+        held.bind_body(task)
+        self._entered.setdefault(task, []).append(held)
+        return held
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = asyncio.current_task()
+        stack = self._entered[task]
+        held = stack.pop()
+        if not stack:
+            del self._entered[task]
+        await held.exit_body(exc)
