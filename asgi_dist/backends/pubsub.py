@@ -78,6 +78,7 @@ class PubSubHub:
         max_backoff: float = 2.0,
     ) -> None:
         self._redis = redis
+        self.client_name = f"asgi_dist:pubsub:{redis.namespace}"
         self._heartbeat = heartbeat
         self._max_backoff = max_backoff
         self._listeners: dict[str, set[Subscription]] = {}
@@ -196,6 +197,8 @@ class PubSubHub:
             # The pool's factory keeps TLS, auth and Sentinel master discovery.
             conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         conn.health_check_interval = 0
+        # Named, so operators (and tests) can see it is one per process.
+        conn.client_name = self.client_name
         return conn
 
     async def _drop_connection(self) -> None:

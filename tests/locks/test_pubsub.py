@@ -1,0 +1,120 @@
+"""The shared pub/sub hub: one connection per process, demultiplexed, self-healing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from asgi_dist import Dist
+from tests.helpers.servers import RedisServer
+
+
+async def _eventually(check, bound: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + bound
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def _connections_named(client: aioredis.Redis, name: str) -> int:
+    return sum(1 for c in await client.client_list() if c.get("name") == name)
+
+
+async def test_many_listeners_share_one_connection_and_each_gets_its_messages(
+    make_dist, redis_client: aioredis.Redis
+) -> None:
+    dist: Dist = await make_dist(sessions=False)
+    hub = dist.runtime.pubsub
+    channels = [f"{dist.namespace}:ch{i}" for i in range(40)]
+    received: dict[str, list[bytes | None]] = {c: [] for c in channels}
+    twice: list[bytes | None] = []
+    subs = [await hub.subscribe(c, received[c].append) for c in channels]
+    subs.append(await hub.subscribe(channels[0], twice.append))
+    for c in channels:
+        await redis_client.publish(c, c.encode())
+
+    async def all_delivered() -> bool:
+        return all(received[c] == [c.encode()] for c in channels) and len(twice) == 1
+
+    await _eventually(all_delivered)
+    assert twice == [channels[0].encode()]
+    assert await _connections_named(redis_client, hub.client_name) == 1
+    for sub in subs:
+        sub.close()
+
+    async def unsubscribed() -> bool:
+        counts = await redis_client.pubsub_numsub(*channels)
+        return all(n == 0 for _, n in counts)
+
+    await _eventually(unsubscribed)
+    assert hub.channels == frozenset()
+
+
+async def test_a_subscription_is_acknowledged_before_subscribe_returns(make_dist) -> None:
+    dist: Dist = await make_dist(sessions=False)
+    hub = dist.runtime.pubsub
+    got: list[bytes | None] = []
+    subs = []
+    for i in range(20):
+        channel = f"{dist.namespace}:ack{i}"
+        subs.append(await hub.subscribe(channel, got.append))
+        # Published right after subscribe() returned: Redis already counts us.
+        assert await hub.publish(channel, b"x") == 1
+    await _eventually(lambda: _true_if(len(got) == 20))
+    for sub in subs:
+        sub.close()
+
+
+async def _true_if(value: bool) -> bool:
+    return value
+
+
+async def test_reconnect_restores_channels_and_tells_listeners_they_may_have_missed_messages(
+    make_dist, redis_server: RedisServer
+) -> None:
+    dist: Dist = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    hub = dist.runtime.pubsub
+    got: list[bytes | None] = []
+    await hub.subscribe("news", got.append)
+    redis_server.cli("client", "kill", "type", "pubsub")
+    await _eventually(lambda: _true_if(None in got))
+    publisher = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await publisher.publish("news", b"after")
+        await _eventually(lambda: _true_if(b"after" in got))
+    finally:
+        await publisher.aclose()
+    assert hub.reconnects >= 1
+
+
+async def test_hub_survives_a_server_restart(make_dist, redis_server: RedisServer) -> None:
+    dist: Dist = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    hub = dist.runtime.pubsub
+    got: list[bytes | None] = []
+    await hub.subscribe("news", got.append)
+    redis_server.restart()
+    publisher = aioredis.Redis.from_url(redis_server.url)
+    try:
+
+        async def delivered() -> bool:
+            await publisher.publish("news", b"back")
+            return b"back" in got
+
+        await _eventually(delivered, 15)
+    finally:
+        await publisher.aclose()
+
+
+async def test_hub_works_with_a_cluster_client(make_dist, cluster_url: str) -> None:
+    dist: Dist = await make_dist(redis=cluster_url, postgres=None, sessions=False)
+    hub = dist.runtime.pubsub
+    got: list[bytes | None] = []
+    channels = [f"c{i}" for i in range(10)]
+    for c in channels:
+        await hub.subscribe(c, got.append)
+    for c in channels:
+        # Published through the cluster client (any node): classic pub/sub is broadcast.
+        await hub.publish(c, c)
+    await _eventually(lambda: _true_if(sorted(got) == sorted(c.encode() for c in channels)))
