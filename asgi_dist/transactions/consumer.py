@@ -24,10 +24,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
-from asgi_dist.errors import ConfigError
+from asgi_dist.errors import BackendUnavailable, ConfigError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message, validate_topic
 from asgi_dist.transactions.relay import Backoff, stream_key
@@ -43,6 +44,14 @@ _PACKAGE = "asgi_dist.transactions"
 
 def dead_letter_key(redis: RedisBackend, topic: str, group: str) -> str:
     return redis.key("topic", topic, f"dead:{group}")
+
+
+class HandlerFailed(Exception):
+    """The handler raised (or timed out): the delivery spends an attempt."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,11 @@ class Consumer:
                     entries: list[tuple[str, dict[bytes, bytes] | None, int]] = []
                     now = time.monotonic()
                     if now - last_claim >= self.config.claim_interval:
-                        last_claim = now
                         entries += await self._autoclaim(free)
+                        if len(entries) < free:
+                            # Drained: look again later.  A full batch means a backlog
+                            # (a dead consumer's entries): keep claiming at full speed.
+                            last_claim = now
                     want = free - len(entries)
                     if want > 0:
                         block = None if entries else int(self.config.claim_interval * 1000)
@@ -266,15 +278,17 @@ class Consumer:
                 break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                if as_backend_unavailable(exc) is not None:
-                    # PostgreSQL is down: not the message's fault, so no attempt is spent;
-                    # keep the entry (heartbeated) and try again.
-                    log.warning("consumer %s: %s; retrying", self.spec.group, exc)
-                    await backoff.sleep()
-                    continue
-                await self._failed(message, exc)
+            except HandlerFailed as failed:
+                await self._failed(message, failed.error)
                 return
+            except Exception as exc:
+                if as_backend_unavailable(exc) is None:
+                    await self._failed(message, exc)
+                    return
+                # PostgreSQL is down: not the message's fault, so no attempt is spent;
+                # keep the entry (heartbeated) and try again.
+                log.warning("consumer %s: %s; retrying", self.spec.group, exc)
+                await backoff.sleep()
         try:
             await self.redis.client.xack(self.stream, self.spec.group, stream_id)
         except Exception as exc:
@@ -288,14 +302,22 @@ class Consumer:
                 log.debug("message %s already handled by %s", message.id, self.spec.group)
                 return
             tx = Transaction(self.outbox, conn)
-            if self.spec.timeout is None:
-                await self.spec.handler(message, tx)
-            else:
+            try:
                 async with asyncio.timeout(self.spec.timeout):
                     await self.spec.handler(message, tx)
+            except TimeoutError:
+                raise HandlerFailed(
+                    TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
+                ) from None
+            except (BackendUnavailable, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                raise  # our PostgreSQL is down: not the message's fault
+            except Exception as exc:
+                # Anything else the handler raised is the message's failure, even a
+                # ConnectionError of the handler's own calls: it spends an attempt.
+                raise HandlerFailed(exc) from exc
         self.handled += 1
 
-    async def _failed(self, message: Message, exc: Exception) -> None:
+    async def _failed(self, message: Message, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         assert message.stream_id is not None
         if message.attempt >= self.spec.max_deliveries:

@@ -9,22 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from asgi_dist.transactions import TransactionConfig
 from tests.transactions.proxy import TcpProxy
-
-# Short timings so retries, reclaims and check-backs happen within a test's budget.
-FAST = TransactionConfig(
-    relay_poll_interval=0.2,
-    reclaim_after=2.0,
-    claim_interval=0.1,
-    retry_backoff=0.1,
-    retry_backoff_max=1.0,
-    check_after=0.5,
-    check_interval=0.5,
-    check_poll_interval=0.2,
-    check_timeout=2.0,
-    acquire_timeout=2.0,
-)
+from tests.transactions.settings import FAST
 
 
 @pytest.fixture

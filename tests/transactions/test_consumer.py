@@ -1,0 +1,115 @@
+"""Consumers: exactly-once effects through the inbox, retries, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from asgi_dist import Dist
+from asgi_dist.transactions import Message, Transaction
+from tests.transactions.waiting import eventually
+
+
+async def publish(dist: Dist, topic: str, payloads: list[Any], key: str | None = None) -> list[str]:
+    pool = dist.runtime.require_postgres("test").pool
+    async with pool.acquire() as conn, conn.transaction():
+        tx = Transaction(dist.transactions.outbox, conn)
+        return [await tx.publish(topic, p, key=key) for p in payloads]
+
+
+async def test_a_message_delivered_twice_has_its_effect_once(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    dist: Dist = await fast_dist()
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (msg_id uuid, n int)")
+
+    @dist.consumer("work", group="g", concurrency=4)
+    async def handle(message: Message, tx: Transaction) -> None:
+        await tx.execute(
+            f"INSERT INTO {ns}_effects VALUES ($1, $2)", message.id, message.payload["n"]
+        )
+
+    ids = await publish(dist, "work", [{"n": i} for i in range(10)])
+
+    async def effects() -> int:
+        n: int = await pg.fetchval(f"SELECT count(*) FROM {ns}_effects")
+        return n
+
+    await eventually(lambda: _eq(effects(), 10))
+    # Deliver every message again, as a relay that died before marking its batch would.
+    stream = f"{{{ns}:topic:work}}:stream"
+    entries = await redis_client.xrange(stream)
+    for _, fields in entries:
+        await redis_client.xadd(stream, fields)
+
+    async def all_acked() -> bool:
+        info = await redis_client.xpending(stream, "g")
+        length = await redis_client.xlen(stream)
+        groups = await redis_client.xinfo_groups(stream)
+        return bool(info["pending"] == 0 and length == 20 and groups[0]["entries-read"] == 20)
+
+    await eventually(all_acked)
+    rows = await pg.fetch(f"SELECT msg_id::text AS id, count(*) AS c FROM {ns}_effects GROUP BY 1")
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert all(r["c"] == 1 for r in rows)
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered_with_its_error(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    dist: Dist = await fast_dist()
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (n int)")
+    attempts: list[tuple[int, int]] = []
+
+    @dist.consumer("work", group="g", max_deliveries=3)
+    async def handle(message: Message, tx: Transaction) -> None:
+        attempts.append((message.payload["n"], message.attempt))
+        await tx.execute(f"INSERT INTO {ns}_effects VALUES ($1)", message.payload["n"])
+        if message.payload["n"] == 0:
+            raise ValueError("poison")
+
+    await publish(dist, "work", [{"n": 0}, {"n": 1}])
+    dead = f"{{{ns}:topic:work}}:dead:g"
+    await eventually(lambda: redis_client.xlen(dead))
+    entries = await redis_client.xrange(dead)
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert fields[b"error"] == b"ValueError: poison"
+    assert fields[b"deliveries"] == b"3"
+    assert b'"n":0' in fields[b"payload"]
+    assert [a for n, a in attempts if n == 0] == [1, 2, 3]
+    # Each failed attempt rolled back; the good message committed once.
+    assert [r["n"] for r in await pg.fetch(f"SELECT n FROM {ns}_effects")] == [1]
+    assert (await redis_client.xpending(f"{{{ns}:topic:work}}:stream", "g"))["pending"] == 0
+
+
+async def test_a_handler_past_its_timeout_is_retried(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection
+) -> None:
+    dist: Dist = await fast_dist()
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (attempt int)")
+
+    @dist.consumer("slow", group="g", timeout=0.2)
+    async def handle(message: Message, tx: Transaction) -> None:
+        await tx.execute(f"INSERT INTO {ns}_effects VALUES ($1)", message.attempt)
+        if message.attempt == 1:
+            await asyncio.sleep(5)
+
+    await publish(dist, "slow", [{}])
+
+    async def done() -> bool:
+        return bool(await pg.fetchval(f"SELECT count(*) FROM {ns}_effects"))
+
+    await eventually(done)
+    assert [r["attempt"] for r in await pg.fetch(f"SELECT attempt FROM {ns}_effects")] == [2]
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)

@@ -1,0 +1,106 @@
+"""Programs run in real OS processes by the multi-process tests.
+
+``processes.python(WORKER, n, env, args=[role, ...])``; the
+servers and the namespace come from ASGI_DIST_* variables, the role from argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from asgi_dist import Dist
+from asgi_dist.transactions import Message, Transaction
+from tests.transactions.settings import FAST
+
+WORKER = "from tests.transactions.workers import main\nmain()\n"
+STATE = Path(os.environ.get("WORKER_STATE", "/tmp"))
+
+
+def make_dist(**overrides: Any) -> Dist:
+    from dataclasses import replace
+
+    overrides.setdefault(
+        "transactions", replace(FAST, relay_batch=int(os.environ.get("RELAY_BATCH", "500")))
+    )
+    return Dist.from_env(sessions=False, **overrides)
+
+
+async def record_effect(message: Message, tx: Transaction) -> None:
+    """The side effect the tests count: one row per handler run that committed."""
+    ns = os.environ["ASGI_DIST_NAMESPACE"]
+    await tx.execute(
+        f"INSERT INTO {ns}_effects (msg_id, key, n, pid) VALUES ($1, $2, $3, $4)",
+        message.id,
+        message.key,
+        message.payload["n"],
+        os.getpid(),
+    )
+
+
+async def relay(index: str) -> None:
+    """A relay only; writes how many rows it marked published, until killed."""
+    dist = make_dist()
+    async with dist:
+        assert dist.transactions.relay is not None
+        while True:
+            (STATE / f"relay-{index}.count").write_text(str(dist.transactions.relay.relayed))
+            await asyncio.sleep(0.1)
+
+
+async def consumer(index: str, never_ack: str = "") -> None:
+    """A consumer of ``work`` in group ``g``, no relay.  ``never_ack`` makes it a process
+    that commits its effects but dies (is killed) before any XACK reaches Redis."""
+    from dataclasses import replace
+
+    dist = make_dist(transactions=replace(FAST, relay=False))
+    dist.consumer("work", group="g", concurrency=8)(record_effect)
+    async with dist:
+        if never_ack:
+            client: Any = dist.runtime.require_redis("test").client
+
+            async def no_ack(*args: Any, **kwargs: Any) -> int:
+                return 0
+
+            client.xack = no_ack
+        (STATE / f"consumer-{index}.ready").write_text("1")
+        await asyncio.Event().wait()  # until killed
+
+
+async def half_message(mode: str) -> None:
+    """Die inside ``transactional_message``: after the local commit or before it."""
+    from tests.transactions import payments
+
+    dist = make_dist()
+    async with dist:
+        payments.configure(os.environ["ASGI_DIST_POSTGRES_DSN"], os.environ["ASGI_DIST_NAMESPACE"])
+        async with dist.transactional_message(
+            "payments.done", {"order": 1}, check=payments.check, check_after=1.0
+        ) as msg:
+            conn = await asyncpg.connect(os.environ["ASGI_DIST_POSTGRES_DSN"])
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute(payments.insert_order(), 1)
+            if mode == "after-commit":
+                await tx.commit()
+            (STATE / "inside").write_text(msg.id)
+            await asyncio.sleep(60)  # killed here
+
+
+def main() -> None:
+    index, role, *args = sys.argv[1:]
+    if role == "relay":
+        asyncio.run(relay(index))
+    elif role == "consumer":
+        asyncio.run(consumer(index, *args))
+    else:
+        asyncio.run(half_message(*args))
+
+
+if __name__ == "__main__":
+    main()
