@@ -8,6 +8,7 @@ round trip, and an id the store does not know is replaced with a fresh one.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 from itsdangerous import Signer
@@ -43,7 +44,8 @@ class SessionCookie:
         if config.partitioned:
             attrs.append("Partitioned")
         self._attrs = "; ".join(attrs)
-        self._max_age = f"; Max-Age={int(config.absolute_timeout)}" if config.persistent else ""
+        max_age = math.ceil(config.absolute_timeout)
+        self._max_age = f"; Max-Age={max_age}" if config.persistent else ""
 
     def read(self, scope: Scope) -> tuple[str | None, bool]:
         """``(session id, signed with an older key)`` from the request, or ``(None, False)``."""

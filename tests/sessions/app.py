@@ -105,4 +105,8 @@ def routes() -> list[Any]:
 
 
 def build(dist: Dist) -> DistMiddleware:
-    return dist.wrap(Starlette(routes=routes()))
+    async def near_cache(request: Request) -> JSONResponse:
+        near = dist.sessions.near_cache
+        return JSONResponse({"hits": near.hits if near else 0, "pid": os.getpid()})
+
+    return dist.wrap(Starlette(routes=[*routes(), Route("/near-cache", near_cache)]))

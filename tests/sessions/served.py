@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from asgi_dist import Dist
+from asgi_dist.scheduling import SchedulerConfig
 from asgi_dist.sessions import SessionConfig
 from tests.sessions.app import build
 
@@ -16,5 +17,5 @@ config = SessionConfig(
     backend=os.environ.get("SESSIONS_BACKEND", "redis"),  # type: ignore[arg-type]
     near_cache=os.environ.get("SESSIONS_NEAR_CACHE") == "1",
 )
-dist = Dist.from_env(sessions=config)
+dist = Dist.from_env(sessions=config, scheduler=SchedulerConfig(enabled=False))
 app = build(dist)

@@ -1,0 +1,41 @@
+"""Overlapping requests of one session lose nothing: only changed keys are written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.sessions.conftest import client
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_100_concurrent_requests_each_setting_its_own_key_all_persist(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    dist = await session_dist(backend)
+    async with client(dist) as c:
+        await c.post("/set/seed/0")
+        cookie = {"cookie": f"session={c.cookies['session']}"}
+        async with client(dist) as other:
+            # Every request loads the same state, then writes its own key.
+            responses = await asyncio.gather(
+                *(other.post(f"/set/k{i}/{i}", headers=cookie) for i in range(100))
+            )
+        assert all(r.status_code == 200 for r in responses)
+        data = (await c.get("/all")).json()["data"]
+        assert data == {"seed": "0", **{f"k{i}": str(i) for i in range(100)}}
+
+
+async def test_the_same_key_written_concurrently_keeps_one_of_the_written_values(
+    session_dist: Callable[..., Any],
+) -> None:
+    dist = await session_dist("redis")
+    async with client(dist) as c:
+        await c.post("/set/k/start")
+        cookie = {"cookie": f"session={c.cookies['session']}"}
+        await asyncio.gather(*(c.post(f"/set/k/v{i}", headers=cookie) for i in range(20)))
+        # Last writer wins: the value is one that a request wrote, never a mix or a loss.
+        assert (await c.get("/get/k")).json()["value"] in {f"v{i}" for i in range(20)}

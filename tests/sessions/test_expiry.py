@@ -1,0 +1,49 @@
+"""Idle and absolute timeouts are enforced by each store (by its own clock).
+
+The three stores run side by side in one test to keep the wall time down.  Cookies
+are browser-session cookies here, so that only the store can end a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from tests.sessions.conftest import client
+
+BACKENDS = ("redis", "postgres", "memory")
+
+
+async def test_idle_timeout_ends_a_quiet_session_and_activity_keeps_it(
+    session_dist: Callable[..., Any],
+) -> None:
+    async def scenario(backend: str) -> None:
+        dist = await session_dist(
+            backend, idle_timeout=1.0, absolute_timeout=60.0, persistent=False
+        )
+        async with client(dist) as c:
+            await c.post("/set/k/v")
+            for _ in range(3):  # 1.8 s of activity in steps well under the idle timeout
+                await asyncio.sleep(0.6)
+                assert (await c.get("/get/k")).json()["value"] == "v", backend
+            await asyncio.sleep(1.3)  # quiet for longer than the idle timeout
+            assert (await c.get("/get/k")).json()["value"] is None, backend
+
+    await asyncio.gather(*(scenario(b) for b in BACKENDS))
+
+
+async def test_absolute_timeout_ends_an_active_session(session_dist: Callable[..., Any]) -> None:
+    async def scenario(backend: str) -> None:
+        dist = await session_dist(backend, idle_timeout=1.0, absolute_timeout=2.0, persistent=False)
+        async with client(dist) as c:
+            await c.post("/set/k/v")
+            for step in range(3):  # active every 0.5 s: the idle timeout never applies
+                await asyncio.sleep(0.5)
+                if step == 1:
+                    await c.post("/set/k2/v2")  # a write does not extend it either
+                assert (await c.get("/get/k")).json()["value"] == "v", backend
+            await asyncio.sleep(0.8)  # 2.3 s after creation, 0.8 s after the last request
+            assert (await c.get("/get/k")).json()["value"] is None, backend
+
+    await asyncio.gather(*(scenario(b) for b in BACKENDS))

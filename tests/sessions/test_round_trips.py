@@ -1,0 +1,50 @@
+"""Store round trips per request kind, counted on a real client as exact numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.sessions.conftest import CountingRedis, client
+
+
+async def _trips(redis: CountingRedis, call: Any) -> int:
+    before = redis.round_trips
+    response = await call
+    assert response.status_code == 200
+    return redis.round_trips - before
+
+
+async def test_round_trips_are_0_1_2_for_no_cookie_read_only_and_modify(
+    session_dist: Callable[..., Any], counting_redis: CountingRedis
+) -> None:
+    dist = await session_dist("redis", redis=counting_redis)
+    async with client(dist) as c:
+        assert await _trips(counting_redis, c.get("/get/k")) == 0  # no cookie, read-only
+        assert await _trips(counting_redis, c.post("/set/k/v")) == 1  # new session: create
+        assert await _trips(counting_redis, c.get("/get/k")) == 1  # read-only: load
+        assert await _trips(counting_redis, c.get("/noop")) == 1  # untouched: load only
+        assert await _trips(counting_redis, c.post("/set/k/w")) == 2  # load + delta save
+        session_id, _, sig = c.cookies["session"].partition(".")
+        c.cookies.clear()
+        c.cookies.set("session", f"{session_id}.{sig[:-2]}AA")
+        assert await _trips(counting_redis, c.get("/get/k")) == 0  # forged: no store trip
+        c.cookies.clear()
+        c.cookies.set("session", "garbage")
+        assert await _trips(counting_redis, c.get("/get/k")) == 0
+
+
+async def test_a_read_only_request_on_a_near_cached_session_makes_no_round_trip(
+    session_dist: Callable[..., Any], counting_redis: CountingRedis
+) -> None:
+    dist = await session_dist("redis", redis=counting_redis, near_cache=True)
+    async with client(dist) as c:
+        assert await _trips(counting_redis, c.post("/set/k/v")) == 1
+        assert await _trips(counting_redis, c.get("/get/k")) == 1  # cold: load and keep
+        for _ in range(3):
+            assert await _trips(counting_redis, c.get("/get/k")) == 0  # hot: served locally
+        assert await _trips(counting_redis, c.post("/set/k/w")) == 1  # hot: save only
+        assert await _trips(counting_redis, c.get("/get/k")) == 1  # the write dropped it
+        r = await c.get("/get/k")
+        assert r.json()["value"] == "w"
+    assert dist.sessions.near_cache.hits >= 4
