@@ -1,42 +1,669 @@
-"""Scheduler: the scheduling capability of one Dist."""
+"""Scheduler: the scheduling capability of one Dist.
+
+Every process hosts one in its lifespan.  All of them campaign in the
+``scheduler`` election (asgi_dist.locks); the leader computes due fires from
+the server clock and claims each one in the store (:mod:`.store`).  The lease is
+for efficiency, the claim for correctness: a leader that wakes from a pause with
+an old term is refused by the fence check, and even two leaders of the same term
+could not take one fire twice, because the claim compares-and-sets the job's
+next fire and records a claim key that outlives the period.
+
+Followers do nothing but wait in the election.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal, Protocol
 
-from asgi_dist.backends import Runtime
+from asgi_dist.backends import Runtime, as_backend_unavailable
 from asgi_dist.context import RequestHook
+from asgi_dist.errors import ConfigError, LockLost, SchedulerError
 from asgi_dist.locks import LockService
+from asgi_dist.scheduling.jobs import (
+    Job,
+    JobFunc,
+    JobOptions,
+    Misfire,
+    Overlap,
+    Registry,
+    RunOn,
+    as_tuple,
+    check_function,
+    default_name,
+    validate_job_name,
+)
+from asgi_dist.scheduling.runner import Fire, RunSettings, run_fire
+from asgi_dist.scheduling.schedules import (
+    CronSchedule,
+    OnceSchedule,
+    Schedule,
+    interval,
+    period_after,
+    to_ms,
+    utc,
+)
+from asgi_dist.scheduling.store import Claim, SchedulerStore
+from asgi_dist.scheduling.store_memory import MemoryStore
 
 __all__ = ["Scheduler", "SchedulerConfig"]
+
+log = logging.getLogger("asgi_dist.scheduling")
+
+_MAX_SLEEP = 30.0  # the leader re-reads the server clock at least this often
+_MAX_PAYLOAD = 64 * 1024
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """Scheduler options (validated here; deep code trusts them).
+
+    Args:
+        enabled: ``False`` keeps this process from leading and running jobs; it can
+            still trigger, pause, resume and read history.
+        backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the Dist's first.
+        history_limit: history records kept per job (oldest trimmed).
+        shutdown_grace: seconds running jobs get at stop before they are cancelled.
+        running_lease: seconds of the overlap lease, renewed every third of it.
+        retry_backoff: base of the exponential backoff between attempts.
+        retry_backoff_max: cap of one backoff.
+        run_all_limit: with ``misfire="run_all"``, the newest late fires that still run.
+        max_catchup: fires handled per job per leader pass (bounds one pass).
+        dependency_wait: seconds a child waits for its parents' run of the same fire.
+        claim_ttl: minimum seconds a fire's claim is kept (it also outlives 2 periods + 60 s).
+    """
+
     enabled: bool = True
+    backend: Literal["redis", "postgres", "memory"] | None = None
+    history_limit: int = 1000
+    shutdown_grace: float = 5.0
+    running_lease: float = 30.0
+    retry_backoff: float = 0.5
+    retry_backoff_max: float = 60.0
+    run_all_limit: int = 10
+    max_catchup: int = 100
+    dependency_wait: float = 300.0
+    claim_ttl: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in (None, "redis", "postgres", "memory"):
+            raise ConfigError(
+                f"SchedulerConfig(backend={self.backend!r}): use 'redis', 'postgres' or 'memory'"
+            )
+        for name in ("history_limit", "run_all_limit", "max_catchup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"SchedulerConfig({name}={value!r}) must be an integer >= 1")
+        for name in (
+            "shutdown_grace",
+            "running_lease",
+            "retry_backoff",
+            "retry_backoff_max",
+            "dependency_wait",
+            "claim_ttl",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"SchedulerConfig({name}={value!r}) must be seconds >= 0")
+        if self.running_lease < 1:
+            raise ConfigError(
+                f"SchedulerConfig(running_lease={self.running_lease!r}) must be at least 1 s"
+            )
+
+
+class _Term(Protocol):
+    fence: int
+    lost: asyncio.Event
+
+
+class _StaleTerm(Exception):
+    """A newer leader term has claimed: this process must stop acting as leader."""
 
 
 class Scheduler:
+    """Registers jobs, campaigns for leadership, and claims and runs fires."""
+
     def __init__(self, runtime: Runtime, config: SchedulerConfig, locks: LockService) -> None:
+        if not isinstance(config, SchedulerConfig):
+            raise ConfigError(f"scheduler={config!r} must be a SchedulerConfig")
         self.runtime = runtime
         self.config = config
         self.locks = locks
+        self.registry = Registry()
+        self._store: SchedulerStore | None = None
+        self._campaign: asyncio.Task[Any] | None = None
+        self._runs: dict[str, tuple[str, asyncio.Task[str]]] = {}  # fire_id -> (job, task)
+        self._next: dict[str, int | None] = {}
+        self._stopping = False
+        self._started = False
+        self.leading = False
+        self.fence = 0
+        self.terms = 0
+
+    # registration --------------------------------------------------------------
+
+    def cron(
+        self,
+        expression: str,
+        *,
+        name: str | None = None,
+        tz: str = "UTC",
+        overlap: Overlap = "allow",
+        retries: int = 0,
+        timeout: float | None = None,
+        after: Sequence[str] | str | None = None,
+        broadcast: bool = False,
+        run_on: RunOn = "leader",
+        misfire: Misfire = "run_once",
+        misfire_grace: float = 1.0,
+        jitter: float = 0.0,
+    ) -> Callable[[JobFunc], JobFunc]:
+        """Decorate ``async def job(ctx)`` to run on a cron schedule (5 fields, or 6 with
+        seconds first) in time zone ``tz``; see :class:`JobOptions` for the options."""
+        schedule = CronSchedule(expression, tz)
+        options = JobOptions(
+            overlap, retries, timeout, as_tuple(after), broadcast, run_on, misfire,
+            misfire_grace, jitter,
+        )  # fmt: skip
+        return self._decorator(schedule, options, name)
+
+    def every(
+        self,
+        seconds: float | None = None,
+        *,
+        minutes: float = 0,
+        hours: float = 0,
+        offset: float = 0.0,
+        name: str | None = None,
+        overlap: Overlap = "allow",
+        retries: int = 0,
+        timeout: float | None = None,
+        after: Sequence[str] | str | None = None,
+        broadcast: bool = False,
+        run_on: RunOn = "leader",
+        misfire: Misfire = "run_once",
+        misfire_grace: float = 1.0,
+        jitter: float = 0.0,
+    ) -> Callable[[JobFunc], JobFunc]:
+        """Decorate ``async def job(ctx)`` to run every ``seconds`` (+ minutes, hours),
+        aligned to the UNIX epoch plus ``offset`` so every node names the same fires."""
+        for label, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            ):
+                raise ConfigError(f"every({label}={value!r}) must be a non-negative number")
+        total = (seconds or 0) + minutes * 60 + hours * 3600
+        schedule = interval(total, offset=offset)
+        options = JobOptions(
+            overlap, retries, timeout, as_tuple(after), broadcast, run_on, misfire,
+            misfire_grace, jitter,
+        )  # fmt: skip
+        return self._decorator(schedule, options, name)
+
+    def add_job(
+        self, func: JobFunc, schedule: Schedule, options: JobOptions, name: str | None = None
+    ) -> Job:
+        """Register ``func``; the decorators call this.  Refused once the scheduler runs."""
+        job_name = validate_job_name(name or default_name(func))
+        check_function(func, job_name)
+        options.validate(job_name)
+        if options.broadcast or options.run_on != "leader":
+            raise ConfigError(
+                f"job {job_name!r}: broadcast=True and run_on='any' are not available yet in "
+                "this version; use run_on='leader'"
+            )
+        if self._started:
+            raise ConfigError(
+                f"job {job_name!r} was registered after the scheduler started: register jobs "
+                "at import time, before the app starts (use scheduler.at() for one-offs)"
+            )
+        job = Job(job_name, func, schedule, options)
+        self.registry.add(job)
+        return job
+
+    def _decorator(
+        self, schedule: Schedule, options: JobOptions, name: str | None
+    ) -> Callable[[JobFunc], JobFunc]:
+        def decorate(func: JobFunc) -> JobFunc:
+            self.add_job(func, schedule, options, name)
+            return func
+
+        return decorate
+
+    # lifecycle -----------------------------------------------------------------
+
+    def _backend(self) -> Literal["redis", "postgres", "memory"]:
+        return self.config.backend or self.runtime.default_backend
 
     def register(self) -> None:
-        return None
+        if self._backend() == "postgres":
+            from asgi_dist.scheduling.store_postgres import MIGRATIONS
+
+            self.runtime.require_postgres("the scheduler").register_migrations(
+                "scheduling", MIGRATIONS
+            )
+
+    def _make_store(self) -> SchedulerStore:
+        backend = self._backend()
+        cap = self.config.history_limit
+        if backend == "redis":
+            from asgi_dist.scheduling.store_redis import RedisStore
+
+            return RedisStore(self.runtime.require_redis("the scheduler"), history_cap=cap)
+        if backend == "postgres":
+            from asgi_dist.scheduling.store_postgres import PostgresStore
+
+            store: SchedulerStore = PostgresStore(
+                self.runtime.require_postgres("the scheduler"), history_cap=cap
+            )
+            return store
+        return MemoryStore(history_cap=cap)
+
+    @property
+    def store(self) -> SchedulerStore:
+        if self._store is None:
+            raise SchedulerError("the scheduler is not started: start the Dist first")
+        return self._store
 
     async def start(self) -> None:
-        return None
+        if self._started:
+            return
+        self.registry.check_dependencies()
+        self._store = self._make_store()
+        await self._store.start()
+        self._stopping = False
+        self._started = True
+        # Disabled, the process still operates the cluster's jobs (trigger, pause,
+        # history) but never leads or runs them.
+        if self.config.enabled:
+            self._campaign = self.runtime.spawn("scheduler", self._campaign_forever)
 
     async def stop(self) -> None:
-        return None
+        """Resign at once (hand-over in milliseconds), give running jobs the grace period,
+        then cancel them; each records its final status."""
+        if not self._started:
+            return
+        self._stopping = True
+        self._started = False
+        if self._campaign is not None:
+            self._campaign.cancel()
+            with contextlib.suppress(BaseException):
+                await self._campaign
+            self._campaign = None
+        runs = [task for _, task in self._runs.values()]
+        if runs:
+            await asyncio.wait(runs, timeout=self.config.shutdown_grace)
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+        if self._store is not None:
+            await self._store.stop()
 
     def request_hook(self) -> RequestHook | None:
         return None
 
-    def cron(self, expression: str, **options: Any) -> Any:
-        raise NotImplementedError("scheduling lands with issue 5")
+    # operations ------------------------------------------------------------------
 
-    def every(self, **options: Any) -> Any:
-        raise NotImplementedError("scheduling lands with issue 5")
+    def _job(self, name: str) -> Job:
+        job = self.registry.get(name)
+        if job is None:
+            raise SchedulerError(
+                f"no job named {name!r} is registered here: known jobs are "
+                f"{sorted(j.name for j in self.registry)}"
+            )
+        return job
+
+    async def trigger(self, name: str, payload: Any = None) -> str:
+        """Run ``name`` now, once, on whichever node leads; returns the fire id."""
+        self._job(name)
+        now = await self.store.now_ms()
+        fire_id = f"{name}:{now}:trigger-{secrets.token_hex(3)}"
+        _check_payload(payload)
+        await self.store.push_trigger(
+            {"job": name, "fire_ms": now, "fire_id": fire_id, "payload": payload}
+        )
+        return fire_id
+
+    async def pause(self, name: str) -> None:
+        """Stop starting fires of ``name`` cluster-wide; each one is still recorded (paused)."""
+        self._job(name)
+        await self.store.set_paused(name, True)
+
+    async def resume(self, name: str) -> None:
+        self._job(name)
+        await self.store.set_paused(name, False)
+
+    async def history(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest ``limit`` fires of ``name``: fire_id, status, node, fence, attempt,
+        started_at (UTC ms), duration (s), error."""
+        validate_job_name(name)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ConfigError(f"history(limit={limit!r}) must be an integer from 1 to 10000")
+        return await self.store.history(name, limit)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        """Every registered job with its schedule, next fire and paused flag."""
+        out = []
+        for job in self.registry:
+            state = await self.store.state(job.name)
+            next_ms = state.next_ms
+            out.append(
+                {
+                    "name": job.name,
+                    "schedule": job.signature,
+                    "next_fire": None if next_ms is None else utc(next_ms),
+                    "paused": state.paused,
+                    "overlap": job.options.overlap,
+                    "retries": job.options.retries,
+                    "after": list(job.options.after),
+                    "run_on": job.options.run_on,
+                }
+            )
+        return out
+
+    async def at(
+        self,
+        when: datetime | float,
+        func: JobFunc,
+        *,
+        name: str | None = None,
+        payload: Any = None,
+        retries: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 (the job's per-attempt bound)
+    ) -> str:
+        """Run ``func`` once at ``when`` (an aware datetime, or seconds from now by the
+        server clock) on whichever node leads; returns the fire id.
+
+        ``func`` must be a module-level async function: the leader imports it by
+        its dotted path (nothing is pickled).
+        """
+        path = _function_path(func)
+        job_name = validate_job_name(name or default_name(func))
+        JobOptions(retries=retries, timeout=timeout).validate(job_name)
+        _check_payload(payload)
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                raise ConfigError(
+                    f"at(when={when!r}) is naive: pass an aware datetime (e.g. tzinfo=UTC)"
+                )
+            at_ms = to_ms(when)
+        elif isinstance(when, int | float) and not isinstance(when, bool) and when >= 0:
+            at_ms = await self.store.now_ms() + round(when * 1000)
+        else:
+            raise ConfigError(f"at(when={when!r}): pass an aware datetime or seconds >= 0")
+        fire_id = f"{job_name}:{at_ms}:once-{secrets.token_hex(3)}"
+        entry = {
+            "job": job_name,
+            "func": path,
+            "fire_ms": at_ms,
+            "fire_id": fire_id,
+            "payload": payload,
+            "retries": retries,
+            "timeout": timeout,
+        }
+        await self.store.add_once(entry, at_ms)
+        return fire_id
+
+    # leadership ------------------------------------------------------------------
+
+    async def _campaign_forever(self) -> None:
+        election = self.locks.election("scheduler", backend=self._backend())
+        failures = 0
+        while not self._stopping:
+            try:
+                async with election.leadership() as term:
+                    failures = 0
+                    await self._lead(term)
+            except (LockLost, _StaleTerm) as exc:
+                log.warning("scheduler leadership ended: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if as_backend_unavailable(exc) is None:
+                    log.exception("scheduler leader loop failed")
+                else:
+                    log.warning("scheduler backend unavailable: %s", exc)
+                failures += 1
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+            finally:
+                self.leading = False
+
+    async def _lead(self, term: _Term) -> None:
+        store = self.store
+        self.leading, self.fence = True, int(term.fence)
+        self.terms += 1
+        log.info("scheduler: %s leads (fence %d)", self.runtime.node_id, self.fence)
+        now = await store.now_ms()
+        for job in self.registry:
+            state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
+            self._next[job.name] = state.next_ms
+        while not self._stopping:
+            now = await store.now_ms()
+            for job in self.registry:
+                await self._fire_due(job, now)
+            await self._run_triggers()
+            await self._run_once(now)
+            pending = [ms for ms in self._next.values() if ms is not None]
+            once = await store.next_once_ms()
+            if once is not None:
+                pending.append(once)
+            now_after = await store.now_ms()
+            sleep = _MAX_SLEEP if not pending else (min(pending) - now_after) / 1000
+            if sleep > 0:
+                await store.wait_wakeup(min(sleep, _MAX_SLEEP))
+
+    async def _fire_due(self, job: Job, now: int) -> None:
+        """Claim every fire of ``job`` due at ``now``, deciding late ones by the misfire policy."""
+        first = self._next.get(job.name)
+        if first is None or first > now:
+            return
+        fires: list[int] = []
+        following: int | None = first
+        while following is not None and following <= now and len(fires) < self.config.max_catchup:
+            fires.append(following)
+            following = job.schedule.next_after(following)
+        run = _runnable(job, fires, now, following, self.config.run_all_limit)
+        for index, fire_ms in enumerate(fires):
+            after = fires[index + 1] if index + 1 < len(fires) else following
+            if not await self._claim_and_launch(job, fire_ms, after, fire_ms in run):
+                return
+
+    async def _claim_and_launch(
+        self, job: Job, fire_ms: int, following: int | None, run: bool
+    ) -> bool:
+        """Claim one fire of the sequence; False when the loop must re-read the state."""
+        fire_id = f"{job.name}:{fire_ms}"
+        claim = Claim(
+            job=job.name,
+            fire_ms=fire_ms,
+            fire_id=fire_id,
+            expected_next=fire_ms,
+            new_next=following,
+            advance=True,
+            fence=self.fence,
+            intent="run" if run else "missed",
+            record=self._record(job.name, fire_id, fire_ms, "schedule"),
+            overlap=job.options.overlap,
+            lease_ms=round(self.config.running_lease * 1000),
+            claim_ttl_ms=self._claim_ttl(job.schedule, fire_ms),
+            signature=job.signature,
+        )
+        if not run:
+            claim.record["error"] = (
+                f"missed: {job.options.misfire} policy, more than "
+                f"{job.options.misfire_grace:g}s late when a leader could claim it"
+            )
+        result = await self.store.claim(claim)
+        if result.status == "stale":
+            raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
+        if result.status in ("moved", "early"):
+            state = await self.store.state(job.name)
+            self._next[job.name] = state.next_ms
+            return False
+        self._next[job.name] = following
+        if result.status == "claimed":
+            self._launch(job, fire_ms, fire_id, None)
+        return True
+
+    def _claim_ttl(self, schedule: Schedule, fire_ms: int) -> int:
+        period = period_after(schedule, fire_ms) or 0
+        # Outlives two periods plus a minute of clock skew between leaders.
+        return max(round(self.config.claim_ttl * 1000), 2 * period + 60_000)
+
+    def _record(self, job: str, fire_id: str, fire_ms: int, kind: str) -> dict[str, Any]:
+        return {
+            "fire_id": fire_id,
+            "job": job,
+            "fire_ms": fire_ms,
+            "kind": kind,
+            "node": self.runtime.node_id,
+            "fence": self.fence,
+            "attempt": 0,
+            "error": None,
+        }
+
+    def _launch(self, job: Job, fire_ms: int, fire_id: str, payload: Any) -> None:
+        if job.options.overlap == "replace":
+            # A run of the same job in this process gives way at once; runs on
+            # other nodes notice at their next lease renewal.
+            for other_id, (other_job, task) in list(self._runs.items()):
+                if other_job == job.name and other_id != fire_id:
+                    task.cancel()
+        jitter_ms = 0
+        if job.options.jitter > 0:
+            period = period_after(job.schedule, fire_ms)
+            jitter_ms = round(job.options.jitter * 1000)
+            if period is not None:
+                jitter_ms = min(jitter_ms, int(period * 0.9))  # capped below the next fire
+        blocked = self._parents_without_fire(job, fire_ms)
+        fire = Fire(
+            job=job,
+            fire_ms=fire_ms,
+            fire_id=fire_id,
+            fence=self.fence,
+            node_id=self.runtime.node_id,
+            leased=job.options.overlap != "allow",
+            payload=payload,
+            blocked=blocked,
+            jitter_cap_ms=jitter_ms,
+        )
+        settings = RunSettings(
+            lease_ms=round(self.config.running_lease * 1000),
+            backoff_base=self.config.retry_backoff,
+            backoff_max=self.config.retry_backoff_max,
+            dependency_wait=self.config.dependency_wait,
+        )
+        task = asyncio.create_task(run_fire(self.store, fire, settings), name=f"job:{fire_id}")
+        self._runs[fire_id] = (job.name, task)
+        task.add_done_callback(lambda _: self._runs.pop(fire_id, None))
+
+    def _parents_without_fire(self, job: Job, fire_ms: int) -> str | None:
+        """Why the fire cannot follow its parents (one has no fire at this time), or None."""
+        for parent in job.options.after:
+            parent_job = self.registry.get(parent)
+            if parent_job is None or parent_job.schedule.next_after(fire_ms - 1) != fire_ms:
+                return f"parent {parent!r} has no fire at {utc(fire_ms).isoformat()}"
+        return None
+
+    async def _run_triggers(self) -> None:
+        for entry in await self.store.pop_triggers(100):
+            job = self.registry.get(str(entry.get("job")))
+            if job is None:
+                log.warning("trigger for unknown job %r ignored", entry.get("job"))
+                continue
+            await self._claim_extra(job, entry, "trigger")
+
+    async def _run_once(self, now: int) -> None:
+        for entry in await self.store.due_once(now, 100):
+            try:
+                func = _resolve_function(str(entry["func"]))
+                options = JobOptions(retries=int(entry["retries"]), timeout=entry["timeout"])
+                job = Job(str(entry["job"]), func, OnceSchedule(int(entry["fire_ms"])), options)
+            except Exception as exc:
+                log.error("one-off %s cannot run: %s", entry.get("fire_id"), exc)
+                await self.store.drop_once(entry)
+                continue
+            await self._claim_extra(job, entry, "once")
+            await self.store.drop_once(entry)
+
+    async def _claim_extra(self, job: Job, entry: dict[str, Any], kind: str) -> None:
+        """Claim a fire outside the job's sequence (manual trigger or one-off)."""
+        fire_ms, fire_id = int(entry["fire_ms"]), str(entry["fire_id"])
+        claim = Claim(
+            job=job.name,
+            fire_ms=fire_ms,
+            fire_id=fire_id,
+            expected_next=None,
+            new_next=None,
+            advance=False,
+            fence=self.fence,
+            intent="run",
+            record=self._record(job.name, fire_id, fire_ms, kind),
+            overlap=job.options.overlap if kind == "trigger" else "allow",
+            lease_ms=round(self.config.running_lease * 1000),
+            claim_ttl_ms=round(self.config.claim_ttl * 1000),
+            signature="",
+        )
+        result = await self.store.claim(claim)
+        if result.status == "stale":
+            raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
+        if result.status == "claimed":
+            self._launch(job, fire_ms, fire_id, entry.get("payload"))
+
+
+def _runnable(
+    job: Job, fires: list[int], now: int, following: int | None, run_all_limit: int
+) -> set[int]:
+    """Which of ``fires`` (due, oldest first) start; the rest are recorded as missed."""
+    grace = round(job.options.misfire_grace * 1000)
+    on_time = {f for f in fires if now - f <= grace}
+    late = [f for f in fires if now - f > grace]
+    # Newer late fires beyond this bounded batch supersede the ones in it.
+    more_late = following is not None and now - following > grace
+    if not late or job.options.misfire == "skip" or more_late:
+        return on_time
+    keep = 1 if job.options.misfire == "run_once" else run_all_limit
+    return on_time | set(late[-keep:])
+
+
+def _function_path(func: Any) -> str:
+    check_function(func, default_name(func))
+    path = f"{func.__module__}:{func.__qualname__}"
+    try:
+        resolved = _resolve_function(path)
+    except Exception:
+        resolved = None
+    if resolved is not func:
+        raise ConfigError(
+            f"at(): {path} cannot be imported by its path; a one-off must be a module-level "
+            "async function so that whichever node leads can import it"
+        )
+    return path
+
+
+def _resolve_function(path: str) -> JobFunc:
+    module_name, _, qualname = path.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    check_function(target, qualname)
+    func: JobFunc = target
+    return func
+
+
+def _check_payload(payload: Any) -> None:
+    import json
+
+    try:
+        size = len(json.dumps(payload))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"payload must be JSON-serialisable: {exc}") from None
+    if size > _MAX_PAYLOAD:
+        raise ConfigError(f"payload of {size} bytes exceeds the {_MAX_PAYLOAD} byte bound")

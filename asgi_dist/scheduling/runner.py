@@ -1,0 +1,168 @@
+"""Running one claimed fire: jitter, dependencies, running lease, attempts, history.
+
+The claim already happened (at most one start per fire); from here on a run is
+at-least-once per attempt, and every outcome lands in the fire's history record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from asgi_dist.scheduling.jobs import Job, JobContext
+from asgi_dist.scheduling.schedules import utc
+from asgi_dist.scheduling.store import SchedulerStore
+
+__all__ = ["Fire", "RunSettings", "backoff", "run_fire"]
+
+log = logging.getLogger("asgi_dist.scheduling")
+
+_TERMINAL = {"succeeded", "failed", "missed", "skipped", "paused", "cancelled"}
+
+
+@dataclass(frozen=True)
+class Fire:
+    job: Job
+    fire_ms: int
+    fire_id: str
+    fence: int
+    node_id: str
+    leased: bool  # overlap forbid/replace: this run holds the job's running lease
+    payload: Any = None
+    shard_index: int = 0
+    shard_total: int = 1
+    jitter_cap_ms: int = 0
+    blocked: str | None = None  # why it cannot follow its parents, known before it starts
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    lease_ms: int
+    backoff_base: float
+    backoff_max: float
+    dependency_wait: float
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog, 2015)."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> str:
+    """Run ``fire`` to a final status, record it, and return the status."""
+    job = fire.job
+    started_ms = 0
+    t0 = time.monotonic()
+    attempt = 0
+    error: str | None = None
+    status = "failed"
+    renewer: asyncio.Task[None] | None = None
+    try:
+        if fire.jitter_cap_ms > 0:
+            await asyncio.sleep(random.uniform(0, fire.jitter_cap_ms) / 1000)
+        blocked = fire.blocked or await _wait_for_parents(store, fire, settings.dependency_wait)
+        if blocked is not None:
+            status, error = "skipped", blocked
+            return status
+        if fire.leased:
+            me = asyncio.current_task()
+            assert me is not None
+            renewer = asyncio.create_task(_renew_lease(store, fire, settings.lease_ms, me))
+        started_ms = int(time.time() * 1000)
+        t0 = time.monotonic()
+        for attempt in range(1, job.options.retries + 2):
+            ctx = JobContext(
+                job=job.name,
+                fire_time=utc(fire.fire_ms),
+                fire_id=fire.fire_id,
+                fence=fire.fence,
+                attempt=attempt,
+                node_id=fire.node_id,
+                shard_index=fire.shard_index,
+                shard_total=fire.shard_total,
+                payload=fire.payload,
+            )
+            try:
+                if job.options.timeout is None:
+                    await job.func(ctx)
+                else:
+                    await asyncio.wait_for(job.func(ctx), job.options.timeout)
+            except TimeoutError:
+                error = f"attempt {attempt} timed out after {job.options.timeout:g}s"
+            except Exception as exc:
+                error = f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]
+                log.warning("job %s fire %s failed: %s", job.name, fire.fire_id, error)
+            else:
+                status, error = "succeeded", None
+                break
+            if attempt <= job.options.retries:
+                await asyncio.sleep(backoff(attempt, settings.backoff_base, settings.backoff_max))
+        return status
+    except asyncio.CancelledError:
+        status = "cancelled"
+        error = error or "cancelled (shutdown, or replaced by a newer fire)"
+        raise
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+        patch: dict[str, Any] = {
+            "status": status,
+            "attempt": attempt,
+            "node": fire.node_id,
+            "error": error,
+            "duration": round(time.monotonic() - t0, 6) if started_ms else 0.0,
+        }
+        if started_ms:
+            patch["started_at"] = started_ms
+        # Shielded: a cancelled run must still say so in its history.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                asyncio.wait_for(
+                    store.finish(job.name, fire.fire_id, patch, release=fire.leased), 5.0
+                )
+            )
+
+
+async def _renew_lease(
+    store: SchedulerStore, fire: Fire, lease_ms: int, runner: asyncio.Task[Any]
+) -> None:
+    """Keep the running lease; if it now names another fire (replace), cancel this run."""
+    while True:
+        await asyncio.sleep(lease_ms / 3000)
+        try:
+            ours = await store.renew(fire.job.name, fire.fire_id, lease_ms)
+        except Exception:
+            log.warning("could not renew the running lease of %s", fire.fire_id, exc_info=True)
+            continue
+        if not ours:
+            if fire.job.options.overlap == "replace":
+                runner.cancel()
+            return
+
+
+async def _wait_for_parents(store: SchedulerStore, fire: Fire, wait: float) -> str | None:
+    """``None`` once every parent's run of the same fire succeeded, else why not."""
+    parents = fire.job.options.after
+    if not parents:
+        return None
+    deadline = time.monotonic() + wait
+    delay = 0.02
+    for parent in parents:
+        parent_fire = f"{parent}:{fire.fire_id.rpartition(':')[2]}"
+        while True:
+            record = await store.record(parent, parent_fire)
+            status = None if record is None else record.get("status")
+            if status == "succeeded":
+                break
+            if status in _TERMINAL:
+                return f"parent {parent!r} fire {parent_fire} ended {status}"
+            if time.monotonic() >= deadline:
+                return f"parent {parent!r} fire {parent_fire} did not succeed within {wait:g}s"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    return None

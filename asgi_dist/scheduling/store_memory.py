@@ -1,0 +1,156 @@
+"""The memory store: the same claim semantics for one process (the embedded default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass
+class _Job:
+    signature: str = ""
+    next_ms: int | None = None
+    paused: bool = False
+    fence: int = 0
+    claims: dict[str, float] = field(default_factory=dict)  # fire_id -> expiry (monotonic)
+    running: tuple[str, float] | None = None  # (fire_id, expiry)
+    history: dict[str, dict[str, Any]] = field(default_factory=dict)  # insertion = claim order
+
+
+class MemoryStore:
+    def __init__(self, *, history_cap: int) -> None:
+        self.history_cap = history_cap
+        self._jobs: dict[str, _Job] = {}
+        self._triggers: list[dict[str, Any]] = []
+        self._once: list[tuple[int, str]] = []
+        self._wake = asyncio.Event()
+        # Wall time anchored once, advanced by the monotonic clock: the stand-in
+        # for a server clock that never jumps.
+        self._epoch_ms = time.time() * 1000 - time.monotonic() * 1000
+
+    def _job(self, name: str) -> _Job:
+        return self._jobs.setdefault(name, _Job())
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def now_ms(self) -> int:
+        return int(self._epoch_ms + time.monotonic() * 1000)
+
+    async def init_job(self, job: str, signature: str, first_next: int | None) -> JobState:
+        state = self._job(job)
+        if state.signature != signature:
+            state.signature, state.next_ms = signature, first_next
+        return await self.state(job)
+
+    async def state(self, job: str) -> JobState:
+        s = self._job(job)
+        return JobState(s.next_ms, s.paused, s.fence)
+
+    async def claim(self, claim: Claim) -> ClaimResult:
+        s = self._job(claim.job)
+        now = await self.now_ms()
+        mono = time.monotonic()
+        if claim.fence < s.fence:
+            return ClaimResult("stale", str(s.fence))
+        if claim.signature and s.signature != claim.signature:
+            return ClaimResult("moved", str(s.next_ms))
+        if claim.fire_ms > now:
+            return ClaimResult("early", str(claim.fire_ms - now))
+        if claim.expected_next is not None and s.next_ms != claim.expected_next:
+            return ClaimResult("moved", str(s.next_ms))
+        s.claims = {k: v for k, v in s.claims.items() if v > mono}
+        if claim.fire_id in s.claims:
+            if claim.advance:
+                s.next_ms = claim.new_next
+            return ClaimResult("duplicate")
+        s.claims[claim.fire_id] = mono + claim.claim_ttl_ms / 1000
+        s.fence = claim.fence
+        if claim.advance:
+            s.next_ms = claim.new_next
+        status: ClaimStatus = "claimed"
+        record = dict(claim.record)
+        if s.running is not None and s.running[1] <= mono:
+            s.running = None
+        if claim.intent != "run":
+            status = claim.intent
+        elif s.paused:
+            status, record["error"] = "paused", "the job is paused"
+        elif claim.overlap == "forbid":
+            if s.running is not None:
+                status = "skipped"
+                record["error"] = "overlap=forbid: the previous run is still running"
+            else:
+                s.running = (claim.fire_id, mono + claim.lease_ms / 1000)
+        elif claim.overlap == "replace":
+            s.running = (claim.fire_id, mono + claim.lease_ms / 1000)
+        record["status"], record["claimed_at"] = status, now
+        s.history[claim.fire_id] = json.loads(json.dumps(record))
+        while len(s.history) > self.history_cap:
+            s.history.pop(next(iter(s.history)))
+        return ClaimResult(status, str(now), now)
+
+    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
+        s = self._job(job)
+        if fire_id in s.history:
+            s.history[fire_id].update(json.loads(json.dumps(patch)))
+        if release and s.running is not None and s.running[0] == fire_id:
+            s.running = None
+
+    async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
+        s = self._job(job)
+        if s.running is None or s.running[0] != fire_id:
+            return False
+        s.running = (fire_id, time.monotonic() + lease_ms / 1000)
+        return True
+
+    async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
+        records = sorted(self._job(job).history.values(), key=lambda r: r.get("fire_ms", 0))
+        return [dict(r) for r in reversed(records)][:limit]
+
+    async def record(self, job: str, fire_id: str) -> dict[str, Any] | None:
+        rec = self._job(job).history.get(fire_id)
+        return None if rec is None else dict(rec)
+
+    async def set_paused(self, job: str, paused: bool) -> None:
+        self._job(job).paused = paused
+        self._wake.set()
+
+    async def push_trigger(self, entry: dict[str, Any]) -> None:
+        self._triggers.append(entry)
+        self._wake.set()
+
+    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
+        taken, self._triggers = self._triggers[:limit], self._triggers[limit:]
+        return taken
+
+    async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
+        self._once.append((at_ms, json.dumps(entry, sort_keys=True)))
+        self._once.sort()
+        self._wake.set()
+
+    async def due_once(self, now_ms: int, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(e) for at, e in self._once if at <= now_ms][:limit]
+
+    async def next_once_ms(self) -> int | None:
+        return self._once[0][0] if self._once else None
+
+    async def drop_once(self, entry: dict[str, Any]) -> None:
+        text = json.dumps(entry, sort_keys=True)
+        self._once = [(at, e) for at, e in self._once if e != text]
+
+    async def wait_wakeup(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        self._wake.clear()

@@ -1,0 +1,281 @@
+"""The PostgreSQL store: the claim is one transaction holding the job row lock,
+with the fire's primary key as the unique constraint that refuses a second claim."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import asyncpg
+
+from asgi_dist.backends import PostgresBackend
+from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState
+
+__all__ = ["MIGRATIONS", "PostgresStore"]
+
+log = logging.getLogger("asgi_dist.scheduling")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE {ns}_sched_jobs (
+        job text PRIMARY KEY,
+        sig text NOT NULL DEFAULT '',
+        next_ms bigint,
+        paused boolean NOT NULL DEFAULT false,
+        fence bigint NOT NULL DEFAULT 0,
+        running_fire text,
+        running_until timestamptz
+    );
+    -- One row per fire: its primary key is the claim, its record the history.
+    CREATE TABLE {ns}_sched_fires (
+        job text NOT NULL,
+        fire_id text NOT NULL,
+        fire_ms bigint NOT NULL,
+        claim_until timestamptz NOT NULL,
+        record jsonb NOT NULL,
+        PRIMARY KEY (job, fire_id)
+    );
+    CREATE INDEX {ns}_sched_fires_recent ON {ns}_sched_fires (job, fire_ms DESC);
+    CREATE TABLE {ns}_sched_queue (
+        id bigserial PRIMARY KEY,
+        kind text NOT NULL,
+        due_ms bigint NOT NULL,
+        entry jsonb NOT NULL
+    );
+    CREATE INDEX {ns}_sched_queue_due ON {ns}_sched_queue (kind, due_ms);
+    """,
+]
+
+_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
+
+class PostgresStore:
+    def __init__(self, backend: PostgresBackend, *, history_cap: int) -> None:
+        self.backend = backend
+        self.history_cap = history_cap
+        self.jobs = backend.table("sched_jobs")
+        self.fires = backend.table("sched_fires")
+        self.queue = backend.table("sched_queue")
+        self.channel = backend.table("sched_wake")
+        self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.backend.pool
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            conn, self._listener = self._listener, None
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(self.channel, self._on_notify)
+                await self.pool.release(conn)
+
+    async def now_ms(self) -> int:
+        return int(await self.pool.fetchval(f"SELECT {_NOW_MS}"))
+
+    async def init_job(self, job: str, signature: str, first_next: int | None) -> JobState:
+        await self.pool.execute(
+            f"INSERT INTO {self.jobs} (job, sig, next_ms) VALUES ($1, $2, $3)"
+            f" ON CONFLICT (job) DO UPDATE SET sig = $2, next_ms = $3"
+            f" WHERE {self.jobs}.sig <> $2",
+            job,
+            signature,
+            first_next,
+        )
+        return await self.state(job)
+
+    async def state(self, job: str) -> JobState:
+        row = await self.pool.fetchrow(
+            f"SELECT next_ms, paused, fence FROM {self.jobs} WHERE job = $1", job
+        )
+        if row is None:
+            return JobState(None, False, 0)
+        return JobState(row["next_ms"], row["paused"], row["fence"])
+
+    async def claim(self, claim: Claim) -> ClaimResult:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO {self.jobs} (job) VALUES ($1) ON CONFLICT DO NOTHING", claim.job
+            )
+            # The row lock serialises claims of one job, like the Lua script does.
+            row = await conn.fetchrow(
+                f"SELECT *, {_NOW_MS} AS now_ms, running_until > now() AS running"
+                f" FROM {self.jobs} WHERE job = $1 FOR UPDATE",
+                claim.job,
+            )
+            now = int(row["now_ms"])
+            if claim.fence < row["fence"]:
+                return ClaimResult("stale", str(row["fence"]))
+            if claim.signature and row["sig"] != claim.signature:
+                return ClaimResult("moved", str(row["next_ms"]))
+            if claim.fire_ms > now:
+                return ClaimResult("early", str(claim.fire_ms - now))
+            if claim.expected_next is not None and row["next_ms"] != claim.expected_next:
+                return ClaimResult("moved", str(row["next_ms"]))
+            status: ClaimStatus = "claimed"
+            record = dict(claim.record)
+            running_fire = row["running_fire"] if row["running"] else None
+            if claim.intent != "run":
+                status = claim.intent
+            elif row["paused"]:
+                status, record["error"] = "paused", "the job is paused"
+            elif claim.overlap == "forbid" and running_fire is not None:
+                status = "skipped"
+                record["error"] = "overlap=forbid: the previous run is still running"
+            elif claim.overlap in ("forbid", "replace"):
+                running_fire = claim.fire_id
+            record["status"], record["claimed_at"] = status, now
+            inserted = await conn.fetchval(
+                f"INSERT INTO {self.fires} (job, fire_id, fire_ms, claim_until, record)"
+                f" VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond', $5::jsonb)"
+                f" ON CONFLICT DO NOTHING RETURNING 1",
+                claim.job,
+                claim.fire_id,
+                claim.fire_ms,
+                claim.claim_ttl_ms,
+                json.dumps(record),
+            )
+            next_ms = claim.new_next if claim.advance else row["next_ms"]
+            if inserted is None:
+                await conn.execute(
+                    f"UPDATE {self.jobs} SET next_ms = $2 WHERE job = $1", claim.job, next_ms
+                )
+                return ClaimResult("duplicate")
+            lease = claim.lease_ms if running_fire == claim.fire_id else None
+            await conn.execute(
+                f"UPDATE {self.jobs} SET fence = $2, next_ms = $3,"
+                f" running_fire = CASE WHEN $4::bigint IS NULL THEN running_fire ELSE $5 END,"
+                f" running_until = CASE WHEN $4::bigint IS NULL THEN running_until"
+                f"   ELSE now() + $4::bigint * interval '1 millisecond' END"
+                f" WHERE job = $1",
+                claim.job,
+                claim.fence,
+                next_ms,
+                lease,
+                claim.fire_id,
+            )
+            await conn.execute(
+                f"DELETE FROM {self.fires} WHERE job = $1 AND claim_until < now() AND fire_id"
+                f" NOT IN (SELECT fire_id FROM {self.fires} WHERE job = $1"
+                f"  ORDER BY fire_ms DESC LIMIT $2)",
+                claim.job,
+                self.history_cap,
+            )
+            return ClaimResult(status, str(now), now)
+
+    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"UPDATE {self.fires} SET record = record || $3::jsonb"
+                f" WHERE job = $1 AND fire_id = $2",
+                job,
+                fire_id,
+                json.dumps(patch),
+            )
+            if release:
+                await conn.execute(
+                    f"UPDATE {self.jobs} SET running_fire = NULL, running_until = NULL"
+                    f" WHERE job = $1 AND running_fire = $2",
+                    job,
+                    fire_id,
+                )
+
+    async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
+        updated = await self.pool.fetchval(
+            f"UPDATE {self.jobs} SET running_until = now() + $3 * interval '1 millisecond'"
+            f" WHERE job = $1 AND running_fire = $2 RETURNING 1",
+            job,
+            fire_id,
+            lease_ms,
+        )
+        return updated is not None
+
+    async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"SELECT record FROM {self.fires} WHERE job = $1 ORDER BY fire_ms DESC LIMIT $2",
+            job,
+            limit,
+        )
+        return [json.loads(r["record"]) for r in rows]
+
+    async def record(self, job: str, fire_id: str) -> dict[str, Any] | None:
+        raw = await self.pool.fetchval(
+            f"SELECT record FROM {self.fires} WHERE job = $1 AND fire_id = $2", job, fire_id
+        )
+        return None if raw is None else dict(json.loads(raw))
+
+    async def set_paused(self, job: str, paused: bool) -> None:
+        await self.pool.execute(
+            f"INSERT INTO {self.jobs} (job, paused) VALUES ($1, $2)"
+            f" ON CONFLICT (job) DO UPDATE SET paused = $2",
+            job,
+            paused,
+        )
+        await self._notify()
+
+    async def push_trigger(self, entry: dict[str, Any]) -> None:
+        await self._enqueue("trigger", 0, entry)
+
+    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"DELETE FROM {self.queue} WHERE id IN (SELECT id FROM {self.queue}"
+            f" WHERE kind = 'trigger' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING entry",
+            limit,
+        )
+        return [json.loads(r["entry"]) for r in rows]
+
+    async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
+        await self._enqueue("once", at_ms, entry)
+
+    async def _enqueue(self, kind: str, due_ms: int, entry: dict[str, Any]) -> None:
+        await self.pool.execute(
+            f"INSERT INTO {self.queue} (kind, due_ms, entry) VALUES ($1, $2, $3::jsonb)",
+            kind,
+            due_ms,
+            json.dumps(entry),
+        )
+        await self._notify()
+
+    async def due_once(self, now_ms: int, limit: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"SELECT entry FROM {self.queue} WHERE kind = 'once' AND due_ms <= $1"
+            f" ORDER BY due_ms LIMIT $2",
+            now_ms,
+            limit,
+        )
+        return [json.loads(r["entry"]) for r in rows]
+
+    async def next_once_ms(self) -> int | None:
+        value = await self.pool.fetchval(
+            f"SELECT min(due_ms) FROM {self.queue} WHERE kind = 'once'"
+        )
+        return None if value is None else int(value)
+
+    async def drop_once(self, entry: dict[str, Any]) -> None:
+        await self.pool.execute(
+            f"DELETE FROM {self.queue} WHERE kind = 'once' AND entry->>'fire_id' = $1",
+            str(entry.get("fire_id")),
+        )
+
+    async def _notify(self) -> None:
+        await self.pool.execute("SELECT pg_notify($1, '1')", self.channel)
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def wait_wakeup(self, seconds: float) -> None:
+        if self._listener is None:
+            conn = await self.pool.acquire()
+            await conn.add_listener(self.channel, self._on_notify)
+            self._listener = conn
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        self._wake.clear()

@@ -1,0 +1,190 @@
+"""The Redis store: one hash tag per job, the claim in one Lua script (``claim.lua``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from redis.asyncio.client import PubSub
+
+from asgi_dist.backends import RedisBackend
+from asgi_dist.scheduling.store import Claim, ClaimResult, JobState
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("asgi_dist.scheduling")
+
+_PACKAGE = "asgi_dist.scheduling"
+MAX_ENTRY_BYTES = 64 * 1024
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int | None:
+    if value is None:
+        return None
+    text = _decode(value)
+    return None if text in ("", "none") else int(text)
+
+
+class RedisStore:
+    def __init__(self, backend: RedisBackend, *, history_cap: int) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.history_cap = history_cap
+        self._claim = backend.script(_PACKAGE, "claim")
+        self._finish = backend.script(_PACKAGE, "finish")
+        self._renew = backend.script(_PACKAGE, "renew")
+        self._init = backend.script(_PACKAGE, "init")
+        self._triggers = backend.key("schedctl", "cluster", "triggers")
+        self._once = backend.key("schedctl", "cluster", "once")
+        self._channel = backend.key("schedctl", "cluster", "wake")
+        self._pubsub: PubSub | None = None
+
+    def _job_key(self, job: str, suffix: str) -> str:
+        return self.backend.key("sched", job, suffix)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except Exception:  # a broken connection must not stop the shutdown
+                log.debug("error closing the scheduler subscription", exc_info=True)
+
+    async def now_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def init_job(self, job: str, signature: str, first_next: int | None) -> JobState:
+        raw = await self._init(
+            self.client,
+            [self._job_key(job, "state")],
+            [signature, "none" if first_next is None else str(first_next)],
+        )
+        return self._state(raw)
+
+    async def state(self, job: str) -> JobState:
+        raw = await self.client.hmget(self._job_key(job, "state"), ["next", "paused", "fence"])
+        return self._state(raw)
+
+    @staticmethod
+    def _state(raw: list[Any]) -> JobState:
+        nxt, paused, fence = raw
+        return JobState(
+            next_ms=_int(nxt),
+            paused=paused is not None and _decode(paused) == "1",
+            fence=_int(fence) or 0,
+        )
+
+    async def claim(self, claim: Claim) -> ClaimResult:
+        if claim.advance:
+            new_next = "none" if claim.new_next is None else str(claim.new_next)
+        else:
+            new_next = ""
+        keys = [
+            self._job_key(claim.job, "state"),
+            self._job_key(claim.job, f"fire:{claim.fire_id}"),
+            self._job_key(claim.job, "running"),
+            self._job_key(claim.job, "hist"),
+            self._job_key(claim.job, "hidx"),
+        ]
+        args = [
+            str(claim.fire_ms),
+            claim.fire_id,
+            "" if claim.expected_next is None else str(claim.expected_next),
+            new_next,
+            str(claim.fence),
+            claim.intent,
+            json.dumps(claim.record),
+            claim.overlap,
+            str(claim.lease_ms),
+            str(claim.claim_ttl_ms),
+            str(self.history_cap),
+            claim.signature,
+        ]
+        status, detail = await self._claim(self.client, keys, args)
+        status, detail = _decode(status), _decode(detail)
+        server_ms = int(detail) if status not in ("early", "moved", "stale", "duplicate") else 0
+        return ClaimResult(status, detail, server_ms)  # type: ignore[arg-type]
+
+    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
+        await self._finish(
+            self.client,
+            [self._job_key(job, "hist"), self._job_key(job, "running")],
+            [fire_id, json.dumps(patch), "1" if release else "0"],
+        )
+
+    async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
+        ok = await self._renew(self.client, [self._job_key(job, "running")], [fire_id, lease_ms])
+        return bool(ok)
+
+    async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
+        ids = await self.client.zrevrange(self._job_key(job, "hidx"), 0, limit - 1)
+        if not ids:
+            return []
+        raw = await self.client.hmget(self._job_key(job, "hist"), [_decode(i) for i in ids])
+        return [json.loads(r) for r in raw if r is not None]
+
+    async def record(self, job: str, fire_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hget(self._job_key(job, "hist"), fire_id)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def set_paused(self, job: str, paused: bool) -> None:
+        await self.client.hset(self._job_key(job, "state"), "paused", "1" if paused else "0")
+        await self._wake()
+
+    async def push_trigger(self, entry: dict[str, Any]) -> None:
+        await self.client.rpush(self._triggers, _bounded(entry))
+        await self._wake()
+
+    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
+        raw: Any = await self.client.lpop(self._triggers, limit)
+        return [json.loads(r) for r in raw or []]
+
+    async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
+        await self.client.zadd(self._once, {_bounded(entry): at_ms})
+        await self._wake()
+
+    async def due_once(self, now_ms: int, limit: int) -> list[dict[str, Any]]:
+        raw: Any = await self.client.zrangebyscore(self._once, "-inf", now_ms, start=0, num=limit)
+        return [json.loads(r) for r in raw]
+
+    async def next_once_ms(self) -> int | None:
+        first = await self.client.zrange(self._once, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def drop_once(self, entry: dict[str, Any]) -> None:
+        await self.client.zrem(self._once, _bounded(entry))
+
+    async def _wake(self) -> None:
+        await self.client.publish(self._channel, "1")
+
+    async def wait_wakeup(self, seconds: float) -> None:
+        if self.backend.is_cluster:
+            # The asyncio cluster client has no pub/sub: the leader polls its
+            # queues at this bound instead (followers still never poll).
+            await asyncio.sleep(min(seconds, 0.5))
+            return
+        if self._pubsub is None:
+            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self._channel)
+        message = await self._pubsub.get_message(timeout=max(0.0, seconds))
+        # Drain whatever else arrived: one wake-up covers them all.
+        while message is not None:
+            message = await self._pubsub.get_message(timeout=0)
+
+
+def _bounded(entry: dict[str, Any]) -> str:
+    # sort_keys: the same entry always encodes alike, so ZREM finds it.
+    text = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    if len(text) > MAX_ENTRY_BYTES:
+        raise ValueError(f"scheduler entry of {len(text)} bytes exceeds {MAX_ENTRY_BYTES}")
+    return text

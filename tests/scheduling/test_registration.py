@@ -1,0 +1,115 @@
+"""Bad input is refused where it enters, with an error naming the value and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asgi_dist import ConfigError, Dist, SchedulerError
+from asgi_dist.scheduling import JobContext, SchedulerConfig
+
+
+def memory_dist() -> Dist:
+    return Dist(sessions=False)
+
+
+async def job(ctx: JobContext) -> None:
+    return None
+
+
+def test_duplicate_job_names_are_refused() -> None:
+    dist = memory_dist()
+    dist.every(seconds=1, name="same")(job)
+    with pytest.raises(ConfigError, match="'same' is already registered"):
+        dist.cron("* * * * *", name="same")(job)
+
+
+def test_non_async_function_is_refused() -> None:
+    dist = memory_dist()
+
+    def sync_job(ctx: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="not an async function"):
+        dist.every(seconds=1)(sync_job)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seconds", [-1, 0])
+def test_negative_or_zero_interval_is_refused(seconds: float) -> None:
+    with pytest.raises(ConfigError, match="seconds"):
+        memory_dist().every(seconds=seconds)(job)
+
+
+def test_bad_cron_string_is_refused_at_decoration() -> None:
+    with pytest.raises(ConfigError, match="cron field 'hour'"):
+        memory_dist().cron("0 24 * * *")(job)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"overlap": "sometimes"}, "overlap"),
+        ({"misfire": "later"}, "misfire"),
+        ({"retries": -1}, "retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"jitter": -1}, "jitter"),
+        ({"run_on": "moon"}, "run_on"),
+        ({"name": "bad name{}"}, "job name"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        memory_dist().every(seconds=1, **options)(job)
+
+
+async def test_unknown_parent_is_refused_at_start() -> None:
+    dist = memory_dist()
+    dist.every(seconds=1, name="child", after=["ghost"])(job)
+    with pytest.raises(ConfigError, match="'ghost', which is not registered"):
+        await dist.start()
+
+
+async def test_dependency_cycle_is_refused_at_start() -> None:
+    dist = memory_dist()
+    dist.every(seconds=1, name="a", after=["c"])(job)
+    dist.every(seconds=1, name="b", after=["a"])(job)
+    dist.every(seconds=1, name="c", after=["b"])(job)
+    with pytest.raises(ConfigError, match="cycle"):
+        await dist.start()
+
+
+def test_self_dependency_is_refused() -> None:
+    with pytest.raises(ConfigError, match="after itself"):
+        memory_dist().every(seconds=1, name="me", after=["me"])(job)
+
+
+def test_scheduler_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="history_limit"):
+        SchedulerConfig(history_limit=0)
+    with pytest.raises(ConfigError, match="backend"):
+        SchedulerConfig(backend="mongo")  # type: ignore[arg-type]
+
+
+async def test_operations_on_unknown_jobs_raise_scheduler_error() -> None:
+    dist = memory_dist()
+    async with dist:
+        with pytest.raises(SchedulerError, match="no job named 'nope'"):
+            await dist.scheduler.trigger("nope")
+        with pytest.raises(SchedulerError):
+            await dist.scheduler.pause("nope")
+
+
+async def test_one_off_function_must_be_importable_and_time_aware() -> None:
+    from datetime import datetime
+
+    dist = memory_dist()
+
+    async def local(ctx: JobContext) -> None:
+        return None
+
+    async with dist:
+        with pytest.raises(ConfigError, match="module-level"):
+            await dist.scheduler.at(1.0, local)
+        with pytest.raises(ConfigError, match="naive"):
+            await dist.scheduler.at(datetime(2030, 1, 1), job)
