@@ -7,6 +7,7 @@ stops the capabilities in order, and hands out their public factories
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ log = logging.getLogger("asgi_dist")
 
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _MEMORY = (None, "", "memory://", "memory")
+_STOP_TIMEOUT = 15.0
 
 
 class Dist:
@@ -203,10 +205,15 @@ class Dist:
     async def _shutdown(self) -> None:
         for cap in reversed(self._capabilities()):
             try:
-                await cap.stop()
+                # A capability that cannot stop (a server gone mid-shutdown) must not
+                # hold the process hostage: bound it and move on.
+                await asyncio.wait_for(cap.stop(), _STOP_TIMEOUT)
             except Exception:
                 log.exception("error stopping %s", type(cap).__name__)
-        await self.runtime.cancel_tasks()
+        try:
+            await asyncio.wait_for(self.runtime.cancel_tasks(), _STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("background tasks did not stop within %ss", _STOP_TIMEOUT)
         if self.runtime.postgres is not None:
             await self.runtime.postgres.stop()
         if self.runtime.redis is not None:

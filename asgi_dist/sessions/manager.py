@@ -50,13 +50,9 @@ class SessionManager:
         self.config = config
         self.backend = config.backend or runtime.default_backend
         if not secret_keys:
-            if self.backend != "memory":
-                raise ConfigError(
-                    f"sessions in {self.backend} need secret_keys shared by every process: "
-                    "pass Dist(secret_keys=[...]) or set ASGI_DIST_SECRET_KEYS"
-                )
-            # One process, one memory store: a random key is as good as any, and the
-            # sessions it signs die with the process anyway.
+            # Dist.check_serving() refuses to serve shared-store sessions without keys;
+            # a worker that never serves a request needs none.  On one process with the
+            # memory store a random key is as good as any: its sessions die with it.
             secret_keys = [secrets.token_urlsafe(32)]
             log.info("sessions: no secret_keys given; signing with a random per-process key")
         self.secret_keys = secret_keys
@@ -155,10 +151,11 @@ class SessionManager:
                 if self._near is not None:
                     self._near.drop(session.key.handle)
                 if outcome == SaveOutcome.GONE:
-                    # Ended meanwhile (logout elsewhere, expiry): stay ended.
-                    log.info("session ended while a request changed it; changes dropped")
-                    if headers is not None:
-                        headers.append(self.cookie.expire_header(scope))
+                    # Ended (logout elsewhere, expiry) or regenerated while this request ran:
+                    # it stays ended, and writes through an old id are never forwarded to
+                    # the new one (that would hand a fixated id the logged-in session).
+                    # No cookie is expired either: the browser may hold the new id by now.
+                    log.info("session ended or moved while a request changed it; changes dropped")
                     return
                 session.mark_saved(delta)
             elif not session.regenerated:
@@ -170,6 +167,12 @@ class SessionManager:
     async def regenerate(self, session: Session) -> None:
         if session.is_new:
             session.mark_regenerated(new_session_id())
+            return
+        if session.moved:
+            # A copy kept readable for the grace period of an earlier regenerate: it is
+            # never moved again (that would make a stale id live on); start afresh.
+            session.mark_fresh()
+            session.mark_regenerated(session.id)
             return
         old = session.key
         new_id = new_session_id(shard=old.shard)
