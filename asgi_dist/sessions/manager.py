@@ -141,9 +141,10 @@ class SessionManager:
                     raise SessionError("a new session id collided with a stored one; retry")
                 session.mark_saved(delta)
                 cookie_needed = True
-            elif session.invalidated and session.had_cookie and headers is not None:
-                headers.append(self.cookie.expire_header(scope))
-                return
+            else:
+                if session.invalidated and session.had_cookie and headers is not None:
+                    headers.append(self.cookie.expire_header(scope))
+                return  # nothing to store: no cookie for an empty session
         else:
             delta = session.delta()
             if delta:
@@ -171,7 +172,7 @@ class SessionManager:
         if session.moved:
             # A copy kept readable for the grace period of an earlier regenerate: it is
             # never moved again (that would make a stale id live on); start afresh.
-            session.mark_fresh()
+            session.mark_fresh(keep_changes=True)
             session.mark_regenerated(session.id)
             return
         old = session.key
@@ -196,7 +197,13 @@ class SessionManager:
 
     async def invalidate_user(self, user_id: str | int) -> int:
         """End every session of ``user_id`` (logout everywhere); returns how many ended."""
-        return await self.store.invalidate_user(str(user_id))
+        handles = await self.store.invalidate_user(str(user_id))
+        if self._near is not None:
+            # The published invalidations reach this process too, but later than the
+            # next line of the caller: drop the local copies now.
+            for handle in handles:
+                self._near.drop(handle)
+        return len(handles)
 
     async def list_user(self, user_id: str | int) -> list[SessionInfo]:
         """The live sessions of ``user_id`` (handles and times, never their ids)."""

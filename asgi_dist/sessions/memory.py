@@ -165,9 +165,9 @@ class MemorySessionStore:
                 out.append(SessionInfo(handle, user_id, entry.wall_created, entry.wall_access))
         return out
 
-    async def invalidate_user(self, user_id: str) -> int:
+    async def invalidate_user(self, user_id: str) -> list[str]:
         sessions = await self.list_user(user_id)
         for info in sessions:
             self._drop(info.handle)
         self._users.pop(user_id, None)
-        return len(sessions)
+        return [info.handle for info in sessions]

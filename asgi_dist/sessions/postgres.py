@@ -112,7 +112,7 @@ class PostgresSessionStore:
         """
         self._invalidate_user_sql = f"""
             DELETE FROM {t} WHERE user_id = $1
-            RETURNING (expires > now() AND NOT moved) AS live
+            RETURNING key, (expires > now() AND NOT moved) AS live
         """
         self._sweep_sql = f"""
             DELETE FROM {t} WHERE key IN (
@@ -212,6 +212,6 @@ class PostgresSessionStore:
         rows = await self._bounded(self.backend.pool.fetch(self._list_sql, user_id))
         return [SessionInfo(r["key"], user_id, r["created"], r["accessed"]) for r in rows]
 
-    async def invalidate_user(self, user_id: str) -> int:
+    async def invalidate_user(self, user_id: str) -> list[str]:
         rows = await self._bounded(self.backend.pool.fetch(self._invalidate_user_sql, user_id))
-        return sum(1 for r in rows if r["live"])
+        return [r["key"] for r in rows if r["live"]]

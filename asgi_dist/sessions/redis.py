@@ -218,5 +218,5 @@ class RedisSessionStore:
     async def list_user(self, user_id: str) -> list[SessionInfo]:
         return await self._user_sessions(user_id, "list")
 
-    async def invalidate_user(self, user_id: str) -> int:
-        return len(await self._user_sessions(user_id, "invalidate"))
+    async def invalidate_user(self, user_id: str) -> list[str]:
+        return [info.handle for info in await self._user_sessions(user_id, "invalidate")]

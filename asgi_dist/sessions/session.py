@@ -56,6 +56,7 @@ class Session(MutableMapping[str, Any]):
         "_values",
         "committed",
         "had_cookie",
+        "moved",
         "resign",
     )
 
@@ -85,6 +86,8 @@ class Session(MutableMapping[str, Any]):
         self.resign = False  # the cookie was signed with an older key
         self.had_cookie = False  # the request carried a valid cookie
         self.committed = False  # saved when the response (or websocket) started
+        # A read-only copy left by regenerate() for its grace period: writes are dropped.
+        self.moved = stored.moved if stored is not None else False
 
     # identity -------------------------------------------------------------------
 
@@ -258,6 +261,14 @@ class Session(MutableMapping[str, Any]):
 
     def mark_invalidated(self) -> None:
         """Gone from the store; what is set later starts a new session with a new id."""
+        self.mark_fresh()
+        self._invalidated = True
+
+    def mark_fresh(self, keep_changes: bool = False) -> None:
+        """A session with a new id, not in the store: empty, or holding only the keys and
+        user this request set."""
+        kept = {k: self._values[k] for k in self._dirty} if keep_changes else {}
+        user = self._user_id if keep_changes and self._user_changed else None
         self._values.clear()
         self._raw = {}
         self._dirty.clear()
@@ -267,8 +278,12 @@ class Session(MutableMapping[str, Any]):
         self._user_changed = False
         self._in_store = False
         self._regenerated = False
-        self._invalidated = True
+        self.moved = False
         self._id = new_session_id()
+        for key, value in kept.items():
+            self[key] = value
+        if user is not None:
+            self.user_id = user
 
     def mark_unstored(self) -> None:
         """The store lost it meanwhile: the next save creates it from this view."""

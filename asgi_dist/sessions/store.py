@@ -136,5 +136,5 @@ class SessionStore(Protocol):
 
     async def list_user(self, user_id: str) -> list[SessionInfo]: ...
 
-    async def invalidate_user(self, user_id: str) -> int:
-        """End every session of the user; returns how many there were."""
+    async def invalidate_user(self, user_id: str) -> list[str]:
+        """End every live session of the user; returns their handles."""
