@@ -240,7 +240,10 @@ class Scheduler:
     # lifecycle -----------------------------------------------------------------
 
     def _backend(self) -> Literal["redis", "postgres", "memory"]:
-        return self.config.backend or self.runtime.default_backend
+        if self.config.backend is not None:
+            return self.config.backend
+        default = self.runtime.default_backend
+        return "memory" if default == "zookeeper" else default
 
     def register(self) -> None:
         if self._backend() == "postgres":

@@ -1,0 +1,60 @@
+"""A scheduler node for the multi-process tests: ``python -c 'from ... import main; main()'``.
+
+Every run appends ``{fire_id, job, pid, fence}`` to the Redis list ``<namespace>:runs``,
+so the test can prove each fire ran exactly once across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import redis.asyncio as aioredis
+
+from asgi_dist import Dist
+from asgi_dist.scheduling import JobContext, SchedulerConfig
+from asgi_dist.transactions import TransactionConfig
+
+
+def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
+    dist = Dist(
+        redis=url,
+        namespace=namespace,
+        leader_ttl=float(os.environ.get("LEADER_TTL", "2")),
+        sessions=False,
+        transactions=TransactionConfig(enabled=False),
+        scheduler=SchedulerConfig(shutdown_grace=1.0),
+    )
+    client = aioredis.Redis.from_url(url)
+    runs = f"{namespace}:runs"
+
+    async def record(ctx: JobContext) -> None:
+        entry = {"fire_id": ctx.fire_id, "job": ctx.job, "pid": os.getpid(), "fence": ctx.fence}
+        await client.rpush(runs, json.dumps(entry))
+
+    @dist.every(seconds=1, misfire="run_once", misfire_grace=1.0)
+    async def tick(ctx: JobContext) -> None:
+        await record(ctx)
+
+    @dist.cron("*/1 * * * * *", misfire="skip", misfire_grace=1.0)  # 6 fields: seconds first
+    async def crontick(ctx: JobContext) -> None:
+        await record(ctx)
+
+    return dist, client
+
+
+async def serve() -> None:
+    dist, client = build(os.environ["REDIS_URL"], os.environ["NAMESPACE"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with dist:
+        print("ready", os.getpid(), flush=True)
+        await stop.wait()
+    await client.aclose()
+
+
+def main() -> None:
+    asyncio.run(serve())
