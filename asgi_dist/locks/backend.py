@@ -29,6 +29,9 @@ class Attempt:
     acquired: bool
     fence: int
     remaining: float
+    # The attempt left an entry (a fair queue position, a writer's intent) that
+    # a waiter giving up must remove.
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,7 @@ class LeaseBackend(Protocol):
 
     async def holder(self, kind: str, name: str) -> str | None: ...
 
-    async def watch(self, kind: str, name: str) -> Watch: ...
+    async def watch(self, kind: str, name: str, token: str) -> Watch: ...
 
 
 class _LocalWatch:
@@ -100,7 +103,7 @@ class LocalWakeups:
     def __init__(self) -> None:
         self._watchers: dict[tuple[str, str], set[_LocalWatch]] = {}
 
-    def watch(self, kind: str, name: str) -> Watch:
+    def watch(self, kind: str, name: str, token: str = "") -> Watch:
         watch = _LocalWatch(self, (kind, name))
         self._watchers.setdefault((kind, name), set()).add(watch)
         return watch

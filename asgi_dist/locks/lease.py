@@ -91,6 +91,9 @@ class Held:
         self.renew_deadline = renew_deadline
         self.lost = asyncio.Event()
         self.released = False
+        # Reentrant acquisitions by the owning task nest on one lease.
+        self.depth = 1
+        self.owner_task: asyncio.Task[Any] | None = asyncio.current_task()
         self.lost_reason = ""
         loop = asyncio.get_running_loop()
         # The last time (local monotonic) a renewal that succeeded was *sent*:
@@ -141,6 +144,9 @@ class Held:
         """
         if self.released:
             return
+        if self.depth > 1:
+            self.depth -= 1  # an inner reentrant acquisition: the lease stays
+            return
         if self.lost.is_set():
             self._end()
             raise LockNotOwned(
@@ -188,10 +194,20 @@ class Held:
     # async with: the body is cancelled when the lease is lost -------------------
 
     def bind_body(self, task: asyncio.Task[Any] | None) -> None:
-        self._body = task
+        if self._body is None:
+            self._body = task
+
+    def reenter(self) -> Held:
+        """One more nested acquisition by the owning task."""
+        self._check_owned("reentrant acquire")
+        self.depth += 1
+        return self
 
     async def exit_body(self, exc: BaseException | None) -> None:
         """Release, and turn the watchdog's cancellation of the body into LockLost."""
+        if self.depth > 1 and not self.lost.is_set():
+            self.depth -= 1
+            return
         body, self._body = self._body, None
         if self._cancelled_body and body is not None:
             if not isinstance(exc, asyncio.CancelledError):
@@ -336,6 +352,7 @@ async def acquire_lease(
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     watch: Watch | None = None
+    attempt: Attempt | None = None
     try:
         attempt = await _attempt(backend, kind, name, token, ttl)
         while not attempt.acquired:
@@ -349,7 +366,7 @@ async def acquire_lease(
                 )
             if watch is None:
                 # Register before the next attempt: a release after it wakes us.
-                watch = await backend.watch(kind, name)
+                watch = await backend.watch(kind, name, token)
             else:
                 wait = attempt.remaining if attempt.remaining > 0 else _MIN_WAIT
                 if max_wait is not None:
@@ -368,6 +385,14 @@ async def acquire_lease(
     finally:
         if watch is not None:
             watch.close()
+        if attempt is not None and attempt.queued and not attempt.acquired:
+            # A waiter that gives up (timeout, cancellation) leaves its queue
+            # entry behind; remove it, shielded, and hand on a lease granted
+            # to it meanwhile.
+            try:
+                await shielded(lambda: backend.release(kind, name, token))
+            except Exception:
+                log.debug("could not dequeue from %s %r", kind, name, exc_info=True)
 
 
 async def _attempt(backend: LeaseBackend, kind: str, name: str, token: str, ttl: float) -> Attempt:

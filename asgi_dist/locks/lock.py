@@ -42,8 +42,13 @@ class Lock:
         watchdog: Watchdog,
         ttl: float,
         timeout: float | None,
+        reentrant: bool = False,
+        owners: dict[tuple[int, str], Held] | None = None,
     ) -> None:
         self.backend = backend
+        self.reentrant = reentrant
+        # The service-wide map of reentrant holds: (backend, name) -> handle.
+        self._owners = owners if owners is not None else {}
         self.name = name
         self.node_id = node_id
         self.ttl = float(ttl)
@@ -59,11 +64,23 @@ class Lock:
         if timeout is _DEFAULT:
             timeout = self.timeout
         validate_timing(self.ttl, timeout)
+        key = (id(self.backend), self.name)
+        if self.reentrant:
+            current = self._owners.get(key)
+            if (
+                current is not None
+                and current.owner_task is asyncio.current_task()
+                and not current.released
+                and not current.lost.is_set()
+            ):
+                # Reentrancy is keyed by the owning task, decided locally:
+                # no round trip, and no other task of this process gets in.
+                return current.reenter()
         token = new_token(self.node_id)
         attempt = await acquire_lease(
             self.backend, KIND, self.name, token=token, ttl=self.ttl, timeout=timeout
         )
-        return Held(
+        held = Held(
             backend=self.backend,
             kind=KIND,
             name=self.name,
@@ -75,6 +92,15 @@ class Lock:
             renew_deadline=self.ttl * 0.75,
             watchdog=self._watchdog,
         )
+        if self.reentrant:
+            self._owners[key] = held
+            held.on_end(self._forget)
+        return held
+
+    def _forget(self, held: Held) -> None:
+        key = (id(self.backend), self.name)
+        if self._owners.get(key) is held:
+            del self._owners[key]
 
     async def locked(self) -> bool:
         """Whether anyone holds the lock right now (a snapshot)."""

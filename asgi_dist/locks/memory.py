@@ -87,5 +87,5 @@ class MemoryLeases:
         lease = self._live((kind, name))
         return None if lease is None else lease.token
 
-    async def watch(self, kind: str, name: str) -> Watch:
+    async def watch(self, kind: str, name: str, token: str) -> Watch:
         return self._store.wakeups.watch(kind, name)

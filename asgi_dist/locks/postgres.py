@@ -105,5 +105,5 @@ class PostgresLeases:
         value = await self._pg.pool.fetchval(self._holder_sql, kind, name)
         return None if value is None else str(value)
 
-    async def watch(self, kind: str, name: str) -> Watch:
+    async def watch(self, kind: str, name: str, token: str) -> Watch:
         return self._wakeups.watch(kind, name)

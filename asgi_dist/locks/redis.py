@@ -4,36 +4,63 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
 
     {ns:kind:name}:lease   hash {token, fence}, PEXPIRE ttl (the server's clock)
     {ns:kind:name}:fence   counter, never deleted: fences never repeat
+    {ns:kind:name}:queue   fair mode: waiters in arrival order (+ :alive, :ttls)
     {ns:kind:name}:wake    pub/sub channel a release publishes to
 
 acquire, release and renew are one round trip each; renewals of every lease a
-process holds are pipelined into one round trip per tick.
+process holds are pipelined into one round trip per tick (per shard).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends.pubsub import PubSubHub, Subscription
-from asgi_dist.backends.redis import RedisBackend
+from asgi_dist.backends.redis import RedisBackend, Script
 from asgi_dist.locks.backend import Attempt, Renewal, Watch
 
-__all__ = ["RedisLeases"]
+__all__ = ["FAIR", "PLAIN", "RedisLeases", "Variant"]
 
 _PACKAGE = "asgi_dist.locks"
 
 
-class _PubSubWatch:
-    __slots__ = ("_sub", "event")
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """Which scripts and keys implement one flavour of lease."""
 
-    def __init__(self) -> None:
+    acquire: str
+    release: str
+    renew: str
+    suffixes: tuple[str, ...]
+    queued: bool  # a failed attempt leaves a queue entry
+
+
+PLAIN = Variant("acquire", "release", "renew", ("lease", "fence"), queued=False)
+FAIR = Variant(
+    "fair_acquire",
+    "fair_release",
+    "renew",
+    ("lease", "fence", "queue", "alive", "ttls"),
+    queued=True,
+)
+
+
+class _PubSubWatch:
+    __slots__ = ("_sub", "_token", "event")
+
+    def __init__(self, token: str) -> None:
         self.event = asyncio.Event()
+        self._token = token.encode()
         self._sub: Subscription | None = None
 
     def _on_message(self, payload: bytes | None) -> None:
+        # A fair hand-off names its recipient: the rest of the queue sleeps on.
+        if payload is not None and payload.startswith(b"to:") and payload[3:] != self._token:
+            return
         self.event.set()
 
     def close(self) -> None:
@@ -45,65 +72,85 @@ class RedisLeases:
     """:class:`~asgi_dist.locks.backend.LeaseBackend` on one Redis deployment."""
 
     name = "redis"
-    poll_interval: float | None = None
 
-    def __init__(self, redis: RedisBackend, hub: Callable[[], PubSubHub]) -> None:
-        self._redis = redis
+    def __init__(
+        self,
+        redis: RedisBackend,
+        hub: Callable[[], PubSubHub],
+        variant: Variant = PLAIN,
+        *,
+        waiter_ttl: float = 10.0,
+    ) -> None:
+        self.redis = redis
         # The process's pub/sub hub, looked up on use (it is created lazily
         # and replaced when the Dist restarts).
         self._hub = hub
-        self._acquire = redis.script(_PACKAGE, "acquire")
-        self._release = redis.script(_PACKAGE, "release")
-        self._renew = redis.script(_PACKAGE, "renew")
+        self.variant = variant
+        self.waiter_ttl = waiter_ttl
+        # Queued waiters re-attempt to prove they are alive (refreshing their
+        # entry); plain waiters sleep until a wake-up or the holder's expiry.
+        self.poll_interval: float | None = waiter_ttl / 3 if variant.queued else None
+        self._acquire = redis.script(_PACKAGE, variant.acquire)
+        self._release = redis.script(_PACKAGE, variant.release)
+        self._renew = redis.script(_PACKAGE, variant.renew)
 
-    def keys(self, kind: str, name: str) -> tuple[str, str, str]:
-        """(lease key, fence key, wake-up channel)."""
-        tag = self._redis.key(kind, name)
-        return f"{tag}:lease", f"{tag}:fence", f"{tag}:wake"
+    @property
+    def scripts(self) -> tuple[Script, ...]:
+        return (self._acquire, self._release, self._renew)
+
+    def tag(self, kind: str, name: str) -> str:
+        return self.redis.key(kind, name)
+
+    def keys(self, kind: str, name: str) -> list[str]:
+        tag = self.tag(kind, name)
+        return [f"{tag}:{suffix}" for suffix in self.variant.suffixes]
+
+    def channel(self, kind: str, name: str) -> str:
+        return f"{self.tag(kind, name)}:wake"
 
     async def load_scripts(self) -> None:
-        for script in (self._acquire, self._release, self._renew):
-            await script.load(self._redis.client)
+        for script in self.scripts:
+            await script.load(self.redis.client)
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
-        lease, fence, _ = self.keys(kind, name)
-        got, value, remaining = await self._acquire(
-            self._redis.client, [lease, fence], [token, _ms(ttl)]
-        )
-        return Attempt(bool(got), int(value), int(remaining) / 1000.0)
+        args: list[str | int] = [token, _ms(ttl)]
+        if self.variant.queued:
+            args += [_ms(self.waiter_ttl), self.channel(kind, name)]
+        got, value, remaining = await self._acquire(self.redis.client, self.keys(kind, name), args)
+        return Attempt(bool(got), int(value), int(remaining) / 1000.0, self.variant.queued)
 
     async def release(self, kind: str, name: str, token: str) -> bool:
-        lease, _, channel = self.keys(kind, name)
-        return bool(await self._release(self._redis.client, [lease], [token, channel]))
+        keys = self.keys(kind, name)
+        return bool(await self._release(self.redis.client, keys, [token, self.channel(kind, name)]))
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
-        lease, _, _ = self.keys(kind, name)
-        return bool(await self._renew(self._redis.client, [lease], [token, _ms(ttl)]))
+        lease = self.keys(kind, name)[0]
+        return bool(await self._renew(self.redis.client, [lease], [token, _ms(ttl)]))
 
     async def renew_many(self, leases: Sequence[Renewal]) -> list[bool | BaseException]:
         if not leases:
             return []
         for retry in (True, False):
             # One pipeline: redis-py splits it per shard on Cluster.
-            pipe = self._redis.client.pipeline(transaction=False)
+            pipe = self.redis.client.pipeline(transaction=False)
             for r in leases:
-                pipe.evalsha(self._renew.sha, 1, self.keys(r.kind, r.name)[0], r.token, _ms(r.ttl))
+                lease = self.keys(r.kind, r.name)[0]
+                pipe.evalsha(self._renew.sha, 1, lease, r.token, _ms(r.ttl))
             results = await pipe.execute(raise_on_error=False)
             if retry and any(isinstance(x, redis_errors.NoScriptError) for x in results):
                 # A restarted or failed-over node lost its script cache.
-                await self._renew.load(self._redis.client)
+                await self._renew.load(self.redis.client)
                 continue
             break
         return [x if isinstance(x, BaseException) else bool(x) for x in results]
 
     async def holder(self, kind: str, name: str) -> str | None:
-        lease, _, _ = self.keys(kind, name)
-        value = await self._redis.client.hget(lease, "token")
+        value = await self.redis.client.hget(self.keys(kind, name)[0], "token")
         return value.decode() if isinstance(value, bytes) else value
 
-    async def watch(self, kind: str, name: str) -> Watch:
-        watch = _PubSubWatch()
-        watch._sub = await self._hub().subscribe(self.keys(kind, name)[2], watch._on_message)
+    async def watch(self, kind: str, name: str, token: str) -> Watch:
+        watch = _PubSubWatch(token)
+        watch._sub = await self._hub().subscribe(self.channel(kind, name), watch._on_message)
         return watch
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 from asgi_dist.backends import BackendName, Runtime
 from asgi_dist.backends.redis import validate_name
@@ -17,15 +18,19 @@ from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError
 from asgi_dist.locks.backend import LeaseBackend
 from asgi_dist.locks.election import Election, election_timings
-from asgi_dist.locks.lease import Watchdog
+from asgi_dist.locks.lease import Held, Watchdog
 from asgi_dist.locks.lock import Lock, validate_timing
 from asgi_dist.locks.memory import MemoryLeases
 from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases
-from asgi_dist.locks.redis import RedisLeases
+from asgi_dist.locks.redis import FAIR, PLAIN, RedisLeases
+from asgi_dist.locks.request import LockHook, locked
 
 __all__ = ["LockService"]
 
 log = logging.getLogger("asgi_dist.locks")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _BACKENDS = ("redis", "postgres", "zookeeper", "memory")
 
@@ -35,6 +40,7 @@ class LockService:
         self.runtime = runtime
         self.watchdog = Watchdog(runtime.spawn)
         self._backends: dict[str, LeaseBackend] = {}
+        self._reentrant: dict[tuple[int, str], Held] = {}
 
     # lifecycle -------------------------------------------------------------------
 
@@ -44,10 +50,10 @@ class LockService:
 
     async def start(self) -> None:
         if self.runtime.redis is not None:
-            redis = self.backend("redis")
-            assert isinstance(redis, RedisLeases)
             # Pipelined EVALSHA (the watchdog) has no NOSCRIPT fallback per call.
-            await redis.load_scripts()
+            plain = self.backend("redis")
+            assert isinstance(plain, RedisLeases)
+            await plain.load_scripts()
 
     async def stop(self) -> None:
         """Resign every lease still held: elections hand over at once, not after a ttl."""
@@ -68,20 +74,26 @@ class LockService:
                 log.warning("could not release %d leases at stop; they expire by ttl", len(held))
 
     def request_hook(self) -> RequestHook | None:
-        return None
+        return LockHook(self)
 
     # backends --------------------------------------------------------------------
 
-    def backend(self, name: str | None = None) -> LeaseBackend:
+    def backend(self, name: str | None = None, *, fair: bool = False) -> LeaseBackend:
         """The lease backend called ``name`` (default: the first configured)."""
         chosen: str = name or self.runtime.default_backend
-        found = self._backends.get(chosen)
+        if fair and chosen != "redis":
+            raise ConfigError(
+                f"fair=True needs the Redis backend (got backend={chosen!r}): pass "
+                "backend='redis' or drop fair=True"
+            )
+        cache_key = f"{chosen}:fair" if fair else chosen
+        found = self._backends.get(cache_key)
         if found is not None:
             return found
         runtime = self.runtime
         if chosen == "redis":
             redis = runtime.require_redis("backend='redis'")
-            found = RedisLeases(redis, lambda: runtime.pubsub)
+            found = RedisLeases(redis, lambda: runtime.pubsub, FAIR if fair else PLAIN)
         elif chosen == "postgres":
             found = PostgresLeases(runtime.require_postgres("backend='postgres'"))
         elif chosen == "memory":
@@ -90,7 +102,7 @@ class LockService:
             raise ConfigError("backend='zookeeper' is not available yet; use redis or postgres")
         else:
             raise ConfigError(f"backend={name!r} is unknown: use one of {', '.join(_BACKENDS)}")
-        self._backends[chosen] = found
+        self._backends[cache_key] = found
         return found
 
     # factories -------------------------------------------------------------------
@@ -110,21 +122,22 @@ class LockService:
         Args:
             ttl: lease in seconds; renewed by the watchdog while held.
             timeout: ``None`` waits forever, ``0`` tries once, else seconds.
-            fair: serve waiters in arrival order (not available yet).
-            reentrant: let the holding task acquire again (not available yet).
+            fair: serve waiters in arrival order, handing the lease directly to the
+                next waiter (Redis); use the same fairness for every user of a name.
+            reentrant: let the task holding it acquire it again (nested, counted).
             backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the first configured.
         """
         validate_name(name, "lock name")
         validate_timing(ttl, timeout)
-        if fair or reentrant:
-            raise ConfigError("fair=True and reentrant=True are not available yet")
         return Lock(
-            backend=self.backend(backend),
+            backend=self.backend(backend, fair=fair),
             name=name,
             node_id=self.runtime.node_id,
             watchdog=self.watchdog,
             ttl=ttl,
             timeout=timeout,
+            reentrant=reentrant,
+            owners=self._reentrant,
         )
 
     def election(
@@ -157,5 +170,18 @@ class LockService:
     def semaphore(self, name: str, limit: int, **options: Any) -> Any:
         raise NotImplementedError("dist.semaphore() is not available yet")
 
-    def locked(self, template: str, **options: Any) -> Any:
-        raise NotImplementedError("@dist.locked is not available yet")
+    def locked(
+        self,
+        template: str,
+        *,
+        timeout: float | None = 0,
+        ttl: float = 30.0,
+        fair: bool = False,
+        backend: BackendName | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+        """``@dist.locked("order:{order_id}", timeout=0)`` on an endpoint.
+
+        Path parameters fill the name; the lock is held until the response
+        ends; a busy lock answers 409 with ``Retry-After``.
+        """
+        return locked(self, template, timeout=timeout, ttl=ttl, fair=fair, backend=backend)
