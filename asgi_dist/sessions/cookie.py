@@ -20,6 +20,7 @@ from asgi_dist.sessions.store import is_session_id
 __all__ = ["SessionCookie"]
 
 _SALT = "asgi_dist.session"
+_VERIFIED_CACHE = 10_000
 
 
 class SessionCookie:
@@ -44,6 +45,7 @@ class SessionCookie:
         if config.partitioned:
             attrs.append("Partitioned")
         self._attrs = "; ".join(attrs)
+        self._verified: dict[str, tuple[str, bool]] = {}
         max_age = math.ceil(config.absolute_timeout)
         self._max_age = f"; Max-Age={max_age}" if config.persistent else ""
 
@@ -55,11 +57,21 @@ class SessionCookie:
         value, sep, sig = raw.rpartition(".")
         if not sep or not is_session_id(value):
             return None, False
+        known = self._verified.get(raw)
+        if known is not None:
+            return known
         if self._newest.verify_signature(value, sig):
-            return value, False
-        if self._ring is not None and self._ring.verify_signature(value, sig):
-            return value, True  # re-signed with the newest key on the next write
-        return None, False
+            result = (value, False)
+        elif self._ring is not None and self._ring.verify_signature(value, sig):
+            result = (value, True)  # re-signed with the newest key on the next write
+        else:
+            return None, False
+        # Only cookies that verified are remembered, by their whole text (signature
+        # included), so a forged one can never hit; a hot session skips the HMAC.
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[raw] = result
+        return result
 
     def _find(self, scope: Scope) -> str | None:
         prefix = self._name_bytes + b"="

@@ -136,17 +136,17 @@ class SessionManager:
         cookie_needed = session.regenerated or session.resign
         if session.is_new:
             if session.has_content:
-                delta = session.full_delta()
-                if not await self.store.create(session.key, delta):
+                full = session.full_delta()
+                if not await self.store.create(session.key, full):
                     raise SessionError("a new session id collided with a stored one; retry")
-                session.mark_saved(delta)
+                session.mark_saved(full)
                 cookie_needed = True
             else:
                 if session.invalidated and session.had_cookie and headers is not None:
                     headers.append(self.cookie.expire_header(scope))
                 return  # nothing to store: no cookie for an empty session
         else:
-            delta = session.delta()
+            delta = session.delta() if session.may_have_changed else None
             if delta:
                 outcome = await self.store.save(session.key, delta)
                 if self._near is not None:

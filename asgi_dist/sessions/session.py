@@ -161,6 +161,9 @@ class Session(MutableMapping[str, Any]):
                 "store str, int, float, bool, None, and lists/dicts of them"
             ) from None
         old = self._dirty.get(key, self._raw.get(key)) if key in self._values else None
+        if old == text and key not in self._dirty:
+            self._values[key] = value  # the stored value already: nothing to write
+            return
         size = self._size - (_size(key, old) if old is not None else 0) + _size(key, text)
         if size > self._max_size:
             raise SessionTooLarge(
@@ -207,6 +210,13 @@ class Session(MutableMapping[str, Any]):
     def accessed(self) -> bool:
         """Read or written in this request (the response then varies by Cookie)."""
         return self._accessed
+
+    @property
+    def may_have_changed(self) -> bool:
+        """Cheap pre-check of :meth:`delta`: false for a plain read-only request."""
+        if self._dirty or self._deleted or self._user_changed:
+            return True
+        return self._accessed and any(isinstance(v, dict | list) for v in self._values.values())
 
     def delta(self) -> SessionDelta:
         """The changes of this request: keys set, keys deleted, in-place mutations."""

@@ -9,6 +9,7 @@ Redis Cluster slot and the move is one atomic script.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import secrets
@@ -59,7 +60,7 @@ class SessionKey:
 
     @classmethod
     def of(cls, session_id: str) -> SessionKey:
-        return cls(session_id[:SHARD_LENGTH], _digest(session_id))
+        return _key_of(session_id)
 
     @property
     def handle(self) -> str:
@@ -70,6 +71,12 @@ class SessionKey:
     def from_handle(cls, handle: str) -> SessionKey:
         shard, _, digest = handle.partition(".")
         return cls(shard, digest)
+
+
+@functools.lru_cache(maxsize=10_000)
+def _key_of(session_id: str) -> SessionKey:
+    # Hot sessions skip the SHA-256 (ids are random: the cache cannot be steered).
+    return SessionKey(session_id[:SHARD_LENGTH], _digest(session_id))
 
 
 @dataclass(slots=True)
