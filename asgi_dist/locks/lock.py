@@ -27,7 +27,8 @@ def validate_timing(ttl: float, timeout: float | None) -> None:
 
 
 class Lock:
-    """A named lock; every ``acquire()`` returns its own :class:`Held` handle.
+    """A named lock (or semaphore permit, or rwlock side); every ``acquire()``
+    returns its own :class:`Held` handle.
 
     The object holds no acquisition state shared between tasks: ``async with``
     keeps each task's handle apart, so one ``Lock`` may be used by many tasks.
@@ -44,8 +45,10 @@ class Lock:
         timeout: float | None,
         reentrant: bool = False,
         owners: dict[tuple[int, str], Held] | None = None,
+        kind: str = KIND,
     ) -> None:
         self.backend = backend
+        self.kind = kind
         self.reentrant = reentrant
         # The service-wide map of reentrant holds: (backend, name) -> handle.
         self._owners = owners if owners is not None else {}
@@ -57,7 +60,7 @@ class Lock:
         self._entered: dict[asyncio.Task[Any] | None, list[Held]] = {}
 
     def __repr__(self) -> str:
-        return f"<Lock {self.name!r} backend={self.backend.name} ttl={self.ttl:g}>"
+        return f"<Lock {self.kind}:{self.name!r} backend={self.backend.name} ttl={self.ttl:g}>"
 
     async def acquire(self, timeout: float | None = _DEFAULT) -> Held:  # noqa: ASYNC109
         """Wait up to ``timeout`` (default: the lock's); raises LockTimeout."""
@@ -78,11 +81,11 @@ class Lock:
                 return current.reenter()
         token = new_token(self.node_id)
         attempt = await acquire_lease(
-            self.backend, KIND, self.name, token=token, ttl=self.ttl, timeout=timeout
+            self.backend, self.kind, self.name, token=token, ttl=self.ttl, timeout=timeout
         )
         held = Held(
             backend=self.backend,
-            kind=KIND,
+            kind=self.kind,
             name=self.name,
             token=token,
             fence=attempt.fence,
@@ -104,7 +107,7 @@ class Lock:
 
     async def locked(self) -> bool:
         """Whether anyone holds the lock right now (a snapshot)."""
-        return await self.backend.holder(KIND, self.name) is not None
+        return await self.backend.holder(self.kind, self.name) is not None
 
     async def __aenter__(self) -> Held:
         held = await self.acquire()

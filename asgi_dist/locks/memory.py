@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from asgi_dist.backends.memory import MemoryBackend
 from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch
 
-__all__ = ["MemoryLeases"]
+__all__ = ["MemoryLeases", "MemoryRWLeases", "MemorySemaphoreLeases"]
 
 
 @dataclass(slots=True)
@@ -27,6 +27,8 @@ class _Store:
     def __init__(self) -> None:
         self.leases: dict[tuple[str, str], _Lease] = {}
         self.fences: dict[tuple[str, str], int] = {}
+        self.permits: dict[tuple[str, str], dict[str, _Lease]] = {}
+        self.writer_intents: dict[tuple[str, str], dict[str, float]] = {}
         self.wakeups = LocalWakeups()
 
 
@@ -89,3 +91,93 @@ class MemoryLeases:
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
         return self._store.wakeups.watch(kind, name)
+
+
+class MemorySemaphoreLeases(MemoryLeases):
+    """Up to ``limit`` holders at once, each with its own expiring permit."""
+
+    def __init__(self, memory: MemoryBackend, limit: int) -> None:
+        super().__init__(memory)
+        self.limit = limit
+        self._permits = self._store.permits
+
+    def _live_permits(self, key: tuple[str, str]) -> dict[str, _Lease]:
+        now = self._clock()
+        permits = self._permits.setdefault(key, {})
+        for token in [t for t, p in permits.items() if p.expires <= now]:
+            del permits[token]
+        return permits
+
+    async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
+        key = (kind, name)
+        permits = self._live_permits(key)
+        now = self._clock()
+        if len(permits) < self.limit:
+            fence = self._store.fences.get(key, 0) + 1
+            self._store.fences[key] = fence
+            permits[token] = _Lease(token, fence, now + ttl)
+            return Attempt(True, fence, ttl)
+        return Attempt(False, 0, min(p.expires for p in permits.values()) - now)
+
+    async def release(self, kind: str, name: str, token: str) -> bool:
+        permit = self._live_permits((kind, name)).pop(token, None)
+        if permit is None:
+            return False
+        self._store.wakeups.wake(kind, name)
+        return True
+
+    async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
+        permit = self._live_permits((kind, name)).get(token)
+        if permit is None:
+            return False
+        permit.expires = self._clock() + ttl
+        return True
+
+    async def holder(self, kind: str, name: str) -> str | None:
+        return None
+
+
+class MemoryRWLeases(MemoryLeases):
+    """Writer-preferring read/write lock: ``mode`` is ``"read"`` or ``"write"``."""
+
+    def __init__(self, memory: MemoryBackend, mode: str) -> None:
+        super().__init__(memory)
+        self.mode = mode
+        self._readers = MemorySemaphoreLeases(memory, limit=1 << 30)
+
+    def _waiting_writers(self, key: tuple[str, str]) -> dict[str, float]:
+        now = self._clock()
+        waiting = self._store.writer_intents.setdefault(key, {})
+        for token in [t for t, until in waiting.items() if until <= now]:
+            del waiting[token]
+        return waiting
+
+    async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
+        key = (kind, name)
+        writer = self._live(key)
+        readers = self._readers._live_permits(key)
+        now = self._clock()
+        if self.mode == "read":
+            if writer is not None:
+                return Attempt(False, 0, writer.expires - now)
+            if self._waiting_writers(key):
+                return Attempt(False, 0, 0.05)
+            return await self._readers.acquire(kind, name, token, ttl)
+        if writer is None and not readers:
+            self._waiting_writers(key).pop(token, None)
+            return await super().acquire(kind, name, token, ttl)
+        self._waiting_writers(key)[token] = now + 10.0
+        wait = writer.expires - now if writer else max(p.expires for p in readers.values()) - now
+        return Attempt(False, 0, wait, queued=True)
+
+    async def release(self, kind: str, name: str, token: str) -> bool:
+        if self.mode == "read":
+            return await self._readers.release(kind, name, token)
+        if self._waiting_writers((kind, name)).pop(token, None) is not None:
+            self._store.wakeups.wake(kind, name)
+        return await super().release(kind, name, token)
+
+    async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
+        if self.mode == "read":
+            return await self._readers.renew(kind, name, token, ttl)
+        return await super().renew(kind, name, token, ttl)

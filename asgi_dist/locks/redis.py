@@ -23,20 +23,27 @@ from asgi_dist.backends.pubsub import PubSubHub, Subscription
 from asgi_dist.backends.redis import RedisBackend, Script
 from asgi_dist.locks.backend import Attempt, Renewal, Watch
 
-__all__ = ["FAIR", "PLAIN", "RedisLeases", "Variant"]
+__all__ = ["FAIR", "PLAIN", "READ", "SEMAPHORE", "WRITE", "RedisLeases", "Variant"]
 
 _PACKAGE = "asgi_dist.locks"
 
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """Which scripts and keys implement one flavour of lease."""
+    """Which scripts and keys implement one flavour of lease.
+
+    Every acquire script takes ``ARGV = token, ttl_ms, waiter_ttl_ms, channel,
+    *extra``; release scripts ``token, channel``; renew scripts get the key at
+    ``renew_key`` and ``token, ttl_ms``.
+    """
 
     acquire: str
     release: str
     renew: str
     suffixes: tuple[str, ...]
-    queued: bool  # a failed attempt leaves a queue entry
+    queued: bool  # a failed attempt leaves an entry (queue position, writer intent)
+    renew_key: int = 0
+    holder_key: int | None = 0  # the hash whose 'token' names the exclusive holder
 
 
 PLAIN = Variant("acquire", "release", "renew", ("lease", "fence"), queued=False)
@@ -46,6 +53,19 @@ FAIR = Variant(
     "renew",
     ("lease", "fence", "queue", "alive", "ttls"),
     queued=True,
+)
+SEMAPHORE = Variant(
+    "sem_acquire",
+    "sem_release",
+    "sem_renew",
+    ("permits", "fence", "fences"),
+    queued=False,
+    holder_key=None,
+)
+_RW = ("readers", "fence", "rfences", "writer", "wwait")
+READ = Variant("rw_read", "sem_release", "sem_renew", _RW, queued=False, holder_key=3)
+WRITE = Variant(
+    "rw_write", "rw_write_release", "renew", _RW, queued=True, renew_key=3, holder_key=3
 )
 
 
@@ -80,6 +100,7 @@ class RedisLeases:
         variant: Variant = PLAIN,
         *,
         waiter_ttl: float = 10.0,
+        extra: tuple[int | str, ...] = (),
     ) -> None:
         self.redis = redis
         # The process's pub/sub hub, looked up on use (it is created lazily
@@ -87,6 +108,7 @@ class RedisLeases:
         self._hub = hub
         self.variant = variant
         self.waiter_ttl = waiter_ttl
+        self._extra = extra
         # Queued waiters re-attempt to prove they are alive (refreshing their
         # entry); plain waiters sleep until a wake-up or the holder's expiry.
         self.poll_interval: float | None = waiter_ttl / 3 if variant.queued else None
@@ -113,9 +135,7 @@ class RedisLeases:
             await script.load(self.redis.client)
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
-        args: list[str | int] = [token, _ms(ttl)]
-        if self.variant.queued:
-            args += [_ms(self.waiter_ttl), self.channel(kind, name)]
+        args = [token, _ms(ttl), _ms(self.waiter_ttl), self.channel(kind, name), *self._extra]
         got, value, remaining = await self._acquire(self.redis.client, self.keys(kind, name), args)
         return Attempt(bool(got), int(value), int(remaining) / 1000.0, self.variant.queued)
 
@@ -124,7 +144,7 @@ class RedisLeases:
         return bool(await self._release(self.redis.client, keys, [token, self.channel(kind, name)]))
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
-        lease = self.keys(kind, name)[0]
+        lease = self.keys(kind, name)[self.variant.renew_key]
         return bool(await self._renew(self.redis.client, [lease], [token, _ms(ttl)]))
 
     async def renew_many(self, leases: Sequence[Renewal]) -> list[bool | BaseException]:
@@ -134,7 +154,7 @@ class RedisLeases:
             # One pipeline: redis-py splits it per shard on Cluster.
             pipe = self.redis.client.pipeline(transaction=False)
             for r in leases:
-                lease = self.keys(r.kind, r.name)[0]
+                lease = self.keys(r.kind, r.name)[self.variant.renew_key]
                 pipe.evalsha(self._renew.sha, 1, lease, r.token, _ms(r.ttl))
             results = await pipe.execute(raise_on_error=False)
             if retry and any(isinstance(x, redis_errors.NoScriptError) for x in results):
@@ -145,7 +165,10 @@ class RedisLeases:
         return [x if isinstance(x, BaseException) else bool(x) for x in results]
 
     async def holder(self, kind: str, name: str) -> str | None:
-        value = await self.redis.client.hget(self.keys(kind, name)[0], "token")
+        if self.variant.holder_key is None:
+            return None  # shared permits have no single holder
+        key = self.keys(kind, name)[self.variant.holder_key]
+        value = await self.redis.client.hget(key, "token")
         return value.decode() if isinstance(value, bytes) else value
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:

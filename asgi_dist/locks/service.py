@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from asgi_dist.backends import BackendName, Runtime
 from asgi_dist.backends.redis import validate_name
@@ -20,10 +20,12 @@ from asgi_dist.locks.backend import LeaseBackend
 from asgi_dist.locks.election import Election, election_timings
 from asgi_dist.locks.lease import Held, Watchdog
 from asgi_dist.locks.lock import Lock, validate_timing
-from asgi_dist.locks.memory import MemoryLeases
+from asgi_dist.locks.memory import MemoryLeases, MemoryRWLeases, MemorySemaphoreLeases
 from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases
-from asgi_dist.locks.redis import FAIR, PLAIN, RedisLeases
+from asgi_dist.locks.redis import FAIR, PLAIN, READ, SEMAPHORE, WRITE, RedisLeases
 from asgi_dist.locks.request import LockHook, locked
+from asgi_dist.locks.rwlock import KIND as RW_KIND
+from asgi_dist.locks.rwlock import RWLock
 
 __all__ = ["LockService"]
 
@@ -164,11 +166,83 @@ class LockService:
             retry=retry,
         )
 
-    def rwlock(self, name: str, **options: Any) -> Any:
-        raise NotImplementedError("dist.rwlock() is not available yet")
+    def rwlock(
+        self,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        timeout: float | None = None,
+        backend: BackendName | None = None,
+    ) -> RWLock:
+        """A read/write lock: ``.read()`` and ``.write()`` return lock objects."""
+        validate_name(name, "rwlock name")
+        validate_timing(ttl, timeout)
+        chosen = self._shared_backend(backend, "rwlock")
 
-    def semaphore(self, name: str, limit: int, **options: Any) -> Any:
-        raise NotImplementedError("dist.semaphore() is not available yet")
+        def side(mode: str) -> Callable[[], Lock]:
+            def make() -> Lock:
+                return Lock(
+                    backend=self._variant(chosen, mode),
+                    name=name,
+                    node_id=self.runtime.node_id,
+                    watchdog=self.watchdog,
+                    ttl=ttl,
+                    timeout=timeout,
+                    kind=RW_KIND,
+                )
+
+            return make
+
+        return RWLock(name, side("read"), side("write"))
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        *,
+        ttl: float = 30.0,
+        timeout: float | None = None,
+        backend: BackendName | None = None,
+    ) -> Lock:
+        """At most ``limit`` holders at once; each permit expires unless renewed."""
+        validate_name(name, "semaphore name")
+        validate_timing(ttl, timeout)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1_000_000:
+            raise ConfigError(f"limit={limit!r} is invalid: use an integer from 1 to 1000000")
+        chosen = self._shared_backend(backend, "semaphore")
+        return Lock(
+            backend=self._variant(chosen, "semaphore", limit),
+            name=name,
+            node_id=self.runtime.node_id,
+            watchdog=self.watchdog,
+            ttl=ttl,
+            timeout=timeout,
+            kind="semaphore",
+        )
+
+    def _shared_backend(self, backend: str | None, what: str) -> str:
+        chosen = backend or self.runtime.default_backend
+        if chosen not in ("redis", "memory"):
+            raise ConfigError(f"dist.{what}() supports backend='redis' or 'memory', not {chosen!r}")
+        return chosen
+
+    def _variant(self, chosen: str, mode: str, limit: int = 0) -> LeaseBackend:
+        cache_key = f"{chosen}:{mode}:{limit}"
+        found = self._backends.get(cache_key)
+        if found is not None:
+            return found
+        runtime = self.runtime
+        if chosen == "redis":
+            redis = runtime.require_redis(f"backend='redis' ({mode})")
+            variant = {"semaphore": SEMAPHORE, "read": READ, "write": WRITE}[mode]
+            extra: tuple[int, ...] = (limit,) if mode == "semaphore" else ()
+            found = RedisLeases(redis, lambda: runtime.pubsub, variant, extra=extra)
+        elif mode == "semaphore":
+            found = MemorySemaphoreLeases(runtime.memory, limit)
+        else:
+            found = MemoryRWLeases(runtime.memory, mode)
+        self._backends[cache_key] = found
+        return found
 
     def locked(
         self,
