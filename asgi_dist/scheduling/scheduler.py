@@ -57,7 +57,7 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger("asgi_dist.scheduling")
 
-_MAX_SLEEP = 30.0  # the leader re-reads the server clock at least this often
+_MAX_SLEEP = 5.0  # the leader re-reads the server clock (and its term) at least this often
 _MAX_PAYLOAD = 64 * 1024
 
 
@@ -296,6 +296,13 @@ class Scheduler:
         self._stopping = True
         self._started = False
         if self._campaign is not None:
+            if self.leading:
+                # Wake the leader loop so it leaves the leadership block by itself
+                # (resigning at once); cancelling it inside a pub/sub read can be
+                # swallowed by the client's own read timeout.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.store.wake(), 1.0)
+                await asyncio.wait({self._campaign}, timeout=2.0)
             self._campaign.cancel()
             with contextlib.suppress(BaseException):
                 await self._campaign
@@ -440,6 +447,9 @@ class Scheduler:
 
     async def _lead(self, term: _Term) -> None:
         store = self.store
+        # Subscribe to wake-ups before the first pass, so a trigger queued after
+        # that pass cannot sleep unnoticed until the next scheduled fire.
+        await store.wait_wakeup(0)
         self.leading, self.fence = True, int(term.fence)
         self.terms += 1
         log.info("scheduler: %s leads (fence %d)", self.runtime.node_id, self.fence)
@@ -448,6 +458,10 @@ class Scheduler:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
         while not self._stopping:
+            if term.lost.is_set():
+                # Normally the election cancels this body; checking too keeps a
+                # swallowed cancellation from leaving a deposed leader looping.
+                raise LockLost(f"the scheduler's term {self.fence} was lost")
             now = await store.now_ms()
             for job in self.registry:
                 await self._fire_due(job, now)

@@ -121,6 +121,10 @@ class SchedulerStore(Protocol):
 
     async def drop_once(self, entry: dict[str, Any]) -> None: ...
 
+    async def wake(self) -> None:
+        """Wake the leader loop (wherever it runs)."""
+        ...
+
     async def wait_wakeup(self, seconds: float) -> None:
         """Return when a trigger, one-off or pause arrives, or after ``seconds``."""
         ...

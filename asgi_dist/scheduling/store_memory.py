@@ -150,6 +150,9 @@ class MemoryStore:
         text = json.dumps(entry, sort_keys=True)
         self._once = [(at, e) for at, e in self._once if e != text]
 
+    async def wake(self) -> None:
+        self._wake.set()
+
     async def wait_wakeup(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))

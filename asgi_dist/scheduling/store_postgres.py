@@ -218,7 +218,7 @@ class PostgresStore:
             job,
             paused,
         )
-        await self._notify()
+        await self.wake()
 
     async def push_trigger(self, entry: dict[str, Any]) -> None:
         await self._enqueue("trigger", 0, entry)
@@ -242,7 +242,7 @@ class PostgresStore:
             due_ms,
             json.dumps(entry),
         )
-        await self._notify()
+        await self.wake()
 
     async def due_once(self, now_ms: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -265,7 +265,7 @@ class PostgresStore:
             str(entry.get("fire_id")),
         )
 
-    async def _notify(self) -> None:
+    async def wake(self) -> None:
         await self.pool.execute("SELECT pg_notify($1, '1')", self.channel)
 
     def _on_notify(self, *_: Any) -> None:

@@ -139,11 +139,11 @@ class RedisStore:
 
     async def set_paused(self, job: str, paused: bool) -> None:
         await self.client.hset(self._job_key(job, "state"), "paused", "1" if paused else "0")
-        await self._wake()
+        await self.wake()
 
     async def push_trigger(self, entry: dict[str, Any]) -> None:
         await self.client.rpush(self._triggers, _bounded(entry))
-        await self._wake()
+        await self.wake()
 
     async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
         raw: Any = await self.client.lpop(self._triggers, limit)
@@ -151,7 +151,7 @@ class RedisStore:
 
     async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
         await self.client.zadd(self._once, {_bounded(entry): at_ms})
-        await self._wake()
+        await self.wake()
 
     async def due_once(self, now_ms: int, limit: int) -> list[dict[str, Any]]:
         raw: Any = await self.client.zrangebyscore(self._once, "-inf", now_ms, start=0, num=limit)
@@ -164,7 +164,7 @@ class RedisStore:
     async def drop_once(self, entry: dict[str, Any]) -> None:
         await self.client.zrem(self._once, _bounded(entry))
 
-    async def _wake(self) -> None:
+    async def wake(self) -> None:
         await self.client.publish(self._channel, "1")
 
     async def wait_wakeup(self, seconds: float) -> None:

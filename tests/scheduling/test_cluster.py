@@ -7,6 +7,7 @@ not run.  Failover times are printed, never asserted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -26,16 +27,14 @@ async def runs(client: aioredis.Redis, namespace: str) -> list[dict[str, Any]]:
     return [json.loads(r) for r in await client.lrange(f"{namespace}:runs", 0, -1)]
 
 
-async def wait_for(predicate: Any, timeout: float, what: str) -> float:
+async def wait_for(predicate: Any, within: float, what: str) -> float:
     """Poll ``predicate`` (async, bounded); returns the monotonic time it became true."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return time.monotonic()
         await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def stop_all(processes: ProcessGroup) -> None:
@@ -72,9 +71,7 @@ async def assert_each_fire_once(observer: Dist, recorded: list[dict[str, Any]]) 
         ran = {int(f.rpartition(":")[2]) for f in fire_ids}
         first, last = min(ran), max(ran)
         expected = range(first, last + 1, 1000)
-        unaccounted = [
-            ms for ms in expected if ms not in ran and f"{job}:{ms}" not in status
-        ]
+        unaccounted = [ms for ms in expected if ms not in ran and f"{job}:{ms}" not in status]
         assert not unaccounted, f"{job}: fires neither run nor recorded: {unaccounted}"
         # A fire not in the run log is explained by its history record.
         for ms in expected:
@@ -107,8 +104,6 @@ async def test_three_processes_run_every_fire_exactly_once(
     redis_client: aioredis.Redis,
     make_dist: Any,
 ) -> None:
-    import asyncio
-
     start_nodes(processes, redis_url, namespace, 3)
     await leader_pid(redis_client, namespace)
     await asyncio.sleep(5)
@@ -129,8 +124,6 @@ async def test_paused_leader_that_wakes_up_runs_no_fire_twice(
     redis_client: aioredis.Redis,
     make_dist: Any,
 ) -> None:
-    import asyncio
-
     workers = {w.pid: w for w in start_nodes(processes, redis_url, namespace, 3)}
     old = await leader_pid(redis_client, namespace)
     workers[old].stop()  # SIGSTOP: the leader freezes with its lease and its loop intact
@@ -161,8 +154,6 @@ async def test_killed_leader_is_replaced_and_the_gap_is_in_history(
     redis_client: aioredis.Redis,
     make_dist: Any,
 ) -> None:
-    import asyncio
-
     workers = {w.pid: w for w in start_nodes(processes, redis_url, namespace, 3)}
     old = await leader_pid(redis_client, namespace)
     await asyncio.sleep(0.3)
@@ -193,8 +184,6 @@ async def test_graceful_stop_hands_over_and_the_next_fire_is_not_missed(
     redis_client: aioredis.Redis,
     make_dist: Any,
 ) -> None:
-    import asyncio
-
     workers = {w.pid: w for w in start_nodes(processes, redis_url, namespace, 3)}
     old = await leader_pid(redis_client, namespace)
     await asyncio.sleep(0.2)

@@ -1,0 +1,244 @@
+"""Job behaviour on one node: retries, timeouts, overlap, dependencies, operations, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from asgi_dist import Dist
+from asgi_dist.scheduling import JobContext, SchedulerConfig
+from asgi_dist.scheduling.jobs import Job, JobOptions
+from asgi_dist.scheduling.scheduler import _runnable
+from asgi_dist.scheduling.schedules import interval
+
+NEVER = "0 0 1 1 *"  # once a year: these jobs run when triggered
+ONE_OFF_RUNS: dict[str, list[JobContext]] = defaultdict(list)
+
+
+async def one_off(ctx: JobContext) -> None:
+    ONE_OFF_RUNS[ctx.payload["key"]].append(ctx)
+
+
+async def settle(dist: Dist, job: str, fire_id: str, within: float = 10.0) -> dict[str, Any]:
+    """The final history record of ``fire_id`` (bounded wait)."""
+    final = {"succeeded", "failed", "cancelled", "skipped", "missed", "paused"}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for record in await dist.scheduler.history(job, 100):
+            if record["fire_id"] == fire_id and record["status"] in final:
+                return record
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{fire_id} did not finish within {within}s")
+
+
+async def leading(dist: Dist, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not dist.scheduler.leading:
+        assert time.monotonic() < deadline, "the scheduler did not lead"
+        await asyncio.sleep(0.01)
+
+
+async def test_retries_back_off_and_record_the_attempt(sched_dist: Any) -> None:
+    attempts: list[tuple[int, float]] = []
+    dist = await sched_dist(start=False, scheduler=SchedulerConfig(retry_backoff=0.05))
+
+    @dist.cron(NEVER, retries=3)
+    async def flaky(ctx: JobContext) -> None:
+        attempts.append((ctx.attempt, time.monotonic()))
+        if ctx.attempt < 3:
+            raise RuntimeError(f"transient failure {ctx.attempt}")
+
+    await dist.start()
+    await leading(dist)
+    record = await settle(dist, "flaky", await dist.scheduler.trigger("flaky"))
+    assert [a for a, _ in attempts] == [1, 2, 3]
+    assert record["status"] == "succeeded" and record["attempt"] == 3
+    assert record["error"] is None
+
+
+async def test_a_run_past_its_timeout_fails_with_a_clear_error(sched_dist: Any) -> None:
+    dist = await sched_dist(start=False)
+
+    @dist.cron(NEVER, timeout=0.1)
+    async def slow(ctx: JobContext) -> None:
+        await asyncio.sleep(30)
+
+    await dist.start()
+    await leading(dist)
+    record = await settle(dist, "slow", await dist.scheduler.trigger("slow"))
+    assert record["status"] == "failed"
+    assert "timed out after 0.1s" in record["error"]
+
+
+async def test_overlap_forbid_skips_a_fire_while_the_previous_runs(sched_dist: Any) -> None:
+    release = asyncio.Event()
+    dist = await sched_dist(start=False)
+
+    @dist.cron(NEVER, overlap="forbid")
+    async def exclusive(ctx: JobContext) -> None:
+        await release.wait()
+
+    await dist.start()
+    await leading(dist)
+    first = await dist.scheduler.trigger("exclusive")
+    await asyncio.sleep(0.2)
+    second = await dist.scheduler.trigger("exclusive")
+    skipped = await settle(dist, "exclusive", second)
+    release.set()
+    assert skipped["status"] == "skipped" and "overlap" in skipped["error"]
+    assert (await settle(dist, "exclusive", first))["status"] == "succeeded"
+
+
+async def test_overlap_replace_cancels_the_previous_run(sched_dist: Any) -> None:
+    started: list[str] = []
+    dist = await sched_dist(start=False)
+
+    @dist.cron(NEVER, overlap="replace")
+    async def latest(ctx: JobContext) -> None:
+        started.append(ctx.fire_id)
+        if len(started) == 1:
+            await asyncio.sleep(30)
+
+    await dist.start()
+    await leading(dist)
+    first = await dist.scheduler.trigger("latest")
+    await asyncio.sleep(0.2)
+    second = await dist.scheduler.trigger("latest")
+    assert (await settle(dist, "latest", first))["status"] == "cancelled"
+    assert (await settle(dist, "latest", second))["status"] == "succeeded"
+    assert started == [first, second]
+
+
+async def test_child_runs_after_its_parent_succeeded_for_the_same_fire(sched_dist: Any) -> None:
+    finished: dict[str, float] = {}
+    child_started: dict[str, float] = {}
+    dist = await sched_dist(start=False)
+
+    @dist.every(seconds=0.5)
+    async def parent(ctx: JobContext) -> None:
+        await asyncio.sleep(0.05)
+        if ctx.fire_time.microsecond:  # fails on the half seconds
+            raise RuntimeError("parent failed")
+        finished[ctx.fire_id.rpartition(":")[2]] = time.monotonic()
+
+    @dist.every(seconds=0.5, after=["parent"])
+    async def child(ctx: JobContext) -> None:
+        child_started[ctx.fire_id.rpartition(":")[2]] = time.monotonic()
+
+    await dist.start()
+    deadline = time.monotonic() + 10
+    while len(child_started) < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)
+    for fire, at in child_started.items():
+        assert fire in finished and finished[fire] <= at  # only after the parent's success
+    skipped = [h for h in await dist.scheduler.history("child", 20) if h["status"] == "skipped"]
+    assert skipped and all("parent 'parent'" in h["error"] for h in skipped)
+    assert all(int(h["fire_ms"]) % 1000 == 500 for h in skipped)
+
+
+async def test_pause_resume_and_trigger_from_a_node_that_does_not_lead(
+    sched_dist: Any,
+) -> None:
+    runs: list[JobContext] = []
+    leader = await sched_dist(start=False)
+    operator = await sched_dist(start=False, scheduler=SchedulerConfig(enabled=False))
+    for dist in (leader, operator):
+
+        @dist.every(seconds=0.2, name="beat")
+        async def beat(ctx: JobContext) -> None:
+            runs.append(ctx)
+
+    await leader.start()
+    await operator.start()
+    await leading(leader)
+    await operator.scheduler.pause("beat")
+    await asyncio.sleep(0.3)  # a fire in flight may still finish
+    count = len(runs)
+    await asyncio.sleep(0.7)
+    assert len(runs) == count, "a paused job started"
+    history = await operator.scheduler.history("beat", 5)
+    assert history[0]["status"] == "paused"  # paused fires are recorded, not dropped
+    assert [j["paused"] for j in await operator.scheduler.jobs()] == [True]
+    fire_id = await operator.scheduler.trigger("beat")
+    assert (await settle(operator, "beat", fire_id))["status"] == "paused"
+    await operator.scheduler.resume("beat")
+    fire_id = await operator.scheduler.trigger("beat", payload={"by": "operator"})
+    record = await settle(operator, "beat", fire_id)
+    assert record["status"] == "succeeded" and record["node"] == leader.node_id
+    assert any(r.fire_id == fire_id and r.payload == {"by": "operator"} for r in runs)
+
+
+async def test_one_off_runs_once_at_its_time(sched_dist: Any) -> None:
+    dist = await sched_dist()
+    await leading(dist)
+    key = dist.namespace
+    fire_id = await dist.scheduler.at(0.3, one_off, name="once", payload={"key": key})
+    record = await settle(dist, "once", fire_id)
+    assert record["status"] == "succeeded" and record["kind"] == "once"
+    assert [c.fire_id for c in ONE_OFF_RUNS[key]] == [fire_id]
+    assert record["started_at"] >= record["fire_ms"]
+
+
+async def test_shutdown_cancels_running_jobs_after_the_grace_and_records_it(
+    sched_dist: Any,
+) -> None:
+    started = asyncio.Event()
+    dist = await sched_dist(start=False, scheduler=SchedulerConfig(shutdown_grace=0.2))
+    observer = await sched_dist(start=False, scheduler=SchedulerConfig(enabled=False))
+
+    @dist.cron(NEVER)
+    async def endless(ctx: JobContext) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    await dist.start()
+    await observer.start()
+    await leading(dist)
+    fire_id = await dist.scheduler.trigger("endless")
+    await asyncio.wait_for(started.wait(), 10)
+    await dist.stop()
+    record = await settle(observer, "endless", fire_id)
+    assert record["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "memory"])
+async def test_every_backend_runs_interval_fires_in_sequence(sched_dist: Any, backend: str) -> None:
+    seen: list[str] = []
+    extra: dict[str, Any] = {"redis": None}  # postgres alone, or nothing: the memory backend
+    if backend == "memory":
+        extra["postgres"] = None
+    dist = await sched_dist(start=False, **extra)
+
+    @dist.every(seconds=0.2)
+    async def quick(ctx: JobContext) -> None:
+        seen.append(ctx.fire_id)
+
+    await dist.start()
+    deadline = time.monotonic() + 10
+    while len(seen) < 4:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.02)
+    fires = [int(f.rpartition(":")[2]) for f in seen]
+    assert fires == list(range(fires[0], fires[0] + 200 * len(fires), 200))
+    assert len(await dist.scheduler.history("quick", 10)) >= 4
+
+
+def test_misfire_policies_decide_which_late_fires_still_run() -> None:
+    async def noop(ctx: JobContext) -> None:
+        return None
+
+    def job(misfire: Any) -> Job:
+        return Job("j", noop, interval(1), JobOptions(misfire=misfire, misfire_grace=1.5))
+
+    fires, now = [1000, 2000, 3000, 4000, 5000], 5500
+    assert _runnable(job("skip"), fires, now, 6000, 10) == {4000, 5000}
+    assert _runnable(job("run_once"), fires, now, 6000, 10) == {3000, 4000, 5000}
+    assert _runnable(job("run_all"), fires, now, 6000, 2) == {2000, 3000, 4000, 5000}
+    # More late fires beyond this bounded batch: the batch's late ones are all missed.
+    assert _runnable(job("run_once"), fires[:2], now, 3000, 10) == set()
