@@ -38,6 +38,7 @@ class Fire:
     shard_total: int = 1
     jitter_cap_ms: int = 0
     blocked: str | None = None  # why it cannot follow its parents, known before it starts
+    broadcast: bool = False  # one shard of a broadcast: its outcome goes under "shards"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
         }
         if started_ms:
             patch["started_at"] = started_ms
+        if fire.broadcast:
+            # Shards finish independently: each writes its own entry, never the
+            # fire's overall status.
+            patch = {f"shard_{fire.shard_index}": patch}
         # Shielded: a cancelled run must still say so in its history.
         with contextlib.suppress(Exception):
             await asyncio.shield(

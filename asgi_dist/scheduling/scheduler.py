@@ -27,6 +27,7 @@ from asgi_dist.backends import Runtime, as_backend_unavailable
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError, LockLost, SchedulerError
 from asgi_dist.locks import LockService
+from asgi_dist.scheduling.dispatch import Dispatcher
 from asgi_dist.scheduling.jobs import (
     Job,
     JobFunc,
@@ -141,6 +142,8 @@ class Scheduler:
         self._campaign: asyncio.Task[Any] | None = None
         self._runs: dict[str, tuple[str, asyncio.Task[str]]] = {}  # fire_id -> (job, task)
         self._next: dict[str, int | None] = {}
+        self._dispatcher: Dispatcher | None = None
+        self._workers: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._started = False
         self.leading = False
@@ -214,10 +217,15 @@ class Scheduler:
         job_name = validate_job_name(name or default_name(func))
         check_function(func, job_name)
         options.validate(job_name)
-        if options.broadcast or options.run_on != "leader":
+        if (options.broadcast or options.run_on == "any") and self._backend() == "postgres":
             raise ConfigError(
-                f"job {job_name!r}: broadcast=True and run_on='any' are not available yet in "
-                "this version; use run_on='leader'"
+                f"job {job_name!r}: broadcast=True and run_on='any' hand fires over through "
+                "Redis Streams: configure Dist(redis=...) or use run_on='leader'"
+            )
+        if options.broadcast and options.overlap != "allow":
+            raise ConfigError(
+                f"job {job_name!r}: overlap={options.overlap!r} cannot apply to broadcast "
+                "shards; use overlap='allow' and make each shard's work idempotent"
             )
         if self._started:
             raise ConfigError(
@@ -286,7 +294,35 @@ class Scheduler:
         # Disabled, the process still operates the cluster's jobs (trigger, pause,
         # history) but never leads or runs them.
         if self.config.enabled:
+            await self._start_dispatch()
             self._campaign = self.runtime.spawn("scheduler", self._campaign_forever)
+
+    async def _start_dispatch(self) -> None:
+        jobs = list(self.registry)
+        wants_any = any(j.options.run_on == "any" for j in jobs)
+        wants_broadcast = any(j.options.broadcast for j in jobs)
+        if self.runtime.redis is None or self._backend() != "redis":
+            return  # memory: this one process is the whole cluster
+        if not (wants_any or wants_broadcast):
+            return  # idle followers stay silent
+        from asgi_dist.scheduling.dispatch import Dispatcher
+
+        dispatcher = Dispatcher(self.runtime.redis, self.runtime.node_id, self.runtime.leader_ttl)
+        await dispatcher.join()
+        self._dispatcher = dispatcher
+        spawn = self.runtime.spawn
+        if wants_any:
+            self._workers.append(
+                spawn("scheduler-any", lambda: dispatcher.consume_any_forever(self._received))
+            )
+        if wants_broadcast:
+            self._workers.append(spawn("scheduler-heartbeat", dispatcher.heartbeat_forever))
+            self._workers.append(
+                spawn(
+                    "scheduler-broadcast",
+                    lambda: dispatcher.consume_broadcast_forever(self._received),
+                )
+            )
 
     async def stop(self) -> None:
         """Resign at once (hand-over in milliseconds), give running jobs the grace period,
@@ -307,6 +343,14 @@ class Scheduler:
             with contextlib.suppress(BaseException):
                 await self._campaign
             self._campaign = None
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        if self._dispatcher is not None:
+            with contextlib.suppress(Exception):
+                await self._dispatcher.leave()
+            self._dispatcher = None
         runs = [task for _, task in self._runs.values()]
         if runs:
             await asyncio.wait(runs, timeout=self.config.shutdown_grace)
@@ -526,7 +570,7 @@ class Scheduler:
             return False
         self._next[job.name] = following
         if result.status == "claimed":
-            self._launch(job, fire_ms, fire_id, None)
+            await self._hand_over(job, fire_ms, fire_id, None)
         return True
 
     def _claim_ttl(self, schedule: Schedule, fire_ms: int) -> int:
@@ -546,12 +590,65 @@ class Scheduler:
             "error": None,
         }
 
-    def _launch(self, job: Job, fire_ms: int, fire_id: str, payload: Any) -> None:
+    async def _hand_over(self, job: Job, fire_ms: int, fire_id: str, payload: Any) -> None:
+        """Run a claimed fire here, or hand it to the cluster (run_on="any", broadcast)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or not (job.options.broadcast or job.options.run_on == "any"):
+            self._launch(job, fire_ms, fire_id, payload)
+            return
+        entry: dict[str, Any] = {
+            "job": job.name,
+            "fire_ms": fire_ms,
+            "fire_id": fire_id,
+            "fence": self.fence,
+            "payload": payload,
+        }
+        if job.options.broadcast:
+            members = await dispatcher.members() or [self.runtime.node_id]
+            entry["members"] = members
+            patch = {"status": "dispatched", "shard_total": len(members), "members": members}
+            await self.store.finish(job.name, fire_id, patch, release=False)
+            await dispatcher.send_broadcast(entry)
+        else:
+            await self.store.finish(job.name, fire_id, {"status": "dispatched"}, release=False)
+            await dispatcher.send_any(entry)
+
+    def _received(self, entry: dict[str, Any]) -> None:
+        """A fire handed over by the leader (any node, including the leader itself)."""
+        job = self.registry.get(str(entry.get("job")))
+        if job is None:
+            log.error("dispatched fire %s names a job unknown here", entry.get("fire_id"))
+            return
+        shard, total = 0, 1
+        if job.options.broadcast:
+            members = [str(m) for m in entry.get("members", [])]
+            if self.runtime.node_id not in members:
+                return  # joined after the fire was sharded
+            shard, total = members.index(self.runtime.node_id), len(members)
+        self._launch(
+            job,
+            int(entry["fire_ms"]),
+            str(entry["fire_id"]),
+            entry.get("payload"),
+            fence=int(entry["fence"]),
+            shard=(shard, total),
+        )
+
+    def _launch(
+        self,
+        job: Job,
+        fire_ms: int,
+        fire_id: str,
+        payload: Any,
+        *,
+        fence: int | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         if job.options.overlap == "replace":
             # A run of the same job in this process gives way at once; runs on
             # other nodes notice at their next lease renewal.
-            for other_id, (other_job, task) in list(self._runs.items()):
-                if other_job == job.name and other_id != fire_id:
+            for other_key, (other_job, task) in list(self._runs.items()):
+                if other_job == job.name and not other_key.startswith(f"{fire_id}#"):
                     task.cancel()
         jitter_ms = 0
         if job.options.jitter > 0:
@@ -564,7 +661,10 @@ class Scheduler:
             job=job,
             fire_ms=fire_ms,
             fire_id=fire_id,
-            fence=self.fence,
+            fence=self.fence if fence is None else fence,
+            shard_index=shard[0],
+            shard_total=shard[1],
+            broadcast=job.options.broadcast,
             node_id=self.runtime.node_id,
             leased=job.options.overlap != "allow",
             payload=payload,
@@ -578,8 +678,9 @@ class Scheduler:
             dependency_wait=self.config.dependency_wait,
         )
         task = asyncio.create_task(run_fire(self.store, fire, settings), name=f"job:{fire_id}")
-        self._runs[fire_id] = (job.name, task)
-        task.add_done_callback(lambda _: self._runs.pop(fire_id, None))
+        run_key = f"{fire_id}#{shard[0]}"
+        self._runs[run_key] = (job.name, task)
+        task.add_done_callback(lambda _: self._runs.pop(run_key, None))
 
     def _parents_without_fire(self, job: Job, fire_ms: int) -> str | None:
         """Why the fire cannot follow its parents (one has no fire at this time), or None."""
@@ -632,7 +733,7 @@ class Scheduler:
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
-            self._launch(job, fire_ms, fire_id, entry.get("payload"))
+            await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))
 
 
 def _runnable(

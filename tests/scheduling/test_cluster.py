@@ -209,3 +209,44 @@ async def test_graceful_stop_hands_over_and_the_next_fire_is_not_missed(
         f"graceful stop: first run on another node {handover:.2f}s after SIGTERM; "
         f"claim lateness max {max(lateness)} ms; {report}"
     )
+
+
+async def test_broadcast_shards_across_live_nodes_and_any_spreads_load(
+    processes: ProcessGroup,
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    env = {"REDIS_URL": redis_url, "NAMESPACE": namespace, "JOBS": "dispatch"}
+    workers = processes.python(NODE, 3, env=env)
+    pids = {w.pid for w in workers}
+
+    async def all_three_shard() -> bool:
+        return any(
+            r["job"] == "everywhere" and r["shard"][1] == 3
+            for r in await runs(redis_client, namespace)
+        )
+
+    await wait_for(all_three_shard, 20, "a broadcast over three nodes")
+    await asyncio.sleep(2.2)
+    stop_all(processes)
+    recorded = await runs(redis_client, namespace)
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for r in recorded:
+        if r["job"] == "everywhere":
+            shards.setdefault(r["fire_id"], []).append(r)
+    full = [s for s in shards.values() if s[0]["shard"][1] == 3]
+    assert len(full) >= 2, shards
+    for fire in shards.values():
+        total = fire[0]["shard"][1]
+        # Each live member ran its own shard once: indexes 0..total-1, one per process.
+        assert sorted(r["shard"][0] for r in fire) == list(range(len(fire)))
+        assert len({r["pid"] for r in fire}) == len(fire) <= total
+    for fire in full:
+        assert {r["pid"] for r in fire} == pids
+    anywhere = [r for r in recorded if r["job"] == "anywhere"]
+    fire_ids = [r["fire_id"] for r in anywhere]
+    assert len(fire_ids) == len(set(fire_ids)) >= 8, "a run_on='any' fire ran twice"
+    spread = Counter(r["pid"] for r in anywhere)
+    assert len(spread) >= 2, f"run_on='any' did not spread: {spread}"
+    print(f"broadcast fires with 3 shards: {len(full)}; run_on='any' spread {dict(spread)}")

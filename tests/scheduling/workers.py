@@ -34,6 +34,24 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
         entry = {"fire_id": ctx.fire_id, "job": ctx.job, "pid": os.getpid(), "fence": ctx.fence}
         await client.rpush(runs, json.dumps(entry))
 
+    if os.environ.get("JOBS") == "dispatch":
+
+        @dist.every(seconds=1, broadcast=True)
+        async def everywhere(ctx: JobContext) -> None:
+            entry = {
+                "fire_id": ctx.fire_id,
+                "job": ctx.job,
+                "pid": os.getpid(),
+                "shard": [ctx.shard_index, ctx.shard_total],
+            }
+            await client.rpush(runs, json.dumps(entry))
+
+        @dist.every(seconds=0.25, run_on="any")
+        async def anywhere(ctx: JobContext) -> None:
+            await record(ctx)
+
+        return dist, client
+
     @dist.every(seconds=1, misfire="run_once", misfire_grace=1.0)
     async def tick(ctx: JobContext) -> None:
         await record(ctx)
