@@ -1,0 +1,299 @@
+"""Scheduler benchmark (not a test): lateness, failover, idle cost, duplicates vs APScheduler 3.
+
+    python loadtests/scheduling_bench.py [--seconds 8] [--ttl 2]
+
+Everything runs against a private redis-server on a free port (so command counts
+are ours alone) with real OS processes.  Prints a Markdown table:
+
+* fire lateness (scheduled time -> handler start) p50/p99 with 3 nodes;
+* failover: SIGKILL of the leader -> first run on another node, and SIGTERM
+  (graceful resign) -> first run on another node, both in ms and in leader_ttl;
+* Redis commands per second caused by one idle follower;
+* duplicates and unrecorded misses in each scenario, next to APScheduler 3 in
+  3 processes (``pip install "apscheduler<4"``), which runs every job once per process.
+
+Lateness and failover on a shared 2-core machine are noisy: read them as orders
+of magnitude, and the duplicate counts as exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers.servers import RedisServer  # noqa: E402
+
+NODE = r"""
+import asyncio, json, os, signal, sys, time
+import redis.asyncio as aioredis
+from asgi_dist import Dist
+from asgi_dist.scheduling import SchedulerConfig
+from asgi_dist.transactions import TransactionConfig
+
+URL, NS, MODE = os.environ["URL"], os.environ["NS"], os.environ["MODE"]
+PERIOD, TTL = float(os.environ["PERIOD"]), float(os.environ["TTL"])
+
+async def main():
+    client = aioredis.Redis.from_url(URL)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if MODE == "aps":
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        sched = AsyncIOScheduler()
+        async def job():
+            await client.rpush(NS + ":runs", json.dumps([int(time.time()), os.getpid(), 0]))
+        sched.add_job(job, "interval", seconds=PERIOD)
+        sched.start()
+        await stop.wait()
+        sched.shutdown(wait=False)
+        return
+    dist = Dist(redis=URL, namespace=NS, leader_ttl=TTL, sessions=False,
+                transactions=TransactionConfig(enabled=False),
+                scheduler=SchedulerConfig(shutdown_grace=0.5))
+    if MODE == "jobs":
+        @dist.every(seconds=PERIOD, misfire="run_once", misfire_grace=1.0)
+        async def lat(ctx):
+            late = time.time() * 1000 - ctx.fire_time.timestamp() * 1000
+            await client.rpush(NS + ":runs", json.dumps([ctx.fire_id, os.getpid(), late]))
+    async with dist:
+        await stop.wait()
+    await client.aclose()
+
+asyncio.run(main())
+"""
+
+
+class Nodes:
+    def __init__(self, url: str, ns: str, tmp: Path) -> None:
+        self.url, self.ns, self.tmp = url, ns, tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, mode: str, n: int, period: float, ttl: float) -> list[subprocess.Popen[bytes]]:
+        env = dict(os.environ, URL=self.url, NS=self.ns, MODE=mode, PERIOD=str(period))
+        env.update(TTL=str(ttl), PYTHONPATH=str(ROOT))
+        started = [
+            subprocess.Popen([sys.executable, "-c", NODE], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(n)
+        ]  # fmt: skip
+        self.procs += started
+        return started
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+
+
+async def runs(client: aioredis.Redis, ns: str) -> list[list[Any]]:
+    return [json.loads(r) for r in await client.lrange(f"{ns}:runs", 0, -1)]
+
+
+async def wait_runs(client: aioredis.Redis, ns: str, count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while len(await runs(client, ns)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} runs after {within}s")
+        await asyncio.sleep(0.05)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def duplicates(recorded: list[list[Any]]) -> int:
+    return sum(n - 1 for n in Counter(r[0] for r in recorded).values() if n > 1)
+
+
+async def history_misses(url: str, ns: str) -> tuple[int, int]:
+    """(missed fires recorded in history, fires neither run nor recorded)."""
+    from asgi_dist import Dist
+    from asgi_dist.scheduling import SchedulerConfig
+    from asgi_dist.transactions import TransactionConfig
+
+    observer = Dist(redis=url, namespace=ns, sessions=False,
+                    transactions=TransactionConfig(enabled=False),
+                    scheduler=SchedulerConfig(enabled=False))  # fmt: skip
+    async with observer:
+        history = await observer.scheduler.history("lat", 10_000)
+    fires = sorted(h["fire_ms"] for h in history)
+    missed = sum(1 for h in history if h["status"] == "missed")
+    steps = Counter(b - a for a, b in itertools.pairwise(fires))
+    period = steps.most_common(1)[0][0] if steps else 0
+    unrecorded = sum((b - a) // period - 1 for a, b in itertools.pairwise(fires))
+    return missed, unrecorded
+
+
+async def scenario_steady(url: str, tmp: Path, seconds: float, ttl: float) -> dict[str, Any]:
+    ns = "bench_steady"
+    client = aioredis.Redis.from_url(url)
+    nodes = Nodes(url, ns, tmp)
+    nodes.start("jobs", 3, 0.1, ttl)
+    await wait_runs(client, ns, 5, 30)
+    await client.delete(f"{ns}:runs")  # measure the steady state only
+    await asyncio.sleep(seconds)
+    nodes.stop_all()
+    recorded = await runs(client, ns)
+    late = [float(r[2]) for r in recorded]
+    missed, unrecorded = await history_misses(url, ns)
+    await client.aclose()
+    return {
+        "fires": len(recorded),
+        "p50": statistics.median(late),
+        "p99": pct(late, 0.99),
+        "dups": duplicates(recorded),
+        "missed": missed,
+        "unrecorded": unrecorded,
+    }
+
+
+async def scenario_failover(url: str, tmp: Path, ttl: float, graceful: bool) -> dict[str, Any]:
+    ns = "bench_graceful" if graceful else "bench_kill"
+    client = aioredis.Redis.from_url(url)
+    nodes = Nodes(url, ns, tmp)
+    procs = {p.pid: p for p in nodes.start("jobs", 3, 0.05, ttl)}
+    await wait_runs(client, ns, 10, 30)
+    await asyncio.sleep(0.5)
+    leader = int((await runs(client, ns))[-1][1])
+    seen = len(await runs(client, ns))
+    t0 = time.monotonic()
+    if graceful:
+        procs[leader].terminate()
+    else:
+        procs[leader].kill()
+    took = None
+    deadline = t0 + 30
+    while time.monotonic() < deadline:
+        fresh = (await runs(client, ns))[seen:]
+        if any(int(r[1]) != leader for r in fresh):
+            took = time.monotonic() - t0
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(1.0)
+    nodes.stop_all()
+    recorded = await runs(client, ns)
+    missed, unrecorded = await history_misses(url, ns)
+    await client.aclose()
+    return {"failover": took, "dups": duplicates(recorded), "missed": missed,
+            "unrecorded": unrecorded}  # fmt: skip
+
+
+async def scenario_idle(url: str, tmp: Path, ttl: float, seconds: float) -> float:
+    """Redis commands per second caused by one idle follower (no jobs registered)."""
+    ns = "bench_idle"
+    client = aioredis.Redis.from_url(url)
+    nodes = Nodes(url, ns, tmp)
+
+    async def rate() -> float:
+        before = int((await client.info("stats"))["total_commands_processed"])
+        await asyncio.sleep(seconds)
+        after = int((await client.info("stats"))["total_commands_processed"])
+        return (after - before - 1) / seconds  # minus our own INFO
+
+    nodes.start("idle", 1, 1.0, ttl)
+    await asyncio.sleep(3)
+    one = await rate()
+    nodes.start("idle", 2, 1.0, ttl)
+    await asyncio.sleep(3)
+    three = await rate()
+    nodes.stop_all()
+    await client.aclose()
+    return (three - one) / 2
+
+
+async def scenario_apscheduler(url: str, tmp: Path, seconds: float) -> dict[str, Any] | None:
+    try:
+        import apscheduler  # noqa: F401
+    except ImportError:
+        return None
+    ns = "bench_aps"
+    client = aioredis.Redis.from_url(url)
+    nodes = Nodes(url, ns, tmp)
+    nodes.start("aps", 3, 1.0, 2.0)
+    await wait_runs(client, ns, 3, 30)
+    await asyncio.sleep(seconds)
+    nodes.stop_all()
+    recorded = await runs(client, ns)
+    per_second = Counter(r[0] for r in recorded)
+    await client.aclose()
+    return {"fires": len(per_second), "runs": len(recorded), "dups": duplicates(recorded)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--ttl", type=float, default=2.0)
+    args = parser.parse_args()
+    server = RedisServer().start()
+    tmp = Path(server.dir)
+    try:
+        # Round trip baseline for the ratios.
+        client = aioredis.Redis.from_url(server.url)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            await client.ping()
+        rtt_ms = (time.perf_counter() - t0) / 200 * 1000
+        await client.aclose()
+        steady = await scenario_steady(server.url, tmp, args.seconds, args.ttl)
+        kill = await scenario_failover(server.url, tmp, args.ttl, graceful=False)
+        graceful = await scenario_failover(server.url, tmp, args.ttl, graceful=True)
+        idle = await scenario_idle(server.url, tmp, args.ttl, args.seconds)
+        aps = await scenario_apscheduler(server.url, tmp, min(args.seconds, 5.0))
+    finally:
+        server.close()
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{x * 1000:.0f} ms ({x / args.ttl:.2f} x ttl)"
+
+    print(f"\nRedis round trip {rtt_ms:.3f} ms; leader_ttl {args.ttl:g} s; 3 nodes\n")
+    print("| scenario | result | duplicates | missed (in history) | unrecorded misses |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| steady, every 0.1 s, {steady['fires']} fires | lateness p50 "
+        f"{steady['p50']:.1f} ms ({steady['p50'] / rtt_ms:.0f} x RTT), p99 {steady['p99']:.1f} ms"
+        f" | {steady['dups']} | {steady['missed']} | {steady['unrecorded']} |"
+    )
+    print(
+        f"| SIGKILL the leader | failover {ms(kill['failover'])} | {kill['dups']} "
+        f"| {kill['missed']} | {kill['unrecorded']} |"
+    )
+    print(
+        f"| SIGTERM the leader (resign) | hand-over {ms(graceful['failover'])} "
+        f"| {graceful['dups']} | {graceful['missed']} | {graceful['unrecorded']} |"
+    )
+    print(f"| idle follower | {idle:.2f} Redis commands/s | - | - | - |")
+    if aps is None:
+        print("| APScheduler 3, 3 processes | not installed (pip install 'apscheduler<4') |")
+    else:
+        ratio = aps["runs"] / max(1, aps["fires"])
+        print(
+            f"| APScheduler 3, 3 processes, every 1 s | {aps['runs']} runs for {aps['fires']} "
+            f"fires ({ratio:.1f} x) | {aps['dups']} | - | - |"
+        )
+    print("| arq cron | not measured (arq is not installed here) | | | |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
