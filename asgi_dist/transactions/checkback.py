@@ -28,7 +28,7 @@ from asgi_dist.backends import PostgresBackend, as_backend_unavailable
 from asgi_dist.errors import ConfigError, TransactionError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message
-from asgi_dist.transactions.relay import Backoff
+from asgi_dist.transactions.relay import Backoff, wait_event
 from asgi_dist.transactions.transaction import Outbox, outages
 
 __all__ = ["CheckBack", "CheckResult", "TransactionalMessage", "checker_name"]
@@ -141,8 +141,11 @@ class TransactionalMessage:
 class CheckBack:
     """The check-back loop of one process: it resolves half messages whose owner vanished."""
 
-    def __init__(self, postgres: PostgresBackend, config: TransactionConfig) -> None:
+    def __init__(
+        self, postgres: PostgresBackend, config: TransactionConfig, stopping: asyncio.Event
+    ) -> None:
         self.postgres = postgres
+        self.stopping = stopping
         self.config = config
         self.checkers: dict[str, Check] = {}
         table = postgres.table("outbox")
@@ -187,7 +190,7 @@ class CheckBack:
 
     async def run(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self.stopping.is_set():
             try:
                 while await self.check_once():
                     pass
@@ -199,7 +202,7 @@ class CheckBack:
                     log.warning("transactional message check-back: %s; retrying", exc)
                 await backoff.sleep()
                 continue
-            await asyncio.sleep(self.config.check_poll_interval)
+            await wait_event(self.stopping, self.config.check_poll_interval)
 
     async def check_once(self) -> int:
         """Check the due half messages this process can check; returns how many."""

@@ -15,7 +15,6 @@ dead-letter stream with the last error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -31,7 +30,7 @@ from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavail
 from asgi_dist.errors import BackendUnavailable, ConfigError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message, validate_topic
-from asgi_dist.transactions.relay import Backoff, stream_key
+from asgi_dist.transactions.relay import Backoff, stream_key, wait_event
 from asgi_dist.transactions.transaction import Outbox, Transaction
 
 __all__ = ["Consumer", "ConsumerSpec", "Handler", "dead_letter_key"]
@@ -93,8 +92,12 @@ class Consumer:
         outbox: Outbox,
         config: TransactionConfig,
         name: str,
+        stopping: asyncio.Event,
     ) -> None:
         self.spec = spec
+        # Loops also check this flag: a cancellation swallowed by a library on
+        # its way up must not keep a worker alive after stop.
+        self.stopping = stopping
         self.postgres = postgres
         self.redis = redis
         self.outbox = outbox
@@ -120,12 +123,11 @@ class Consumer:
         last_claim = 0.0
         try:
             await self._ensure_group(backoff)
-            while True:
+            while not self.stopping.is_set():
                 free = self.spec.concurrency - len(self._inflight)
                 if free <= 0:
                     self._slot_freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._slot_freed.wait(), self.config.claim_interval)
+                    await wait_event(self._slot_freed, self.config.claim_interval)
                     continue
                 try:
                     entries: list[tuple[str, dict[bytes, bytes] | None, int]] = []
@@ -174,7 +176,7 @@ class Consumer:
         self._slot_freed.set()
 
     async def _ensure_group(self, backoff: Backoff) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 # From the start of the stream: messages relayed before the group
                 # existed are still the group's to handle (the outbox promised them).
@@ -273,6 +275,8 @@ class Consumer:
             return
         backoff = Backoff(first=0.2, cap=self.config.reclaim_after / 2)
         while True:
+            if self.stopping.is_set():
+                return  # still pending: another consumer or the next start takes it
             try:
                 await self._run_once(message)
                 break

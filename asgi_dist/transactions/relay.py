@@ -35,6 +35,18 @@ def stream_key(redis: RedisBackend, topic: str) -> str:
     return redis.key("topic", topic, "stream")
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds``.
+
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` can turn a
+    cancellation that races its timeout into a TimeoutError, and a worker loop
+    that suppresses the timeout would then never stop.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 class Backoff:
     """Exponential delay after an outage, reset by success."""
 
@@ -58,8 +70,10 @@ class Relay:
         redis: RedisBackend,
         config: TransactionConfig,
         node_id: str,
+        stopping: asyncio.Event,
     ) -> None:
         self.postgres = postgres
+        self.stopping = stopping  # checked by the loops as well as cancellation
         self.redis = redis
         self.config = config
         self.node_id = node_id
@@ -115,7 +129,7 @@ class Relay:
         listener = asyncio.create_task(self._listen(), name="asgi_dist:outbox-listen")
         backoff = Backoff(cap=self.config.relay_poll_interval * 5)
         try:
-            while True:
+            while not self.stopping.is_set():
                 try:
                     while await self.relay_once():
                         pass
@@ -127,8 +141,7 @@ class Relay:
                         log.warning("outbox relay: %s; retrying", exc)
                     await backoff.sleep()
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), self.config.relay_poll_interval)
+                await wait_event(self.wakeup, self.config.relay_poll_interval)
                 self.wakeup.clear()
         finally:
             listener.cancel()
@@ -197,7 +210,7 @@ class Relay:
         def notified(*_: Any) -> None:
             self.wakeup.set()
 
-        while True:
+        while not self.stopping.is_set():
             try:
                 async with self.postgres.pool.acquire() as conn:
                     await conn.add_listener(self.channel, notified)
@@ -222,7 +235,9 @@ async def _closed(conn: asyncpg.Connection) -> None:
     await closed.wait()
 
 
-async def purge_loop(postgres: PostgresBackend, config: TransactionConfig) -> None:
+async def purge_loop(
+    postgres: PostgresBackend, config: TransactionConfig, stopping: asyncio.Event
+) -> None:
     """Delete published outbox rows and inbox rows past their retention, in every process.
 
     Each round deletes bounded batches chosen with ``SKIP LOCKED``, so processes
@@ -242,13 +257,13 @@ async def purge_loop(postgres: PostgresBackend, config: TransactionConfig) -> No
             config.inbox_retention,
         ),
     ]
-    while True:
-        await asyncio.sleep(config.purge_interval * random.uniform(0.5, 1.0))
+    while not stopping.is_set():
+        await wait_event(stopping, config.purge_interval * random.uniform(0.5, 1.0))
         for sql, retention in statements:
             try:
                 for _ in range(100):  # bounded: the next round continues
                     status = await postgres.pool.execute(sql, retention)
-                    if status.endswith(" 0") or int(status.split()[-1]) < 5000:
+                    if int(status.split()[-1]) < 5000:
                         break
             except Exception as exc:
                 log.warning("outbox/inbox purge failed: %s; retrying next round", exc)

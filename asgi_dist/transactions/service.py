@@ -7,6 +7,7 @@ the background workers: the relay, the consumers registered with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +48,7 @@ class TransactionService:
         self._checkback: CheckBack | None = None
         self._pending_checks: list[Check] = []
         self._started = False
+        self._stopping = asyncio.Event()
 
     @property
     def active(self) -> bool:
@@ -75,7 +77,8 @@ class TransactionService:
                 )
             return
         postgres = self.runtime.require_postgres("transactions")
-        self._checkback = CheckBack(postgres, self.config)
+        self._stopping = asyncio.Event()
+        self._checkback = CheckBack(postgres, self.config, self._stopping)
         for check in self._pending_checks:
             self._checkback.register(check)
         redis = self.runtime.redis
@@ -91,17 +94,22 @@ class TransactionService:
             )
         else:
             if self.config.relay:
-                self.relay = Relay(postgres, redis, self.config, self.runtime.node_id)
+                self.relay = Relay(
+                    postgres, redis, self.config, self.runtime.node_id, self._stopping
+                )
                 self.runtime.spawn("outbox-relay", self.relay.run)
             for spec in self.specs:
                 self._spawn_consumer(spec)
         self.runtime.spawn("transactions-checkback", self._checkback.run)
-        self.runtime.spawn("transactions-purge", lambda: purge_loop(postgres, self.config))
+        self.runtime.spawn(
+            "transactions-purge", lambda: purge_loop(postgres, self.config, self._stopping)
+        )
         self._started = True
 
     async def stop(self) -> None:
         # The workers are runtime tasks: the Dist cancels and awaits them after this.
         self._started = False
+        self._stopping.set()
         self.consumers.clear()
         self.relay = None
 
@@ -150,7 +158,9 @@ class TransactionService:
     def _spawn_consumer(self, spec: ConsumerSpec) -> None:
         postgres = self.runtime.require_postgres(f"consumer of {spec.topic!r}")
         redis = self.runtime.require_redis(f"consumer of {spec.topic!r}")
-        consumer = Consumer(spec, postgres, redis, self.outbox, self.config, self.runtime.node_id)
+        consumer = Consumer(
+            spec, postgres, redis, self.outbox, self.config, self.runtime.node_id, self._stopping
+        )
         self.consumers.append(consumer)
         self.runtime.spawn(f"consumer:{spec.topic}:{spec.group}", consumer.run)
 

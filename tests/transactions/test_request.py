@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from asgi_dist import ConfigError, Dist, TransactionError, get_tx
-from asgi_dist.transactions import RequestTransaction, transactional
-
-Tx = Annotated[RequestTransaction, Depends(get_tx)]
+from asgi_dist.integrations.fastapi import TxDep
+from asgi_dist.transactions import transactional
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -207,13 +206,13 @@ async def test_fastapi_dependency_gives_the_request_transaction(
 
     @api.post("/orders/{order_id}")
     @transactional(rollback_on=500)
-    async def create(order_id: int, tx: Tx) -> dict[str, Any]:
+    async def create(order_id: int, tx: TxDep) -> dict[str, Any]:
         await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
         await tx.publish("orders.created", {"id": order_id})
         return {"id": order_id}
 
     @api.post("/fail/{order_id}")
-    async def fail(order_id: int, tx: Tx) -> dict[str, Any]:
+    async def fail(order_id: int, tx: TxDep) -> dict[str, Any]:
         await tx.execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
         raise RuntimeError("rolled back")
 
