@@ -2,7 +2,9 @@
 -- KEYS[1]  the session hash: metadata fields (created, access, uid, moved) beside
 --          the user's fields, which are stored as "." .. key
 -- ARGV[1]  idle timeout (ms)   ARGV[2] absolute timeout (ms)   ARGV[3] refresh interval (ms)
--- Returns false when the session does not exist, else {pttl_ms, hgetall...}.
+-- Returns false when the session does not exist, else the JSON text of
+-- [pttl_ms, [field, value, field, value, ...]]: one bulk string is far cheaper for a
+-- pure-Python client to parse than a nested array of many elements.
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then
   return false
@@ -30,4 +32,4 @@ if not moved and now - (access or 0) >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'access', now)
   redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[1]), left))
 end
-return {redis.call('PTTL', KEYS[1]), fields}
+return cjson.encode({redis.call('PTTL', KEYS[1]), fields})

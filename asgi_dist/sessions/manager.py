@@ -227,14 +227,12 @@ class _SessionHook:
         session = ctx.session
         if session is None:
             return
-        headers = list(message.get("headers") or ())
-        count = len(headers)
-        await self.manager.commit(session, headers, ctx.scope)
-        if session.accessed or len(headers) > count:
-            headers.append((b"vary", b"Cookie"))
-        if len(headers) > count:
-            message["headers"] = headers
+        added: list[tuple[bytes, bytes]] = []
+        await self.manager.commit(session, added, ctx.scope)
         session.committed = True
+        if session.accessed or added:
+            added.append((b"vary", b"Cookie"))
+            message["headers"] = [*(message.get("headers") or ()), *added]
 
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
         session = ctx.session

@@ -13,6 +13,7 @@ updates and ``list_user``/``invalidate_user`` take extra round trips there.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -30,7 +31,7 @@ from asgi_dist.sessions.store import (
 __all__ = ["RedisSessionStore"]
 
 _PACKAGE = "asgi_dist.sessions"
-_META = {b"created", b"access", b"uid", b"moved"}
+_META = {"created", "access", "uid", "moved"}
 T = TypeVar("T")
 
 
@@ -85,23 +86,22 @@ class RedisSessionStore:
         )
         if not reply:
             return None
-        pttl, flat = reply
+        pttl, flat = json.loads(reply)
         fields: dict[str, str] = {}
-        meta: dict[bytes, bytes] = {}
+        meta: dict[str, str] = {}
         for i in range(0, len(flat), 2):
             name, value = flat[i], flat[i + 1]
-            if name[:1] == b".":
-                fields[name[1:].decode()] = value.decode()
+            if name[:1] == ".":
+                fields[name[1:]] = value
             elif name in _META:
                 meta[name] = value
-        uid = meta.get(b"uid")
         return StoredSession(
             fields=fields,
-            user_id=uid.decode() if uid is not None else None,
-            created=int(meta.get(b"created", 0)) / 1000,
-            last_access=int(meta.get(b"access", 0)) / 1000,
+            user_id=meta.get("uid"),
+            created=int(meta.get("created", 0)) / 1000,
+            last_access=int(meta.get("access", 0)) / 1000,
             ttl=max(0, int(pttl)) / 1000,
-            moved=b"moved" in meta,
+            moved="moved" in meta,
         )
 
     def _save_call(self, mode: str, key: SessionKey, delta: SessionDelta) -> Awaitable[Any]:
