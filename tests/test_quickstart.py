@@ -19,9 +19,12 @@ def _env(**values: str) -> dict[str, str]:
 async def test_quickstart_serves_on_the_embedded_default(processes: ProcessGroup) -> None:
     (worker,) = processes.uvicorn("examples.quickstart:app", env=_env())
     async with httpx.AsyncClient() as client:
-        response = await client.get(f"{worker.url}/")
-    assert response.status_code == 200, worker.output()
-    assert response.json()["backend"] == "memory"
+        first = await client.get(f"{worker.url}/")
+        second = await client.get(f"{worker.url}/")
+    assert first.status_code == 200, worker.output()
+    assert first.json()["backend"] == "memory"
+    assert [first.json()["visits"], second.json()["visits"]] == [1, 2]  # the session works
+    assert first.json()["fence"] < second.json()["fence"]  # and so does the lock
 
 
 async def test_quickstart_uses_redis_and_postgres_from_the_environment(
@@ -33,8 +36,13 @@ async def test_quickstart_uses_redis_and_postgres_from_the_environment(
         ASGI_DIST_NAMESPACE=namespace,
         ASGI_DIST_SECRET_KEYS=",".join(SECRET_KEYS),
     )
-    (worker,) = processes.uvicorn("examples.quickstart:app", env=env)
+    workers = processes.uvicorn("examples.quickstart:app", n=2, env=env)
     async with httpx.AsyncClient() as client:
-        response = await client.get(f"{worker.url}/")
-    assert response.status_code == 200, worker.output()
-    assert response.json()["backend"] == "redis"
+        # One browser, two processes: the session and the lock are shared through Redis.
+        first = await client.get(f"{workers[0].url}/")
+        second = await client.get(f"{workers[1].url}/")
+    assert first.status_code == 200, workers[0].output()
+    assert second.status_code == 200, workers[1].output()
+    assert first.json()["backend"] == "redis"
+    assert [first.json()["visits"], second.json()["visits"]] == [1, 2]
+    assert first.json()["fence"] < second.json()["fence"]
