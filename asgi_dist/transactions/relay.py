@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -59,6 +60,14 @@ class Backoff:
     async def sleep(self) -> None:
         self.current = min(self.cap, self.current * 2 or self.first)
         await asyncio.sleep(self.current * random.uniform(0.5, 1.0))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Leased partitions and the fence of each lease."""
+
+    partitions: list[int]
+    fences: list[int]
 
 
 class Relay:
@@ -150,24 +159,43 @@ class Relay:
 
     async def relay_once(self) -> int:
         """Claim some partitions, relay one batch of them; returns the rows marked."""
-        pool = self.postgres.pool
-        claims = await pool.fetch(self._claim, self.node_id, _CLAIM, self.config.relay_lease)
-        if not claims:
+        claim = await self.claim()
+        if claim is None:
             return 0
-        partitions = [r["partition"] for r in claims]
-        fences = [r["fence"] for r in claims]
         try:
-            rows = await pool.fetch(self._rows, partitions, self.config.relay_batch)
-            stream_ids = await self._xadd(rows) if rows else []
+            rows = await self.fetch(claim)
+            stream_ids = await self.xadd(rows) if rows else []
         except BaseException:
             with contextlib.suppress(Exception):
-                await pool.execute(self._release, self.node_id, partitions, fences)
+                await self.postgres.pool.execute(
+                    self._release, self.node_id, claim.partitions, claim.fences
+                )
             raise
-        marked, _ = await pool.fetchrow(
+        return await self.mark(claim, rows, stream_ids)
+
+    async def claim(self) -> Claim | None:
+        """Lease up to a few partitions that have ready rows (``SKIP LOCKED``)."""
+        rows = await self.postgres.pool.fetch(
+            self._claim, self.node_id, _CLAIM, self.config.relay_lease
+        )
+        if not rows:
+            return None
+        return Claim([r["partition"] for r in rows], [r["fence"] for r in rows])
+
+    async def fetch(self, claim: Claim) -> list[asyncpg.Record]:
+        """The oldest ready rows of the claimed partitions, in publish order."""
+        rows: list[asyncpg.Record] = await self.postgres.pool.fetch(
+            self._rows, claim.partitions, self.config.relay_batch
+        )
+        return rows
+
+    async def mark(self, claim: Claim, rows: list[asyncpg.Record], stream_ids: list[str]) -> int:
+        """Mark ``rows`` published and release the lease, if the lease is still ours."""
+        marked, _ = await self.postgres.pool.fetchrow(
             self._mark,
             self.node_id,
-            partitions,
-            fences,
+            claim.partitions,
+            claim.fences,
             [r["seq"] for r in rows],
             stream_ids,
         )
@@ -175,13 +203,14 @@ class Relay:
             log.warning(
                 "outbox relay lost the lease of partitions %s before marking %d rows: their new "
                 "owner publishes them again (consumers drop the duplicates)",
-                partitions,
+                claim.partitions,
                 len(rows) - marked,
             )
         self.relayed += marked
         return int(marked)
 
-    async def _xadd(self, rows: list[asyncpg.Record]) -> list[str]:
+    async def xadd(self, rows: list[asyncpg.Record]) -> list[str]:
+        """One pipelined XADD per row to its topic's stream; returns the entry ids."""
         maxlen = self.config.stream_maxlen
         pipe = self.redis.client.pipeline(transaction=False)
         for row in rows:
