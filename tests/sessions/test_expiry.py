@@ -47,3 +47,27 @@ async def test_absolute_timeout_ends_an_active_session(session_dist: Callable[..
             assert (await c.get("/get/k")).json()["value"] is None, backend
 
     await asyncio.gather(*(scenario(b) for b in BACKENDS))
+
+
+async def test_the_user_index_forgets_expired_sessions_on_its_next_access(
+    session_dist: Callable[..., Any],
+) -> None:
+    from asgi_dist.sessions.store import user_digest
+
+    dist = await session_dist("redis", idle_timeout=1.0, absolute_timeout=60.0)
+    redis = dist.runtime.redis
+    index = redis.key("session_user", user_digest("erin"))
+    short, long = client(dist), client(dist)
+    try:
+        for c in (short, long):
+            await c.post("/set/k/v")
+            await c.post("/login/erin")
+        assert await redis.client.scard(index) == 2
+        for _ in range(3):  # keep one session active past the other's idle timeout
+            await asyncio.sleep(0.5)
+            await long.get("/get/k")
+        assert [s.user_id for s in await dist.sessions.list_user("erin")] == ["erin"]
+        assert await redis.client.scard(index) == 1  # the dead entry went on that access
+    finally:
+        await short.aclose()
+        await long.aclose()

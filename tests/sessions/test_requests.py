@@ -113,6 +113,9 @@ async def test_invalidate_deletes_the_session_and_expires_the_cookie(dist: Any) 
         assert cookie is not None and "Max-Age=0" in cookie
         c.cookies.set("session", old)
         assert (await c.get("/all")).json()["data"] == {}
+        # A signed id the store does not know is never adopted: a write gets a new id.
+        r = await c.post("/set/b/2")
+        assert _cookie_value(r).partition(".")[0] != old.partition(".")[0]
 
 
 async def test_invalidate_user_ends_all_three_sessions_of_a_user(dist: Any) -> None:
