@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgi_dist._types import Message
 from asgi_dist.backends import Runtime
@@ -31,6 +31,9 @@ from asgi_dist.sessions.store import (
     StoredSession,
     new_session_id,
 )
+
+if TYPE_CHECKING:
+    from asgi_dist.sessions.nearcache import NearCache
 
 __all__ = ["SessionManager"]
 
@@ -59,7 +62,8 @@ class SessionManager:
         self.cookie = SessionCookie(config, secret_keys)
         self.channel = f"{runtime.namespace}:session:invalidate"
         self.store: SessionStore = self._make_store()
-        self._near: Any = None  # NearCache when config.near_cache (imported lazily)
+        # The near cache needs the pub/sub hub: imported only when turned on.
+        self._near: NearCache | None = None
 
     def _make_store(self) -> SessionStore:
         if self.backend == "redis":
@@ -101,7 +105,7 @@ class SessionManager:
         return _SessionHook(self)
 
     @property
-    def near_cache(self) -> Any:
+    def near_cache(self) -> NearCache | None:
         """The near cache of this process (``hits``/``misses``), or ``None``."""
         return self._near
 
@@ -112,7 +116,7 @@ class SessionManager:
         if near is None:
             return await self.store.load(key)
         handle = key.handle
-        stored: StoredSession | None = near.get(handle)
+        stored = near.get(handle)
         if stored is not None:
             return stored
         stamp = near.stamp()

@@ -64,6 +64,10 @@ class NearCache:
             self._subscription = None
         self._entries.clear()
 
+    def __len__(self) -> int:
+        """Sessions held now."""
+        return len(self._entries)
+
     def _on_message(self, payload: bytes | None) -> None:
         self._tick += 1
         if payload is None:
