@@ -267,7 +267,8 @@ class Scheduler:
         if backend == "redis":
             from asgi_dist.scheduling.store_redis import RedisStore
 
-            return RedisStore(self.runtime.require_redis("the scheduler"), history_cap=cap)
+            redis = self.runtime.require_redis("the scheduler")
+            return RedisStore(redis, self.runtime.pubsub, history_cap=cap)
         if backend == "postgres":
             from asgi_dist.scheduling.store_postgres import PostgresStore
 
@@ -565,7 +566,11 @@ class Scheduler:
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status in ("moved", "early"):
-            state = await self.store.state(job.name)
+            # Another leader advanced the sequence, a deployment changed the
+            # schedule, or the state was lost (e.g. a flushed Redis): re-read it,
+            # restarting the sequence only if our signature is not the stored one.
+            now = await self.store.now_ms()
+            state = await self.store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
             return False
         self._next[job.name] = following
@@ -650,12 +655,7 @@ class Scheduler:
             for other_key, (other_job, task) in list(self._runs.items()):
                 if other_job == job.name and not other_key.startswith(f"{fire_id}#"):
                     task.cancel()
-        jitter_ms = 0
-        if job.options.jitter > 0:
-            period = period_after(job.schedule, fire_ms)
-            jitter_ms = round(job.options.jitter * 1000)
-            if period is not None:
-                jitter_ms = min(jitter_ms, int(period * 0.9))  # capped below the next fire
+        jitter_ms = jitter_cap_ms(job, fire_ms)
         blocked = self._parents_without_fire(job, fire_ms)
         fire = Fire(
             job=job,
@@ -734,6 +734,15 @@ class Scheduler:
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
             await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))
+
+
+def jitter_cap_ms(job: Job, fire_ms: int) -> int:
+    """The largest random delay of a fire: ``jitter``, capped below the next fire."""
+    if job.options.jitter <= 0:
+        return 0
+    cap = round(job.options.jitter * 1000)
+    period = period_after(job.schedule, fire_ms)
+    return cap if period is None else min(cap, int(period * 0.9))
 
 
 def _runnable(

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import logging
 from typing import Any
 
-from redis.asyncio.client import PubSub
-
 from asgi_dist.backends import RedisBackend
+from asgi_dist.backends.pubsub import PubSubHub, Subscription
 from asgi_dist.scheduling.store import Claim, ClaimResult, JobState
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("asgi_dist.scheduling")
 
 _PACKAGE = "asgi_dist.scheduling"
 MAX_ENTRY_BYTES = 64 * 1024
@@ -32,8 +29,9 @@ def _int(value: Any) -> int | None:
 
 
 class RedisStore:
-    def __init__(self, backend: RedisBackend, *, history_cap: int) -> None:
+    def __init__(self, backend: RedisBackend, hub: PubSubHub, *, history_cap: int) -> None:
         self.backend = backend
+        self.hub = hub
         self.client = backend.client
         self.history_cap = history_cap
         self._claim = backend.script(_PACKAGE, "claim")
@@ -43,7 +41,8 @@ class RedisStore:
         self._triggers = backend.key("schedctl", "cluster", "triggers")
         self._once = backend.key("schedctl", "cluster", "once")
         self._channel = backend.key("schedctl", "cluster", "wake")
-        self._pubsub: PubSub | None = None
+        self._subscription: Subscription | None = None
+        self._woken = asyncio.Event()
 
     def _job_key(self, job: str, suffix: str) -> str:
         return self.backend.key("sched", job, suffix)
@@ -52,12 +51,9 @@ class RedisStore:
         return None
 
     async def stop(self) -> None:
-        if self._pubsub is not None:
-            pubsub, self._pubsub = self._pubsub, None
-            try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except Exception:  # a broken connection must not stop the shutdown
-                log.debug("error closing the scheduler subscription", exc_info=True)
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
 
     async def now_ms(self) -> int:
         seconds, micros = await self.client.time()
@@ -168,18 +164,17 @@ class RedisStore:
         await self.client.publish(self._channel, "1")
 
     async def wait_wakeup(self, seconds: float) -> None:
-        if self.backend.is_cluster:
-            # The asyncio cluster client has no pub/sub: the leader polls its
-            # queues at this bound instead (followers still never poll).
-            await asyncio.sleep(min(seconds, 0.5))
-            return
-        if self._pubsub is None:
-            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(self._channel)
-        message = await self._pubsub.get_message(timeout=max(0.0, seconds))
-        # Drain whatever else arrived: one wake-up covers them all.
-        while message is not None:
-            message = await self._pubsub.get_message(timeout=0)
+        if self._subscription is None:
+            # The process's shared pub/sub connection (one per Dist, also on
+            # Cluster); subscribe returns once Redis acknowledged it.
+            self._subscription = await self.hub.subscribe(self._channel, self._on_wake)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._woken.wait(), max(0.0, seconds))
+        self._woken.clear()
+
+    def _on_wake(self, payload: bytes | None) -> None:
+        # None means "reconnected, messages may be lost": waking is the safe answer.
+        self._woken.set()
 
 
 def _bounded(entry: dict[str, Any]) -> str:

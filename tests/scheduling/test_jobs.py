@@ -12,7 +12,7 @@ import pytest
 from asgi_dist import Dist
 from asgi_dist.scheduling import JobContext, SchedulerConfig
 from asgi_dist.scheduling.jobs import Job, JobOptions
-from asgi_dist.scheduling.scheduler import _runnable
+from asgi_dist.scheduling.scheduler import _runnable, jitter_cap_ms
 from asgi_dist.scheduling.schedules import interval
 
 NEVER = "0 0 1 1 *"  # once a year: these jobs run when triggered
@@ -242,3 +242,52 @@ def test_misfire_policies_decide_which_late_fires_still_run() -> None:
     assert _runnable(job("run_all"), fires, now, 6000, 2) == {2000, 3000, 4000, 5000}
     # More late fires beyond this bounded batch: the batch's late ones are all missed.
     assert _runnable(job("run_once"), fires[:2], now, 3000, 10) == set()
+
+
+async def test_scheduler_runs_on_redis_cluster(sched_dist: Any, cluster_url: str) -> None:
+    seen: list[str] = []
+    dist = await sched_dist(start=False, redis=cluster_url, postgres=None)
+
+    @dist.every(seconds=0.2)
+    async def clustered(ctx: JobContext) -> None:
+        seen.append(ctx.fire_id)
+
+    await dist.start()
+    await leading(dist)
+    fire_id = await dist.scheduler.trigger("clustered")
+    assert (await settle(dist, "clustered", fire_id))["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while len([f for f in seen if "trigger" not in f]) < 3:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.02)
+    scheduled = [int(f.rpartition(":")[2]) for f in seen if "trigger" not in f]
+    assert scheduled == list(range(scheduled[0], scheduled[0] + 200 * len(scheduled), 200))
+
+
+def test_jitter_is_capped_below_the_next_fire() -> None:
+    async def noop(ctx: JobContext) -> None:
+        return None
+
+    def cap(seconds: float, jitter: float) -> int:
+        job = Job("j", noop, interval(seconds), JobOptions(jitter=jitter))
+        return jitter_cap_ms(job, 0)
+
+    assert cap(0.2, 10.0) == 180  # 90% of the period
+    assert cap(60, 5.0) == 5000
+    assert cap(60, 0) == 0
+
+
+async def test_jittered_fires_still_run_once_each(sched_dist: Any) -> None:
+    seen: list[str] = []
+    dist = await sched_dist(start=False, redis=None, postgres=None)
+
+    @dist.every(seconds=0.2, jitter=10.0)
+    async def jittered(ctx: JobContext) -> None:
+        seen.append(ctx.fire_id)
+
+    await dist.start()
+    deadline = time.monotonic() + 10
+    while len(seen) < 5:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert len(set(seen)) == len(seen)
