@@ -25,7 +25,6 @@ import uuid
 from typing import Any
 
 from locust import HttpUser, between, events, task
-from requests.exceptions import ConnectionError as RequestsConnectionError
 
 HOSTS = os.environ.get("SHOP_HOSTS", "http://127.0.0.1:8000").split(",")
 SKUS = [s.partition(":")[0] for s in os.environ.get("SHOP_SKUS", "sku-1:50").split(",")]
@@ -47,21 +46,32 @@ class ShopUser(HttpUser):
     host = HOSTS[0]
 
     def call(self, method: str, path: str, name: str | None = None, **kwargs: Any) -> Any:
-        """Send to a random live process; a killed process is dropped like a load balancer would."""
-        for _ in range(len(HOSTS)):
+        """Send to a random live process; use the result in ``with``.
+
+        A refused connection means the process is gone (the SIGKILL mode): like a
+        load balancer, drop it and retry elsewhere.  Those attempts are reported
+        under "(failover)" names, apart from the shop's own answers.
+        """
+        for _ in range(len(HOSTS) + 1):
             base = random.choice(alive)
-            try:
-                return self.client.request(method, base + path, name=name or path, **kwargs)
-            except RequestsConnectionError:
-                if base in alive and len(alive) > 1:
-                    alive.remove(base)
-                results["failovers"] += 1
+            response = self.client.request(
+                method, base + path, name=name or path, catch_response=True, **kwargs
+            )
+            if response.status_code != 0:
+                return response
+            with response:
+                response.request_meta["name"] = f"(failover) {name or path}"
+                response.failure(f"{base} refused the connection")
+            if base in alive and len(alive) > 1:
+                alive.remove(base)
+            results["failovers"] += 1
         raise RuntimeError("no shop process is reachable")
 
     def on_start(self) -> None:
         self.user = f"user-{uuid.uuid4().hex[:12]}"
         self.edits = 0
-        self.call("POST", "/login", json={"user": self.user})
+        with self.call("POST", "/login", json={"user": self.user}):
+            pass
 
     def lost(self, expected: int, seen: int, where: str) -> None:
         results["lost_updates"] += 1
@@ -76,11 +86,13 @@ class Browser(ShopUser):
 
     @task(3)
     def me(self) -> None:
-        self.call("GET", "/me")
+        with self.call("GET", "/me"):
+            pass
 
     @task(1)
     def products(self) -> None:
-        self.call("GET", "/products")
+        with self.call("GET", "/products"):
+            pass
 
 
 class CartEditor(ShopUser):
@@ -89,7 +101,7 @@ class CartEditor(ShopUser):
     @task(3)
     def add(self) -> None:
         sku = random.choice(SKUS)
-        with self.call("POST", f"/cart/{sku}", name="/cart/{sku}", catch_response=True) as response:
+        with self.call("POST", f"/cart/{sku}", name="/cart/{sku}") as response:
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}")
                 return
@@ -101,7 +113,7 @@ class CartEditor(ShopUser):
 
     @task(1)
     def check(self) -> None:
-        with self.call("GET", "/me", name="/me (check)", catch_response=True) as response:
+        with self.call("GET", "/me", name="/me (check)") as response:
             if response.status_code == 200 and response.json()["edits"] != self.edits:
                 self.lost(self.edits, response.json()["edits"], "read")
 
@@ -112,7 +124,7 @@ class Buyer(ShopUser):
     @task
     def buy(self) -> None:
         sku = random.choice(SKUS)
-        with self.call("POST", f"/buy/{sku}", name="/buy/{sku}", catch_response=True) as response:
+        with self.call("POST", f"/buy/{sku}", name="/buy/{sku}") as response:
             if response.status_code == 409:
                 response.success()  # sold out or busy: a designed answer
                 return
@@ -121,8 +133,6 @@ class Buyer(ShopUser):
                 return
             order_id = response.json()["order_id"]
         if random.random() < 0.5:
-            with self.call(
-                "POST", f"/pay/{order_id}", name="/pay/{order_id}", catch_response=True
-            ) as response:
+            with self.call("POST", f"/pay/{order_id}", name="/pay/{order_id}") as response:
                 if response.status_code == 409:
                     response.success()  # expired before payment: designed
