@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 
 from asgi_dist._types import ASGIApp
-from asgi_dist.backends import PostgresBackend, RedisBackend, Runtime
+from asgi_dist.backends import PostgresBackend, RedisBackend, Runtime, ZooKeeperBackend
 from asgi_dist.backends.redis import RedisClient
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError
@@ -49,6 +49,8 @@ class Dist:
             ``redis+cluster://``) or a ``redis.asyncio`` client; ``None`` or
             ``"memory://"`` uses the embedded single-process backend.
         postgres: a PostgreSQL DSN or an ``asyncpg.Pool``; optional.
+        zookeeper: ZooKeeper hosts (``host:port[,host:port]``) for
+            ``dist.lock(..., backend="zookeeper")``; optional.
         namespace: prefix of every key and table; isolates apps sharing servers.
         secret_keys: session signing keys, newest first; all are accepted.
         node_id: this process in every record it writes; default ``host:pid:random``.
@@ -64,6 +66,7 @@ class Dist:
         redis: str | RedisClient | None = None,
         postgres: str | asyncpg.Pool | None = None,
         *,
+        zookeeper: str | None = None,
         namespace: str = "asgi_dist",
         secret_keys: Sequence[str] | str | None = None,
         node_id: str | None = None,
@@ -111,6 +114,11 @@ class Dist:
             leader_ttl=float(leader_ttl),
             redis=redis_backend,
             postgres=postgres_backend,
+            zookeeper=(
+                ZooKeeperBackend(zookeeper, namespace=namespace, connect_timeout=connect_timeout)
+                if zookeeper
+                else None
+            ),
         )
         self.locks = LockService(self.runtime)
         self._sessions: SessionManager | None = None
@@ -143,6 +151,7 @@ class Dist:
         kwargs: dict[str, Any] = {
             "redis": env.get("ASGI_DIST_REDIS_URL") or None,
             "postgres": env.get("ASGI_DIST_POSTGRES_DSN") or None,
+            "zookeeper": env.get("ASGI_DIST_ZOOKEEPER_HOSTS") or None,
         }
         if env.get("ASGI_DIST_NAMESPACE"):
             kwargs["namespace"] = env["ASGI_DIST_NAMESPACE"]
@@ -185,6 +194,8 @@ class Dist:
                 await runtime.redis.start()
             if runtime.postgres is not None:
                 await runtime.postgres.start()
+            if runtime.zookeeper is not None:
+                await runtime.zookeeper.start()
             for cap in self._capabilities():
                 await cap.start()
         except BaseException:
@@ -214,6 +225,8 @@ class Dist:
             await asyncio.wait_for(self.runtime.cancel_tasks(), _STOP_TIMEOUT)
         except TimeoutError:
             log.error("background tasks did not stop within %ss", _STOP_TIMEOUT)
+        if self.runtime.zookeeper is not None:
+            await self.runtime.zookeeper.stop()
         if self.runtime.postgres is not None:
             await self.runtime.postgres.stop()
         if self.runtime.redis is not None:

@@ -18,6 +18,7 @@ from redis import exceptions as redis_errors
 from asgi_dist.backends.memory import MemoryBackend
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.backends.redis import RedisBackend
+from asgi_dist.backends.zookeeper import ZooKeeperBackend
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "PostgresBackend",
     "RedisBackend",
     "Runtime",
+    "ZooKeeperBackend",
     "as_backend_unavailable",
 ]
 
@@ -77,12 +79,14 @@ class Runtime:
         leader_ttl: float,
         redis: RedisBackend | None,
         postgres: PostgresBackend | None,
+        zookeeper: ZooKeeperBackend | None = None,
     ) -> None:
         self.namespace = namespace
         self.node_id = node_id
         self.leader_ttl = leader_ttl
         self.redis = redis
         self.postgres = postgres
+        self.zookeeper = zookeeper
         self.memory = MemoryBackend(namespace)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
