@@ -149,7 +149,9 @@ class RequestTransaction(Transaction):
         options = options_for(self._scope)
         pool = self._postgres.pool
         with outages():
-            conn = await pool.acquire(timeout=self._acquire_timeout)
+            # asyncio.timeout, not acquire(timeout=): wait_for would cost a task per request.
+            async with asyncio.timeout(self._acquire_timeout):
+                conn = await pool.acquire()
         try:
             transaction = conn.transaction(
                 isolation=options.isolation,
@@ -190,6 +192,26 @@ class RequestTransaction(Transaction):
         except Exception as exc:  # the connection is discarded on release anyway
             log.warning("request transaction rollback failed: %s", exc)
 
+    async def finish(self, status: int) -> None:
+        """Commit (or roll back, per the endpoint's options) and return the connection.
+
+        Done when the response starts, so a streaming body holds no connection.
+        Raises :class:`TransactionError` if the commit fails.
+        """
+        try:
+            if self.rolls_back(status):
+                await self.rollback()
+            else:
+                await self.commit()
+        finally:
+            conn, self._connection = self._connection, None
+            if conn is not None:
+                await _release(self._postgres.pool, conn)
+
+    @property
+    def holds_connection(self) -> bool:
+        return self._connection is not None
+
     async def close(self) -> None:
         """Roll back whatever is still open and give the connection back to the pool."""
         try:
@@ -224,16 +246,12 @@ class TransactionHook:
         if tx is None or tx.state != "open":
             return
         # A websocket accept has no status: accepting is success.
-        status = int(message.get("status", 200))
-        if tx.rolls_back(status):
-            await tx.rollback()
-        else:
-            await tx.commit()
+        await tx.finish(int(message.get("status", 200)))
 
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
         tx = ctx.tx
-        if tx is None or tx.state == "idle":
-            return
+        if tx is None or not tx.holds_connection:
+            return  # the usual case: decided and released when the response started
         # Shielded: a cancelled request (client gone) must still return its connection.
         closing = asyncio.ensure_future(tx.close())
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,216 @@
+"""Benchmark of the transaction capability (a script, not a test).
+
+    python loadtests/transactions_bench.py [--messages 20000] [--rate 500] [--seconds 10]
+
+Prints, on the shared Redis and PostgreSQL (a throwaway database is created and dropped):
+
+1. relay throughput: outbox rows committed -> stream entries per second, one relay,
+   against pipelined XADD alone (the ceiling a relay cannot beat);
+2. commit -> consumer handler latency p50/p99 at a fixed publish rate;
+3. per-request cost of ``get_tx()`` against a hand-written asyncpg transaction in the
+   same app (ratio), requests driven straight into the ASGI app.
+
+Goals (issue 6): >= 5,000 messages/s relayed; p99 <= 50 ms at 500 messages/s;
+``get_tx()`` overhead <= 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from asgi_dist import Dist, get_tx
+from asgi_dist.transactions import Message, Transaction, TransactionConfig
+
+REDIS = os.environ.get("ASGI_DIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN = os.environ.get(
+    "ASGI_DIST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def relay_throughput(dsn: str, messages: int) -> tuple[float, float]:
+    ns = f"b_{secrets.token_hex(4)}"
+    config = TransactionConfig(relay=False)
+    async with Dist(REDIS, dsn, namespace=ns, sessions=False, transactions=config) as quiet:
+        pool = quiet.runtime.require_postgres("bench").pool
+        async with pool.acquire() as conn, conn.transaction():
+            tx = Transaction(quiet.transactions.outbox, conn)
+            for i in range(messages):
+                await tx.publish("bench", {"i": i, "pad": "x" * 100}, key=f"k{i % 100}")
+    # Ceiling: the same entries XADDed by one pipelined client, no database.
+    client = aioredis.Redis.from_url(REDIS)
+    fields = {"id": "0" * 36, "payload": '{"i":1,"pad":"' + "x" * 100 + '"}', "seq": 1}
+    started = time.perf_counter()
+    for start in range(0, messages, 500):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(500, messages - start)):
+            pipe.xadd(f"{{{ns}:ceiling}}", fields)  # type: ignore[arg-type]
+        await pipe.execute()
+    ceiling = messages / (time.perf_counter() - started)
+    await client.delete(f"{{{ns}:ceiling}}")
+    # The relay, from a backlog of committed rows to the last entry marked.
+    dist = Dist(REDIS, dsn, namespace=ns, sessions=False, transactions=TransactionConfig())
+    started = time.perf_counter()
+    async with dist:
+        relay = dist.transactions.relay
+        assert relay is not None
+        deadline = time.monotonic() + 120
+        while relay.relayed < messages and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        rate = relay.relayed / (time.perf_counter() - started)
+        await client.delete(f"{{{ns}:topic:bench}}:stream")
+    await client.aclose()
+    return rate, ceiling
+
+
+async def latency(dsn: str, rate: int, seconds: float) -> list[float]:
+    ns = f"b_{secrets.token_hex(4)}"
+    committed: dict[str, float] = {}
+    latencies: list[float] = []
+    done = asyncio.Event()
+    total = int(rate * seconds)
+    dist = Dist(REDIS, dsn, namespace=ns, sessions=False, transactions=TransactionConfig())
+
+    @dist.consumer("latency", group="bench", concurrency=16)
+    async def handle(message: Message, tx: Transaction) -> None:
+        now = time.perf_counter()
+        at = committed.get(message.id)
+        if at is not None:
+            latencies.append(now - at)
+        if len(latencies) >= total:
+            done.set()
+
+    async with dist:
+        pool = dist.runtime.require_postgres("bench").pool
+        await asyncio.sleep(0.5)  # consumer group created
+        start = time.perf_counter()
+        for i in range(total):
+            # A fixed schedule (open loop), so slow commits do not lower the rate.
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    msg_id = await dist.transactions.outbox.insert(conn, "latency", {"i": i})
+                committed[msg_id] = time.perf_counter()
+        try:
+            await asyncio.wait_for(done.wait(), 30)
+        except TimeoutError:
+            print(f"  only {len(latencies)}/{total} messages handled")
+        client: Any = dist.runtime.require_redis("bench").client
+        await client.delete(f"{{{ns}:topic:latency}}:stream")
+    return latencies
+
+
+async def request_overhead(dsn: str, requests: int) -> tuple[float, float]:
+    ns = f"b_{secrets.token_hex(4)}"
+    dist = Dist(REDIS, dsn, namespace=ns, sessions=False)
+    await dist.start()
+    pool = dist.runtime.require_postgres("bench").pool
+    table = f"{ns}_items"
+    await pool.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, v int)")
+    insert = f"INSERT INTO {table} (v) VALUES ($1)"
+
+    async def with_get_tx(request: Request) -> PlainTextResponse:
+        await get_tx().execute(insert, 1)
+        return PlainTextResponse("ok")
+
+    async def hand_written(request: Request) -> PlainTextResponse:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(insert, 2)
+        return PlainTextResponse("ok")
+
+    app = dist.wrap(
+        Starlette(routes=[Route("/tx", with_get_tx, methods=["POST"]),
+                          Route("/raw", hand_written, methods=["POST"])])
+    )  # fmt: skip
+
+    async def call(path: str) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "root_path": "", "headers": [],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                await asyncio.sleep(3600)
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        status = 0
+
+        async def send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await app(scope, receive, send)
+        assert status == 200, status
+
+    timings: dict[str, float] = {"/tx": 0.0, "/raw": 0.0}
+    for path in timings:  # warm up
+        for _ in range(200):
+            await call(path)
+    # Interleaved rounds, so that drift (other engineers' load) hits both alike.
+    for _ in range(10):
+        for path in timings:
+            started = time.perf_counter()
+            for _ in range(requests // 10):
+                await call(path)
+            timings[path] += time.perf_counter() - started
+    await pool.execute(f"DROP TABLE {table}")
+    await dist.stop()
+    return timings["/tx"] / requests, timings["/raw"] / requests
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--requests", type=int, default=4_000)
+    args = parser.parse_args()
+    database = f"asgi_dist_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(ADMIN)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    dsn = urlunsplit(urlsplit(ADMIN)._replace(path=f"/{database}"))
+    try:
+        rate, ceiling = await relay_throughput(dsn, args.messages)
+        print(f"relay: {rate:,.0f} messages/s committed->stream ({args.messages:,} rows, "
+              f"one relay); pipelined XADD alone {ceiling:,.0f}/s; "
+              f"ratio {rate / ceiling:.2f}")  # fmt: skip
+        lat = await latency(dsn, args.rate, args.seconds)
+        if lat:
+            print(f"commit->handler at {args.rate}/s: p50 {pct(lat, 50) * 1000:.1f} ms, "
+                  f"p99 {pct(lat, 99) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms "
+                  f"({len(lat)} messages, mean {statistics.mean(lat) * 1000:.1f} ms)")  # fmt: skip
+        tx, raw = await request_overhead(dsn, args.requests)
+        print(f"request: get_tx() {tx * 1e6:.0f} us vs hand-written asyncpg {raw * 1e6:.0f} us "
+              f"per request; ratio {tx / raw:.3f} ({(tx / raw - 1) * 100:+.1f} %)")  # fmt: skip
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
