@@ -76,11 +76,17 @@ class PubSubHub:
         *,
         heartbeat: float = 5.0,
         max_backoff: float = 2.0,
+        linger: float = 1.0,
     ) -> None:
         self._redis = redis
         self.client_name = f"asgi_dist:pubsub:{redis.namespace}"
         self._heartbeat = heartbeat
         self._max_backoff = max_backoff
+        # A channel stays subscribed this long after its last listener left:
+        # a busy lock's waiters come and go, and SUBSCRIBE/UNSUBSCRIBE churn
+        # would add a round trip to every wait.
+        self._linger = linger
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
         self._listeners: dict[str, set[Subscription]] = {}
         # Channels this process wants subscribed (what a reconnect restores).
         self._wanted: set[str] = set()
@@ -100,7 +106,7 @@ class PubSubHub:
     @property
     def channels(self) -> frozenset[str]:
         """Channels with at least one listener (tests check nothing is left behind)."""
-        return frozenset(self._wanted)
+        return frozenset(self._listeners)
 
     async def subscribe(self, channel: str, callback: Listener) -> Subscription:
         """Register ``callback`` on ``channel``; returns once Redis has acknowledged."""
@@ -109,6 +115,9 @@ class PubSubHub:
         self._ensure_running()
         sub = Subscription(self, channel, callback)
         self._listeners.setdefault(channel, set()).add(sub)
+        lingering = self._lingering.pop(channel, None)
+        if lingering is not None:
+            lingering.cancel()
         try:
             if channel not in self._wanted:
                 self._wanted.add(channel)
@@ -131,6 +140,9 @@ class PubSubHub:
 
     async def close(self) -> None:
         self._closed = True
+        for handle in self._lingering.values():
+            handle.cancel()
+        self._lingering.clear()
         # Closing the socket first ends the reader's read even if a cancellation
         # were lost inside the client library; then cancel and wait, bounded.
         await self._drop_connection()
@@ -160,9 +172,23 @@ class PubSubHub:
         if subs:
             return
         del self._listeners[sub.channel]
-        self._wanted.discard(sub.channel)
-        if self._conn is not None and not self._closed:
-            task = asyncio.get_running_loop().create_task(self._unsubscribe(sub.channel))
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if self._linger > 0 and sub.channel not in self._lingering:
+            self._lingering[sub.channel] = loop.call_later(
+                self._linger, self._drop_channel, sub.channel
+            )
+        else:
+            self._drop_channel(sub.channel)
+
+    def _drop_channel(self, channel: str) -> None:
+        self._lingering.pop(channel, None)
+        if channel in self._listeners or self._closed:
+            return  # a listener came back
+        self._wanted.discard(channel)
+        if self._conn is not None:
+            task = asyncio.get_running_loop().create_task(self._unsubscribe(channel))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -334,6 +335,60 @@ class Watchdog:
                 held.next_renewal = sent + max(0.05, held.renew_every / 3)
 
 
+class _Gate:
+    """A FIFO turnstile: one waiter per process and name competes at a time.
+
+    Without it every waiting task of a process would wake on each release and
+    race the others with an attempt (a thundering herd of round trips); with
+    it, local waiters queue in arrival order and pass the turn on as soon as
+    the current one holds the lease.
+    """
+
+    __slots__ = ("busy", "users", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.users = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self, bound: float | None) -> None:
+        """Wait for the turn (raises TimeoutError after ``bound`` seconds)."""
+        if not self.busy and not self.waiters:
+            self.busy = True
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(turn)
+        try:
+            async with asyncio.timeout(bound):
+                await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave()  # handed the turn while giving up: pass it on
+            else:
+                self.waiters.remove(turn)
+            raise
+
+    def leave(self) -> None:
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the turn moves on; busy stays True
+                return
+        self.busy = False
+
+
+_gates: dict[tuple[int, str, str], _Gate] = {}
+
+
+def _timed_out(kind: str, name: str, timeout: float | None, attempt: Attempt) -> LockTimeout:
+    return LockTimeout(
+        f"{kind} {name!r} is held by another owner; not acquired within "
+        f"{timeout:g}s (retry after about {max(attempt.remaining, 0):.1f}s)",
+        name=name,
+        retry_after=max(attempt.remaining, 0.0) or 1.0,
+    )
+
+
 async def acquire_lease(
     backend: LeaseBackend,
     kind: str,
@@ -353,17 +408,38 @@ async def acquire_lease(
     deadline = None if timeout is None else loop.time() + timeout
     watch: Watch | None = None
     attempt: Attempt | None = None
+    gate: _Gate | None = None
+    in_turn = False
+    gate_key = (id(backend), kind, name)
     try:
-        attempt = await _attempt(backend, kind, name, token, ttl)
+        waiting = _gates.get(gate_key)
+        if waiting is not None and waiting.busy and timeout != 0:
+            # Tasks of this process already wait for it: queue behind them
+            # instead of barging in (a releasing task would otherwise win its
+            # own lock back every time).
+            attempt = Attempt(False, 0, -1.0)
+        else:
+            attempt = await _attempt(backend, kind, name, token, ttl)
+        if attempt.acquired:
+            return attempt
+        if deadline is not None and loop.time() >= deadline:
+            raise _timed_out(kind, name, timeout, attempt)
+        if not attempt.queued:
+            # Queued variants (fair, writers) keep their order in the store;
+            # the others take turns locally (see _Gate).
+            gate = _gates.get(gate_key)
+            if gate is None:
+                gate = _gates[gate_key] = _Gate()
+            gate.users += 1
+            try:
+                await gate.enter(None if deadline is None else max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _timed_out(kind, name, timeout, attempt) from None
+            in_turn = True
         while not attempt.acquired:
             now = loop.time()
             if deadline is not None and now >= deadline:
-                raise LockTimeout(
-                    f"{kind} {name!r} is held by another owner; not acquired within "
-                    f"{timeout:g}s (retry after about {max(attempt.remaining, 0):.1f}s)",
-                    name=name,
-                    retry_after=max(attempt.remaining, 0.0) or 1.0,
-                )
+                raise _timed_out(kind, name, timeout, attempt)
             if watch is None:
                 # Register before the next attempt: a release after it wakes us.
                 watch = await backend.watch(kind, name, token)
@@ -385,6 +461,12 @@ async def acquire_lease(
     finally:
         if watch is not None:
             watch.close()
+        if gate is not None:
+            if in_turn:
+                gate.leave()
+            gate.users -= 1
+            if gate.users == 0 and _gates.get(gate_key) is gate:
+                del _gates[gate_key]
         if attempt is not None and attempt.queued and not attempt.acquired:
             # A waiter that gives up (timeout, cancellation) leaves its queue
             # entry behind; remove it, shielded, and hand on a lease granted

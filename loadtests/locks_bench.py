@@ -1,0 +1,403 @@
+"""Lock benchmark: asgi_dist vs redis-py's asyncio Lock, same run, same Redis.
+
+    python loadtests/locks_bench.py [--seconds 2] [--redis redis://...]
+
+Without ``--redis`` it starts a private redis-server on a free port, so that
+command counts are ours alone and nobody else's traffic skews the numbers.
+Prints Markdown tables: PING round trip; uncontended acquire+release; contended
+hand-off latency (release -> next holder's acquire returns) p50/p99 and
+throughput with 2, 8 and 32 contending tasks and with 4 processes; fairness
+spread; Redis commands per second per waiting client.  Every number is also
+given as a ratio to the PING round trip or to the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from asgi_dist import Dist  # noqa: E402
+from asgi_dist.scheduling import SchedulerConfig  # noqa: E402
+
+Acquire = Callable[[], Coroutine[Any, Any, Callable[[], Awaitable[None]]]]
+
+# Round trips counted on the client: every command or pipeline a connection
+# sends (Lua scripts count once, however many commands they run inside).
+SENT = {"n": 0}
+_send = Connection.send_packed_command
+
+
+async def _counting_send(self: Connection, *args: Any, **kwargs: Any) -> None:
+    SENT["n"] += 1
+    await _send(self, *args, **kwargs)
+
+
+Connection.send_packed_command = _counting_send  # type: ignore[method-assign,assignment]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_private_redis() -> tuple[str, subprocess.Popen[bytes], str]:
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="asgi-dist-bench-")
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", proc, workdir
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- contenders -----------------------------------------------------------------
+
+
+def asgi_dist_acquirer(dist: Dist, name: str) -> Acquire:
+    async def acquire() -> Callable[[], Awaitable[None]]:
+        held = await dist.lock(name, ttl=30).acquire()
+        return held.release
+
+    return acquire
+
+
+def redis_py_acquirer(client: aioredis.Redis, name: str, sleep: float) -> Acquire:
+    async def acquire() -> Callable[[], Awaitable[None]]:
+        # One Lock object per acquisition: redis-py keeps the token on the
+        # object (thread-local), which tasks of one loop would otherwise share.
+        lock = client.lock(name, timeout=30, sleep=sleep)
+        await lock.acquire()
+        return lock.release
+
+    return acquire
+
+
+@dataclass
+class Contention:
+    handoffs: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    per_task: list[int] = field(default_factory=list)
+    acquisitions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.acquisitions / self.seconds if self.seconds else 0.0
+
+
+async def contend(make: Callable[[int], Acquire], tasks: int, seconds: float) -> Contention:
+    """``tasks`` contenders loop acquire -> release for ``seconds``."""
+    result = Contention(per_task=[0] * tasks)
+    state: dict[str, Any] = {"released_at": None, "by": None}
+    stop_at = time.perf_counter() + seconds
+
+    async def contender(i: int) -> None:
+        acquire = make(i)
+        while time.perf_counter() < stop_at:
+            asked = time.perf_counter()
+            release = await acquire()
+            now = time.perf_counter()
+            result.waits.append(now - asked)
+            if state["released_at"] is not None and state["by"] != i:
+                result.handoffs.append(now - state["released_at"])
+            result.per_task[i] += 1
+            result.acquisitions += 1
+            state["by"] = i
+            state["released_at"] = time.perf_counter()
+            await release()
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(contender(i) for i in range(tasks))), seconds + 60)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def uncontended(acquire: Acquire, n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        release = await acquire()
+        await release()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+async def commands_while_waiting(
+    admin: aioredis.Redis, hold: Callable[[], Awaitable[Any]], waiters: list[Acquire]
+) -> float:
+    """Redis commands per second per waiting contender while a holder keeps the lock."""
+    release = await hold()
+    tasks = [asyncio.create_task(w()) for w in waiters]
+    await asyncio.sleep(0.3)
+    before = SENT["n"]
+    await asyncio.sleep(1.0)
+    after = SENT["n"]
+    await release()
+    for next_done in asyncio.as_completed(tasks, timeout=60):
+        await (await next_done)()
+    return (after - before) / len(waiters)
+
+
+# --- processes -------------------------------------------------------------------
+
+PROCESS = """
+import asyncio, os, sys, time
+sys.path.insert(0, os.environ["ROOT"])
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from asgi_dist import Dist
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    url, kind, name = os.environ["URL"], os.environ["KIND"], os.environ["NAME"]
+    log = aioredis.Redis.from_url(url)
+    dist = Dist(redis=url, namespace="bench", sessions=False,
+                scheduler=SchedulerConfig(enabled=False))
+    async with dist:
+        # Start together: the parent sets the stop time once everyone is ready.
+        await log.incr(name + ":ready")
+        while (go := await log.get(name + ":go")) is None:
+            await asyncio.sleep(0.01)
+        stop_at = float(go)
+        n = 0
+        while time.time() < stop_at:
+            if kind == "asgi_dist":
+                held = await dist.lock(name, ttl=30).acquire()
+                release = held.release
+            else:
+                lock = log.lock(name, timeout=30, sleep=float(kind.split("=")[1]))
+                await lock.acquire()
+                release = lock.release
+            got = time.time()
+            prev = await log.getset(name + ":last", "%s %f" % (os.getpid(), got))
+            n += 1
+            row = "%s %f %s" % (os.getpid(), got, (prev or b"").decode())
+            await log.rpush(name + ":handoffs", row)
+            await log.set(name + ":released", time.time())
+            await release()
+        await log.incrby(name + ":count", n)
+    await log.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> Contention:
+    name = f"bench:{secrets.token_hex(4)}"
+    env = dict(os.environ, ROOT=str(ROOT), URL=url, KIND=kind, NAME=name)
+    children = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", PROCESS, env=env)
+        for _ in range(procs)
+    ]
+    client = aioredis.Redis.from_url(url)
+    result = Contention(seconds=seconds)
+    try:
+        for _ in range(6000):
+            if int(await client.get(f"{name}:ready") or 0) == procs:
+                break
+            await asyncio.sleep(0.01)
+        await client.set(f"{name}:go", time.time() + seconds)
+        for child in children:
+            await asyncio.wait_for(child.wait(), seconds + 60)
+        raw: list[Any] = await client.lrange(f"{name}:handoffs", 0, -1)
+        rows = [r.decode().split() for r in raw]
+        result.acquisitions = int(await client.get(f"{name}:count") or 0)
+    finally:
+        await client.aclose()
+    # The hand-off is measured from the previous holder's acquisition record to
+    # ours minus its (tiny) critical section; wall clocks of one host agree.
+    by_pid: dict[str, int] = {}
+    for row in rows:
+        by_pid[row[0]] = by_pid.get(row[0], 0) + 1
+        if len(row) == 4 and row[2] != row[0]:
+            result.handoffs.append(float(row[1]) - float(row[3]))
+    result.per_task = list(by_pid.values())
+    return result
+
+
+# --- report ----------------------------------------------------------------------
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", help="Redis URL (default: a private redis-server)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per contended run")
+    args = parser.parse_args()
+    proc = None
+    workdir = ""
+    url = args.redis
+    if url is None:
+        url, proc, workdir = start_private_redis()
+    client = aioredis.Redis.from_url(url)
+    dist = Dist(
+        redis=url, namespace="bench", sessions=False, scheduler=SchedulerConfig(enabled=False)
+    )
+    try:
+        await dist.start()
+        pings = []
+        for _ in range(500):
+            t0 = time.perf_counter()
+            await client.ping()
+            pings.append(time.perf_counter() - t0)
+        rtt = statistics.median(pings)
+        print(f"# Lock benchmark (same run, same Redis: {url})\n")
+        print(f"PING round trip (median of 500): {rtt * 1e6:.0f} µs\n")
+
+        print("## Uncontended acquire + release (median of 500 cycles)\n")
+        print("| lock | cycle | cycle / RTT | round trips per cycle |")
+        print("|---|---:|---:|---:|")
+        for label, acq in (
+            ("asgi_dist", asgi_dist_acquirer(dist, "u1")),
+            ("redis-py Lock", redis_py_acquirer(client, "u2", 0.1)),
+        ):
+            before = SENT["n"]
+            cycle = await uncontended(acq, 500)
+            per_cycle = (SENT["n"] - before) / 500
+            print(f"| {label} | {cycle * 1e6:.0f} µs | {cycle / rtt:.1f} | {per_cycle:.1f} |")
+        print()
+
+        print(f"## Contended hand-off ({args.seconds:g} s per row, tasks in one process)\n")
+        print(
+            "| lock | contenders | hand-off p50 | p99 | p50 / RTT | p99 / RTT "
+            "| acquisitions/s | fairness max/min | acquire wait p99 |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows: dict[tuple[str, int], Contention] = {}
+        for n in (2, 8, 32):
+            peers: list[tuple[str, Callable[[int], Acquire]]] = [
+                ("asgi_dist", _ours(dist, f"c{n}")),
+                ("redis-py sleep=0.1", _theirs(client, f"p{n}", 0.1)),
+                ("redis-py sleep=0.001", _theirs(client, f"q{n}", 0.001)),
+            ]
+            for label, make in peers:
+                r = await contend(make, n, args.seconds)
+                rows[(label, n)] = r
+                _row(label, f"{n} tasks", r, rtt)
+        print()
+        print(f"## Contended hand-off, 4 processes ({args.seconds:g} s per row)\n")
+        print(
+            "| lock | contenders | hand-off p50 | p99 | p50 / RTT | p99 / RTT "
+            "| acquisitions/s | fairness max/min | acquire wait p99 |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for label, kind in (
+            ("asgi_dist", "asgi_dist"),
+            ("redis-py sleep=0.1", "sleep=0.1"),
+            ("redis-py sleep=0.001", "sleep=0.001"),
+        ):
+            r = await contend_processes(url, kind, 4, args.seconds)
+            rows[(label, -4)] = r
+            _row(label, "4 processes", r, rtt)
+        print()
+
+        print("## Ratios (asgi_dist vs redis-py, same run)\n")
+        for n in (2, 8, 32, -4):
+            what = f"{n} tasks" if n > 0 else "4 processes"
+            a, d, f = (
+                rows[("asgi_dist", n)],
+                rows[("redis-py sleep=0.1", n)],
+                rows[("redis-py sleep=0.001", n)],
+            )
+            waits = ""
+            if a.waits:
+                waits = (
+                    f"acquire wait p99 {pct(d.waits, 0.99) / pct(a.waits, 0.99):.1f}x lower than "
+                    f"redis-py default and {pct(f.waits, 0.99) / pct(a.waits, 0.99):.1f}x lower "
+                    "than sleep=0.001; "
+                )
+            print(
+                f"- {what}: {waits}hand-off p99 "
+                f"{pct(d.handoffs, 0.99) / pct(a.handoffs, 0.99):.1f}x lower than redis-py "
+                f"default; throughput {a.throughput / f.throughput:.2f}x redis-py sleep=0.001, "
+                f"{a.throughput / d.throughput:.2f}x redis-py default"
+            )
+        print()
+
+        admin = client
+        ours_cmds = await commands_while_waiting(
+            admin,
+            asgi_dist_acquirer(dist, "w1"),
+            [asgi_dist_acquirer(dist, "w1") for _ in range(10)],
+        )
+        peer_cmds = await commands_while_waiting(
+            admin,
+            redis_py_acquirer(client, "w2", 0.1),
+            [redis_py_acquirer(client, "w2", 0.1) for _ in range(10)],
+        )
+        peer_fast = await commands_while_waiting(
+            admin,
+            redis_py_acquirer(client, "w3", 0.001),
+            [redis_py_acquirer(client, "w3", 0.001) for _ in range(10)],
+        )
+        print("## Round trips per second per waiting contender (10 waiters, 1 s)\n")
+        print("| lock | round trips/s per waiter |")
+        print("|---|---:|")
+        print(f"| asgi_dist | {max(ours_cmds, 0):.1f} |")
+        print(f"| redis-py sleep=0.1 | {peer_cmds:.1f} |")
+        print(f"| redis-py sleep=0.001 | {peer_fast:.1f} |")
+    finally:
+        await dist.stop()
+        await client.aclose()
+        if proc is not None:
+            proc.kill()
+            proc.wait(5)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ours(dist: Dist, name: str) -> Callable[[int], Acquire]:
+    return lambda i: asgi_dist_acquirer(dist, name)
+
+
+def _theirs(client: aioredis.Redis, name: str, sleep: float) -> Callable[[int], Acquire]:
+    return lambda i: redis_py_acquirer(client, name, sleep)
+
+
+def _row(label: str, what: str, r: Contention, rtt: float) -> None:
+    p50, p99 = pct(r.handoffs, 0.5), pct(r.handoffs, 0.99)
+    spread = max(r.per_task) / max(1, min(r.per_task)) if r.per_task else float("nan")
+    wait99 = f"{pct(r.waits, 0.99) * 1e3:.1f} ms" if r.waits else "-"
+    print(
+        f"| {label} | {what} | {p50 * 1e3:.2f} ms | {p99 * 1e3:.2f} ms | {p50 / rtt:.1f} "
+        f"| {p99 / rtt:.1f} | {r.throughput:.0f} | {spread:.1f} | {wait99} |"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
