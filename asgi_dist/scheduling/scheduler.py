@@ -502,24 +502,37 @@ class Scheduler:
         for job in self.registry:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
+        loop = asyncio.get_running_loop()
+        check_queues, last_check, next_once = True, loop.time(), None
         while not self._stopping:
             if term.lost.is_set():
                 # Normally the election cancels this body; checking too keeps a
                 # swallowed cancellation from leaving a deposed leader looping.
                 raise LockLost(f"the scheduler's term {self.fence} was lost")
             now = await store.now_ms()
-            for job in self.registry:
-                await self._fire_due(job, now)
-            await self._run_triggers()
-            await self._run_once(now)
+            offset = now - loop.time() * 1000  # server clock minus loop clock (ms)
+            # Jobs are independent: claim their due fires concurrently, so the
+            # tenth job due at 12:00 is not ten round trips late.
+            await asyncio.gather(*(self._fire_due(job, now) for job in self.registry))
+            if check_queues or (next_once is not None and next_once <= now):
+                await self._run_triggers()
+                await self._run_once(now)
+                next_once = await store.next_once_ms()
+                last_check = loop.time()
             pending = [ms for ms in self._next.values() if ms is not None]
-            once = await store.next_once_ms()
-            if once is not None:
-                pending.append(once)
-            now_after = await store.now_ms()
-            sleep = _MAX_SLEEP if not pending else (min(pending) - now_after) / 1000
+            if next_once is not None:
+                pending.append(next_once)
+            # Sleep by the loop clock to the server time of the next fire (+1 ms
+            # so the claim, which checks the server clock, does not come early).
+            sleep = _MAX_SLEEP
+            if pending:
+                sleep = (min(pending) + 1 - (loop.time() * 1000 + offset)) / 1000
+            woken = False
             if sleep > 0:
-                await store.wait_wakeup(min(sleep, _MAX_SLEEP))
+                woken = await store.wait_wakeup(min(sleep, _MAX_SLEEP))
+            # Triggers, one-offs and pauses announce themselves; the queues are
+            # read on a wake-up, or every _MAX_SLEEP in case one was lost.
+            check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
 
     async def _fire_due(self, job: Job, now: int) -> None:
         """Claim every fire of ``job`` due at ``now``, deciding late ones by the misfire policy."""
@@ -565,7 +578,9 @@ class Scheduler:
         result = await self.store.claim(claim)
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
-        if result.status in ("moved", "early"):
+        if result.status == "early":
+            return False  # the loop re-reads the server clock and sleeps the rest
+        if result.status == "moved":
             # Another leader advanced the sequence, a deployment changed the
             # schedule, or the state was lost (e.g. a flushed Redis): re-read it,
             # restarting the sequence only if our signature is not the stored one.

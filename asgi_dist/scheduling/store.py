@@ -125,6 +125,6 @@ class SchedulerStore(Protocol):
         """Wake the leader loop (wherever it runs)."""
         ...
 
-    async def wait_wakeup(self, seconds: float) -> None:
-        """Return when a trigger, one-off or pause arrives, or after ``seconds``."""
+    async def wait_wakeup(self, seconds: float) -> bool:
+        """Wait for a trigger, one-off or pause (True), or ``seconds`` (False)."""
         ...

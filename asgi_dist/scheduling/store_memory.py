@@ -153,7 +153,9 @@ class MemoryStore:
     async def wake(self) -> None:
         self._wake.set()
 
-    async def wait_wakeup(self, seconds: float) -> None:
+    async def wait_wakeup(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        woken = self._wake.is_set()
         self._wake.clear()
+        return woken

@@ -271,11 +271,13 @@ class PostgresStore:
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()
 
-    async def wait_wakeup(self, seconds: float) -> None:
+    async def wait_wakeup(self, seconds: float) -> bool:
         if self._listener is None:
             conn = await self.pool.acquire()
             await conn.add_listener(self.channel, self._on_notify)
             self._listener = conn
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        woken = self._wake.is_set()
         self._wake.clear()
+        return woken

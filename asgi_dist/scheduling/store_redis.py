@@ -163,14 +163,16 @@ class RedisStore:
     async def wake(self) -> None:
         await self.client.publish(self._channel, "1")
 
-    async def wait_wakeup(self, seconds: float) -> None:
+    async def wait_wakeup(self, seconds: float) -> bool:
         if self._subscription is None:
             # The process's shared pub/sub connection (one per Dist, also on
             # Cluster); subscribe returns once Redis acknowledged it.
             self._subscription = await self.hub.subscribe(self._channel, self._on_wake)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), max(0.0, seconds))
+        woken = self._woken.is_set()
         self._woken.clear()
+        return woken
 
     def _on_wake(self, payload: bytes | None) -> None:
         # None means "reconnected, messages may be lost": waking is the safe answer.
