@@ -85,11 +85,12 @@ async def assert_each_fire_once(observer: Dist, recorded: list[dict[str, Any]]) 
     return report
 
 
-async def observer_dist(make_dist: Any, redis_url: str) -> Dist:
+async def observer_dist(make_dist: Any, redis_url: str, postgres: str | None = None) -> Dist:
     from asgi_dist.transactions import TransactionConfig
 
     dist: Dist = await make_dist(
-        postgres=None,
+        redis=None if postgres else redis_url,
+        postgres=postgres,
         sessions=False,
         transactions=TransactionConfig(enabled=False),
         scheduler=SchedulerConfig(enabled=False),
@@ -250,3 +251,24 @@ async def test_broadcast_shards_across_live_nodes_and_any_spreads_load(
     spread = Counter(r["pid"] for r in anywhere)
     assert len(spread) >= 2, f"run_on='any' did not spread: {spread}"
     print(f"broadcast fires with 3 shards: {len(full)}; run_on='any' spread {dict(spread)}")
+
+
+async def test_three_processes_on_postgresql_run_every_fire_exactly_once(
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    make_dist: Any,
+) -> None:
+    env = {"REDIS_URL": redis_url, "NAMESPACE": namespace, "POSTGRES_DSN": postgres_dsn}
+    processes.python(NODE, 3, env=env)  # election, claims and history all in PostgreSQL
+    await leader_pid(redis_client, namespace)
+    await asyncio.sleep(4)
+    stop_all(processes)
+    recorded = await runs(redis_client, namespace)
+    observer = await observer_dist(make_dist, redis_url, postgres_dsn)
+    report = await assert_each_fire_once(observer, recorded)
+    for job in JOBS:
+        assert report[job]["ran"] == report[job]["span"] >= 3, report
+    print("postgresql steady state:", report)

@@ -19,8 +19,10 @@ from asgi_dist.transactions import TransactionConfig
 
 
 def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
+    postgres = os.environ.get("POSTGRES_DSN")  # set: the scheduler runs on PostgreSQL alone
     dist = Dist(
-        redis=url,
+        redis=None if postgres else url,
+        postgres=postgres,
         namespace=namespace,
         leader_ttl=float(os.environ.get("LEADER_TTL", "2")),
         sessions=False,
