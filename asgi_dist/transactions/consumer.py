@@ -113,6 +113,9 @@ class Consumer:
             f"INSERT INTO {postgres.table('inbox')} (grp, msg_id) VALUES ($1, $2)"
             " ON CONFLICT DO NOTHING RETURNING true"
         )
+        self._inbox_seen = (
+            f"SELECT true FROM {postgres.table('inbox')} WHERE grp = $1 AND msg_id = $2"
+        )
         self.handled = 0  # handler runs committed by this process (stats, tests)
 
     # loop ------------------------------------------------------------------------
@@ -265,7 +268,7 @@ class Consumer:
         except ValueError as exc:
             await self._to_dead_letter(stream_id, str(exc), deliveries)
             return
-        if deliveries > self.spec.max_deliveries:
+        if deliveries > self.spec.max_deliveries and not await self._in_inbox(message):
             await self._to_dead_letter(
                 stream_id,
                 f"delivered {deliveries} times without success (last attempts never finished: "
@@ -298,6 +301,18 @@ class Consumer:
         except Exception as exc:
             # Committed but not acked: the redelivery finds the inbox row and is dropped.
             log.warning("consumer %s could not XACK %s: %s", self.spec.group, stream_id, exc)
+
+    async def _in_inbox(self, message: Message) -> bool:
+        """Handled before (only its XACK was lost): it must be acked, not dead-lettered."""
+        try:
+            found = await self.postgres.pool.fetchval(
+                self._inbox_seen, self.spec.group, uuid.UUID(message.id)
+            )
+        except Exception as exc:
+            if as_backend_unavailable(exc) is None:
+                raise
+            return True  # cannot tell now: run it, the inbox decides when PostgreSQL is back
+        return bool(found)
 
     async def _run_once(self, message: Message) -> None:
         async with self.postgres.pool.acquire() as conn, conn.transaction():

@@ -129,7 +129,7 @@ async def test_killed_relay_and_consumer_before_ack_lose_and_duplicate_nothing(
     # C1 commits its effects but never acks: every message it took is redelivered.
     (c1,) = processes.python(WORKER, 1, env, args=["consumer", "never-ack"])
     await wait_files([tmp_path / "consumer-0.ready"], processes)
-    total = 1000
+    total = 600
     ids = await publish_all(dist, total)
     published = f"SELECT count(*) FROM {ns}_outbox WHERE published_at IS NOT NULL"
 
