@@ -15,8 +15,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_dist import Dist, get_tx
+from asgi_dist.transactions import Message, Transaction
 from tests.helpers.servers import RedisServer
 from tests.transactions.proxy import TcpProxy
+from tests.transactions.waiting import eventually
 
 
 def app_for(dist: Dist) -> Any:
@@ -91,3 +93,36 @@ async def test_redis_down_leaves_rows_in_the_outbox_until_it_returns(
     finally:
         await check.aclose()
     assert len(entries) == 20
+
+
+async def test_relay_and_consumer_wait_out_a_postgres_outage_and_lose_nothing(
+    fast_dist: Callable[..., Any], pg_proxy: tuple[TcpProxy, str], pg: asyncpg.Connection
+) -> None:
+    proxy, dsn = pg_proxy
+    dist: Dist = await fast_dist(postgres=dsn)
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (msg_id uuid)")
+
+    @dist.consumer("faults", group="g", concurrency=4)
+    async def handle(message: Message, tx: Transaction) -> None:
+        await tx.execute(f"INSERT INTO {ns}_effects VALUES ($1)", message.id)
+
+    async def publish(n: int) -> None:
+        # Straight to the database, not through the proxy the Dist uses.
+        async with pg.transaction():
+            tx = Transaction(dist.transactions.outbox, pg)
+            for i in range(n):
+                await tx.publish("faults", {"i": i})
+
+    async def effects(n: int) -> bool:
+        return bool(await pg.fetchval(f"SELECT count(DISTINCT msg_id) FROM {ns}_effects") == n)
+
+    await publish(10)
+    await eventually(lambda: effects(10), 15, "first 10 handled")
+    await proxy.cut()
+    await publish(10)
+    await asyncio.sleep(1.0)  # relay and consumer retry meanwhile
+    assert await unpublished(pg, dist) == 10
+    await proxy.restore()
+    await eventually(lambda: effects(20), 20, "all 20 handled after the outage")
+    assert await pg.fetchval(f"SELECT count(*) FROM {ns}_effects") == 20
