@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from asgi_dist.backends import BackendName, Runtime
@@ -23,6 +23,7 @@ from asgi_dist.locks.lock import Lock, validate_timing
 from asgi_dist.locks.memory import MemoryLeases, MemoryRWLeases, MemorySemaphoreLeases
 from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases
 from asgi_dist.locks.redis import FAIR, PLAIN, READ, SEMAPHORE, WRITE, RedisLeases
+from asgi_dist.locks.redlock import RedlockLeases
 from asgi_dist.locks.request import LockHook, locked
 from asgi_dist.locks.rwlock import KIND as RW_KIND
 from asgi_dist.locks.rwlock import RWLock
@@ -43,6 +44,7 @@ class LockService:
         self.watchdog = Watchdog(runtime.spawn)
         self._backends: dict[str, LeaseBackend] = {}
         self._reentrant: dict[tuple[int, str], Held] = {}
+        self._redlocks: list[RedlockLeases] = []
 
     # lifecycle -------------------------------------------------------------------
 
@@ -74,6 +76,9 @@ class LockService:
                 await asyncio.wait_for(give_back(), 5.0)
             except TimeoutError:
                 log.warning("could not release %d leases at stop; they expire by ttl", len(held))
+        redlocks, self._redlocks = self._redlocks, []
+        for leases in redlocks:
+            await leases.close()
 
     def request_hook(self) -> RequestHook | None:
         return LockHook(self)
@@ -220,6 +225,18 @@ class LockService:
             kind="semaphore",
         )
 
+    def redlock(self, urls: Sequence[str], *, server_timeout: float = 0.1) -> Redlock:
+        """Locks granted by a majority of independent Redis servers (see ``redlock.py``).
+
+        ``quorum = dist.locks.redlock(["redis://a", "redis://b", "redis://c"])``, then
+        ``async with quorum.lock("name", ttl=10) as held:``.  Connections close at stop.
+        """
+        leases = RedlockLeases(
+            urls, namespace=self.runtime.namespace, server_timeout=server_timeout
+        )
+        self._redlocks.append(leases)
+        return Redlock(self, leases)
+
     def _shared_backend(self, backend: str | None, what: str) -> str:
         chosen = backend or self.runtime.default_backend
         if chosen not in ("redis", "memory"):
@@ -259,3 +276,23 @@ class LockService:
         ends; a busy lock answers 409 with ``Retry-After``.
         """
         return locked(self, template, timeout=timeout, ttl=ttl, fair=fair, backend=backend)
+
+
+class Redlock:
+    """Factory of quorum locks over the servers given to ``dist.locks.redlock(...)``."""
+
+    def __init__(self, service: LockService, leases: RedlockLeases) -> None:
+        self._service = service
+        self.leases = leases
+
+    def lock(self, name: str, *, ttl: float = 30.0, timeout: float | None = None) -> Lock:
+        validate_name(name, "lock name")
+        validate_timing(ttl, timeout)
+        return Lock(
+            backend=self.leases,
+            name=name,
+            node_id=self._service.runtime.node_id,
+            watchdog=self._service.watchdog,
+            ttl=ttl,
+            timeout=timeout,
+        )

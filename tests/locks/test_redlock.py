@@ -1,0 +1,71 @@
+"""Redlock over three private Redis servers: majority grants, fences across majorities."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from asgi_dist import ConfigError, Dist, LockTimeout
+from tests.helpers.servers import RedisServer
+
+
+@pytest.fixture
+def three_servers() -> Iterator[list[RedisServer]]:
+    servers = [RedisServer().start() for _ in range(3)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+async def test_a_majority_grants_the_lock_and_fences_grow_across_majorities(
+    make_dist, three_servers: list[RedisServer]
+) -> None:
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    other: Dist = await make_dist(postgres=None, sessions=False)
+    urls = [s.url for s in three_servers]
+    ours, theirs = dist.locks.redlock(urls), other.locks.redlock(urls)
+    first = await ours.lock("job", ttl=5).acquire()
+    with pytest.raises(LockTimeout):
+        await theirs.lock("job", ttl=5).acquire(timeout=0)
+    await first.release()
+    three_servers[0].kill()  # one of three down: a majority still answers
+    second = await theirs.lock("job", ttl=5).acquire(timeout=2)
+    assert second.fence > first.fence
+    await second.release()
+    three_servers[0].start()  # back, empty: its counter restarted at 0
+    three_servers[1].kill()
+    third = await ours.lock("job", ttl=5).acquire(timeout=2)
+    # servers 0 and 2 granted; 2 carried the raised counter, so the order holds.
+    assert third.fence > second.fence
+    await third.release()
+
+
+async def test_without_a_majority_nothing_is_held(
+    make_dist, three_servers: list[RedisServer]
+) -> None:
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    quorum = dist.locks.redlock([s.url for s in three_servers])
+    three_servers[0].kill()
+    three_servers[1].kill()
+    with pytest.raises(Exception, match="majority"):
+        await quorum.lock("job", ttl=5).acquire(timeout=0)
+    # The one live server was undone: nobody holds a partial grant.
+    assert three_servers[2].cli("keys", "*lease*") == ""
+
+
+async def test_quorum_lock_is_renewed_past_its_ttl(make_dist, three_servers) -> None:  # type: ignore[no-untyped-def]
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    quorum = dist.locks.redlock([s.url for s in three_servers])
+    async with quorum.lock("job", ttl=0.6) as held:
+        await asyncio.sleep(1.5)
+        assert not held.lost.is_set()
+        with pytest.raises(LockTimeout):
+            await quorum.lock("job").acquire(timeout=0)
+
+
+def test_redlock_needs_an_odd_number_of_servers() -> None:
+    dist = Dist(sessions=False)
+    with pytest.raises(ConfigError, match="odd"):
+        dist.locks.redlock(["redis://a:1", "redis://b:2"])
