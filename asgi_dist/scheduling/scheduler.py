@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -27,6 +25,7 @@ from asgi_dist.backends import Runtime, as_backend_unavailable
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError, LockLost, SchedulerError
 from asgi_dist.locks import LockService
+from asgi_dist.scheduling.config import SchedulerConfig
 from asgi_dist.scheduling.dispatch import Dispatcher
 from asgi_dist.scheduling.jobs import (
     Job,
@@ -40,6 +39,13 @@ from asgi_dist.scheduling.jobs import (
     check_function,
     default_name,
     validate_job_name,
+)
+from asgi_dist.scheduling.policies import (
+    check_payload,
+    function_path,
+    jitter_cap_ms,
+    resolve_function,
+    runnable,
 )
 from asgi_dist.scheduling.runner import Fire, RunSettings, run_fire
 from asgi_dist.scheduling.schedules import (
@@ -59,64 +65,6 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 log = logging.getLogger("asgi_dist.scheduling")
 
 _MAX_SLEEP = 5.0  # the leader re-reads the server clock (and its term) at least this often
-_MAX_PAYLOAD = 64 * 1024
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduler options (validated here; deep code trusts them).
-
-    Args:
-        enabled: ``False`` keeps this process from leading and running jobs; it can
-            still trigger, pause, resume and read history.
-        backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the Dist's first.
-        history_limit: history records kept per job (oldest trimmed).
-        shutdown_grace: seconds running jobs get at stop before they are cancelled.
-        running_lease: seconds of the overlap lease, renewed every third of it.
-        retry_backoff: base of the exponential backoff between attempts.
-        retry_backoff_max: cap of one backoff.
-        run_all_limit: with ``misfire="run_all"``, the newest late fires that still run.
-        max_catchup: fires handled per job per leader pass (bounds one pass).
-        dependency_wait: seconds a child waits for its parents' run of the same fire.
-        claim_ttl: minimum seconds a fire's claim is kept (it also outlives 2 periods + 60 s).
-    """
-
-    enabled: bool = True
-    backend: Literal["redis", "postgres", "memory"] | None = None
-    history_limit: int = 1000
-    shutdown_grace: float = 5.0
-    running_lease: float = 30.0
-    retry_backoff: float = 0.5
-    retry_backoff_max: float = 60.0
-    run_all_limit: int = 10
-    max_catchup: int = 100
-    dependency_wait: float = 300.0
-    claim_ttl: float = 600.0
-
-    def __post_init__(self) -> None:
-        if self.backend not in (None, "redis", "postgres", "memory"):
-            raise ConfigError(
-                f"SchedulerConfig(backend={self.backend!r}): use 'redis', 'postgres' or 'memory'"
-            )
-        for name in ("history_limit", "run_all_limit", "max_catchup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"SchedulerConfig({name}={value!r}) must be an integer >= 1")
-        for name in (
-            "shutdown_grace",
-            "running_lease",
-            "retry_backoff",
-            "retry_backoff_max",
-            "dependency_wait",
-            "claim_ttl",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"SchedulerConfig({name}={value!r}) must be seconds >= 0")
-        if self.running_lease < 1:
-            raise ConfigError(
-                f"SchedulerConfig(running_lease={self.running_lease!r}) must be at least 1 s"
-            )
 
 
 class _Term(Protocol):
@@ -380,7 +328,7 @@ class Scheduler:
         self._job(name)
         now = await self.store.now_ms()
         fire_id = f"{name}:{now}:trigger-{secrets.token_hex(3)}"
-        _check_payload(payload)
+        check_payload(payload)
         await self.store.push_trigger(
             {"job": name, "fire_ms": now, "fire_id": fire_id, "payload": payload}
         )
@@ -439,10 +387,10 @@ class Scheduler:
         ``func`` must be a module-level async function: the leader imports it by
         its dotted path (nothing is pickled).
         """
-        path = _function_path(func)
+        path = function_path(func)
         job_name = validate_job_name(name or default_name(func))
         JobOptions(retries=retries, timeout=timeout).validate(job_name)
-        _check_payload(payload)
+        check_payload(payload)
         if isinstance(when, datetime):
             if when.tzinfo is None:
                 raise ConfigError(
@@ -544,7 +492,7 @@ class Scheduler:
         while following is not None and following <= now and len(fires) < self.config.max_catchup:
             fires.append(following)
             following = job.schedule.next_after(following)
-        run = _runnable(job, fires, now, following, self.config.run_all_limit)
+        run = runnable(job, fires, now, following, self.config.run_all_limit)
         for index, fire_ms in enumerate(fires):
             after = fires[index + 1] if index + 1 < len(fires) else following
             if not await self._claim_and_launch(job, fire_ms, after, fire_ms in run):
@@ -716,7 +664,7 @@ class Scheduler:
     async def _run_once(self, now: int) -> None:
         for entry in await self.store.due_once(now, 100):
             try:
-                func = _resolve_function(str(entry["func"]))
+                func = resolve_function(str(entry["func"]))
                 options = JobOptions(retries=int(entry["retries"]), timeout=entry["timeout"])
                 job = Job(str(entry["job"]), func, OnceSchedule(int(entry["fire_ms"])), options)
             except Exception as exc:
@@ -749,63 +697,3 @@ class Scheduler:
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
             await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))
-
-
-def jitter_cap_ms(job: Job, fire_ms: int) -> int:
-    """The largest random delay of a fire: ``jitter``, capped below the next fire."""
-    if job.options.jitter <= 0:
-        return 0
-    cap = round(job.options.jitter * 1000)
-    period = period_after(job.schedule, fire_ms)
-    return cap if period is None else min(cap, int(period * 0.9))
-
-
-def _runnable(
-    job: Job, fires: list[int], now: int, following: int | None, run_all_limit: int
-) -> set[int]:
-    """Which of ``fires`` (due, oldest first) start; the rest are recorded as missed."""
-    grace = round(job.options.misfire_grace * 1000)
-    on_time = {f for f in fires if now - f <= grace}
-    late = [f for f in fires if now - f > grace]
-    # Newer late fires beyond this bounded batch supersede the ones in it.
-    more_late = following is not None and now - following > grace
-    if not late or job.options.misfire == "skip" or more_late:
-        return on_time
-    keep = 1 if job.options.misfire == "run_once" else run_all_limit
-    return on_time | set(late[-keep:])
-
-
-def _function_path(func: Any) -> str:
-    check_function(func, default_name(func))
-    path = f"{func.__module__}:{func.__qualname__}"
-    try:
-        resolved = _resolve_function(path)
-    except Exception:
-        resolved = None
-    if resolved is not func:
-        raise ConfigError(
-            f"at(): {path} cannot be imported by its path; a one-off must be a module-level "
-            "async function so that whichever node leads can import it"
-        )
-    return path
-
-
-def _resolve_function(path: str) -> JobFunc:
-    module_name, _, qualname = path.partition(":")
-    target: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    check_function(target, qualname)
-    func: JobFunc = target
-    return func
-
-
-def _check_payload(payload: Any) -> None:
-    import json
-
-    try:
-        size = len(json.dumps(payload))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"payload must be JSON-serialisable: {exc}") from None
-    if size > _MAX_PAYLOAD:
-        raise ConfigError(f"payload of {size} bytes exceeds the {_MAX_PAYLOAD} byte bound")

@@ -12,7 +12,7 @@ import pytest
 from asgi_dist import Dist
 from asgi_dist.scheduling import JobContext, SchedulerConfig
 from asgi_dist.scheduling.jobs import Job, JobOptions
-from asgi_dist.scheduling.scheduler import _runnable, jitter_cap_ms
+from asgi_dist.scheduling.policies import jitter_cap_ms, runnable
 from asgi_dist.scheduling.schedules import interval
 
 NEVER = "0 0 1 1 *"  # once a year: these jobs run when triggered
@@ -237,11 +237,11 @@ def test_misfire_policies_decide_which_late_fires_still_run() -> None:
         return Job("j", noop, interval(1), JobOptions(misfire=misfire, misfire_grace=1.5))
 
     fires, now = [1000, 2000, 3000, 4000, 5000], 5500
-    assert _runnable(job("skip"), fires, now, 6000, 10) == {4000, 5000}
-    assert _runnable(job("run_once"), fires, now, 6000, 10) == {3000, 4000, 5000}
-    assert _runnable(job("run_all"), fires, now, 6000, 2) == {2000, 3000, 4000, 5000}
+    assert runnable(job("skip"), fires, now, 6000, 10) == {4000, 5000}
+    assert runnable(job("run_once"), fires, now, 6000, 10) == {3000, 4000, 5000}
+    assert runnable(job("run_all"), fires, now, 6000, 2) == {2000, 3000, 4000, 5000}
     # More late fires beyond this bounded batch: the batch's late ones are all missed.
-    assert _runnable(job("run_once"), fires[:2], now, 3000, 10) == set()
+    assert runnable(job("run_once"), fires[:2], now, 3000, 10) == set()
 
 
 async def test_scheduler_runs_on_redis_cluster(sched_dist: Any, cluster_url: str) -> None:
