@@ -305,7 +305,9 @@ class Watchdog:
                 held.mark_lost(
                     f"no renewal succeeded for {held.renew_deadline:g}s (backend unreachable?)"
                 )
-        due = [h for h in self._held if h.next_renewal <= now]
+        # Coalesce: a lease due within half its period rides along with this
+        # tick, so leases taken at different moments share one round trip.
+        due = [h for h in self._held if h.next_renewal <= now + h.renew_every / 2]
         groups: dict[int, list[Held]] = {}
         for held in due:
             groups.setdefault(id(held.backend), []).append(held)
