@@ -243,13 +243,13 @@ class Consumer:
             if not ids:
                 continue
             try:
-                owned = await self._claim_owned(
+                codes = await self._claim_owned(
                     self.redis.client, [self.stream], [self.spec.group, self.name, 0, *ids]
                 )
             except Exception as exc:
                 log.debug("consumer heartbeat failed: %s", exc)
                 continue
-            lost = set(ids) - {_s(x) for x in owned}
+            lost = [sid for sid, code in zip(ids, codes, strict=True) if int(code) < 0]
             if lost:
                 log.warning(
                     "consumer %s lost %d entries to another consumer (it was too slow to "

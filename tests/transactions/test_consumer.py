@@ -113,3 +113,32 @@ async def test_a_handler_past_its_timeout_is_retried(
 
 async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def test_a_slow_handler_keeps_its_message_by_heartbeat(
+    fast_dist: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    # Two members of the group; the handler outlives reclaim_after (2 s) by far.
+    first: Dist = await fast_dist()
+    second: Dist = await fast_dist()
+    running: list[str] = []
+
+    for member in (first, second):
+
+        @member.consumer("slow", group="g")
+        async def handle(message: Message, tx: Transaction, name: str = member.node_id) -> None:
+            running.append(name)
+            await asyncio.sleep(4)
+
+    await publish(first, "slow", [{}])
+
+    async def started() -> bool:
+        return bool(running)
+
+    await eventually(started, 10)
+    await asyncio.sleep(3)  # past reclaim_after: without heartbeats the other member takes it
+    stream = f"{{{first.namespace}:topic:slow}}:stream"
+    pending = await redis_client.xpending_range(stream, "g", "-", "+", 10)
+    assert len(pending) == 1
+    assert pending[0]["consumer"].decode() == running[0]  # still with the member running it
+    assert pending[0]["times_delivered"] == 1  # never reclaimed
