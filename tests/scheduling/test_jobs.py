@@ -291,3 +291,30 @@ async def test_jittered_fires_still_run_once_each(sched_dist: Any) -> None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert len(set(seen)) == len(seen)
+
+
+async def test_scheduler_survives_a_redis_restart_and_resumes(
+    sched_dist: Any, redis_server: Any
+) -> None:
+    seen: list[str] = []
+    dist = await sched_dist(start=False, redis=redis_server.url, postgres=None)
+
+    @dist.every(seconds=0.2)
+    async def steady(ctx: JobContext) -> None:
+        seen.append(ctx.fire_id)
+
+    await dist.start()
+
+    async def runs_after(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(seen) < count:
+            assert time.monotonic() < deadline, f"no runs after the restart: {seen[-3:]}"
+            await asyncio.sleep(0.05)
+
+    await runs_after(3)
+    redis_server.kill()  # an empty server comes back: every key is gone
+    await asyncio.sleep(1.0)
+    before = len(seen)
+    redis_server.start()
+    await runs_after(before + 3)
+    assert len(set(seen)) == len(seen)
