@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import importlib
 import inspect
 import json
 import logging
@@ -173,21 +172,6 @@ class CheckBack:
         self.checkers[name] = check
         return name
 
-    def _resolve(self, name: str) -> Check | None:
-        check = self.checkers.get(name)
-        if check is None and "<locals>" not in name:
-            # Another process started the message: find the same function by name.
-            module, _, qualname = name.partition(":")
-            try:
-                obj: Any = importlib.import_module(module)
-                for part in qualname.split("."):
-                    obj = getattr(obj, part)
-            except Exception:
-                return None
-            if inspect.iscoroutinefunction(obj):
-                check = self.checkers[name] = obj
-        return check
-
     async def run(self) -> None:
         backoff = Backoff()
         while not self.stopping.is_set():
@@ -224,7 +208,7 @@ class CheckBack:
             headers=json.loads(row["headers"]) if row["headers"] else {},
             attempt=row["checks"] + 1,
         )
-        check = self._resolve(row["checker"])
+        check = self.checkers.get(row["checker"])
         result = CheckResult.UNKNOWN
         if check is None:
             log.error("transactional message %s: no check function %s", msg_id, row["checker"])

@@ -170,8 +170,8 @@ class TransactionService:
         """Let this process answer check-backs with ``check`` (usable as a decorator).
 
         ``transactional_message(..., check=fn)`` registers ``fn`` itself; register it
-        in processes that only run check-backs, or it is found by import if it is a
-        module-level function.
+        at startup in every process, so that any of them can answer for a process that
+        died (a process only checks messages whose ``check`` it has registered).
         """
         if self._checkback is None:
             from asgi_dist.transactions.checkback import checker_name
