@@ -444,7 +444,11 @@ async def acquire_lease(
                 raise _timed_out(kind, name, timeout, attempt)
             if watch is None:
                 # Register before the next attempt: a release after it wakes us.
-                watch = await backend.watch(kind, name, token)
+                try:
+                    async with asyncio.timeout(None if deadline is None else deadline - now):
+                        watch = await backend.watch(kind, name, token)
+                except TimeoutError:
+                    raise _timed_out(kind, name, timeout, attempt) from None
             else:
                 wait = attempt.remaining if attempt.remaining > 0 else _MIN_WAIT
                 if max_wait is not None:
