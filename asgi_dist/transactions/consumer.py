@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,10 @@ log = logging.getLogger("asgi_dist.transactions")
 
 Handler = Callable[[Message, Transaction], Awaitable[Any]]
 _PACKAGE = "asgi_dist.transactions"
+# Names of dead consumers are pruned after an hour without activity, checked every minute
+# or so by each member (random phase, so members do not prune in step).
+PRUNE_IDLE = 3600.0
+_PRUNE_EVERY = 60.0
 
 
 def dead_letter_key(redis: RedisBackend, topic: str, group: str) -> str:
@@ -107,6 +112,7 @@ class Consumer:
         self.dead_stream = dead_letter_key(redis, spec.topic, spec.group)
         self._claim_owned = redis.script(_PACKAGE, "claim_owned")
         self._dead_letter = redis.script(_PACKAGE, "dead_letter")
+        self._prune = redis.script(_PACKAGE, "prune_consumers")
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._inbox_insert = (
@@ -124,6 +130,7 @@ class Consumer:
         heartbeat = asyncio.create_task(self._heartbeat(), name=f"asgi_dist:hb:{self.stream}")
         backoff = Backoff()
         last_claim = 0.0
+        last_prune = time.monotonic() - _PRUNE_EVERY * random.random()
         try:
             await self._ensure_group(backoff)
             while not self.stopping.is_set():
@@ -141,6 +148,12 @@ class Consumer:
                             # Drained: look again later.  A full batch means a backlog
                             # (a dead consumer's entries): keep claiming at full speed.
                             last_claim = now
+                    if now - last_prune >= _PRUNE_EVERY:
+                        last_prune = now
+                        try:
+                            await self.prune()
+                        except redis_errors.ResponseError as exc:  # hygiene, never fatal
+                            log.warning("consumer %s: pruning failed: %s", self.spec.group, exc)
                     want = free - len(entries)
                     if want > 0:
                         block = None if entries else int(self.config.claim_interval * 1000)
@@ -196,6 +209,13 @@ class Consumer:
                     raise
                 log.warning("consumer %s: %s; retrying", self.spec.group, exc)
                 await backoff.sleep()
+
+    async def prune(self, idle: float = PRUNE_IDLE) -> int:
+        """Delete group members idle ``idle`` seconds with nothing pending (dead processes)."""
+        deleted = await self._prune(
+            self.redis.client, [self.stream], [self.spec.group, int(idle * 1000), self.name]
+        )
+        return int(deleted)
 
     async def _read(
         self, count: int, block: int | None

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from asgi_dist import Dist
 from asgi_dist.transactions import Message, Transaction
+from asgi_dist.transactions.consumer import Consumer, ConsumerSpec
 from tests.transactions.waiting import eventually
 
 
@@ -142,3 +143,31 @@ async def test_a_slow_handler_keeps_its_message_by_heartbeat(
     assert len(pending) == 1
     assert pending[0]["consumer"].decode() == running[0]  # still with the member running it
     assert pending[0]["times_delivered"] == 1  # never reclaimed
+
+
+async def test_names_of_dead_consumers_are_pruned_but_not_those_with_pending_entries(
+    fast_dist: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    dist: Dist = await fast_dist()
+
+    async def handle(message: Message, tx: Transaction) -> None:
+        return None
+
+    consumer = Consumer(
+        ConsumerSpec("prune", "g", handle),
+        dist.runtime.require_postgres("test"),
+        dist.runtime.require_redis("test"),
+        dist.transactions.outbox,
+        dist.transactions.config,
+        "me",
+        asyncio.Event(),
+    )
+    stream = f"{{{dist.namespace}:topic:prune}}:stream"
+    await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for name in ("me", "dead-idle"):
+        await redis_client.xgroup_createconsumer(stream, "g", name)
+    await redis_client.xadd(stream, {"id": "x"})
+    await redis_client.xreadgroup("g", "dead-with-pending", {stream: ">"}, count=1)
+    assert await consumer.prune(idle=0.0) == 1
+    members = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "g")}
+    assert members == {"me", "dead-with-pending"}  # its pending entry is not dropped
