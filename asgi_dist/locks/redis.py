@@ -70,12 +70,17 @@ WRITE = Variant(
 
 
 class _PubSubWatch:
-    __slots__ = ("_sub", "_token", "event")
+    __slots__ = ("_key", "_local", "_sub", "_token", "event")
 
-    def __init__(self, token: str) -> None:
+    def __init__(
+        self, token: str, local: dict[tuple[str, str], set[_PubSubWatch]], key: tuple[str, str]
+    ) -> None:
         self.event = asyncio.Event()
         self._token = token.encode()
         self._sub: Subscription | None = None
+        self._local = local
+        self._key = key
+        local.setdefault(key, set()).add(self)
 
     def _on_message(self, payload: bytes | None) -> None:
         # A fair hand-off names its recipient: the rest of the queue sleeps on.
@@ -84,6 +89,11 @@ class _PubSubWatch:
         self.event.set()
 
     def close(self) -> None:
+        watchers = self._local.get(self._key)
+        if watchers is not None:
+            watchers.discard(self)
+            if not watchers:
+                del self._local[self._key]
         if self._sub is not None:
             self._sub.close()
 
@@ -112,6 +122,10 @@ class RedisLeases:
         # Queued waiters re-attempt to prove they are alive (refreshing their
         # entry); plain waiters sleep until a wake-up or the holder's expiry.
         self.poll_interval: float | None = waiter_ttl / 3 if variant.queued else None
+        # This process's waiters per lease: a release made here wakes them at
+        # once instead of after the pub/sub echo (queued variants name their
+        # recipient and rely on the echo).
+        self._local: dict[tuple[str, str], set[_PubSubWatch]] = {}
         self._acquire = redis.script(_PACKAGE, variant.acquire)
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
@@ -141,7 +155,12 @@ class RedisLeases:
 
     async def release(self, kind: str, name: str, token: str) -> bool:
         keys = self.keys(kind, name)
-        return bool(await self._release(self.redis.client, keys, [token, self.channel(kind, name)]))
+        channel = self.channel(kind, name)
+        released = bool(await self._release(self.redis.client, keys, [token, channel]))
+        if released and not self.variant.queued:
+            for watch in list(self._local.get((kind, name), ())):
+                watch.event.set()
+        return released
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
         lease = self.keys(kind, name)[self.variant.renew_key]
@@ -172,8 +191,12 @@ class RedisLeases:
         return value.decode() if isinstance(value, bytes) else value
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
-        watch = _PubSubWatch(token)
-        watch._sub = await self._hub().subscribe(self.channel(kind, name), watch._on_message)
+        watch = _PubSubWatch(token, self._local, (kind, name))
+        try:
+            watch._sub = await self._hub().subscribe(self.channel(kind, name), watch._on_message)
+        except BaseException:
+            watch.close()
+            raise
         return watch
 
 
