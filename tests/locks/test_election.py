@@ -217,3 +217,24 @@ def test_election_timings_are_validated() -> None:
         dist.election("x", ttl=5, renew_deadline=6)
     with pytest.raises(ConfigError, match="retry"):
         dist.election("x", ttl=5, renew_deadline=2, retry=2)
+
+
+async def test_run_campaigns_again_after_a_lost_term(
+    make_dist, redis_client: aioredis.Redis
+) -> None:
+    dist: Dist = await make_dist(sessions=False)
+    election = dist.election("e", ttl=1.5, renew_deadline=1.0, retry=0.2)
+    lease = f"{{{dist.namespace}:election:e}}:lease"
+    fences: list[int] = []
+
+    async def body(term) -> None:  # type: ignore[no-untyped-def]
+        fences.append(term.fence)
+        if len(fences) == 1:
+            # Usurped for 0.5 s: this term is lost, the next campaign wins.
+            await redis_client.hset(lease, "token", "usurper@elsewhere")
+            await redis_client.pexpire(lease, 500)
+            await asyncio.sleep(30)
+
+    await asyncio.wait_for(election.run(body), 20)
+    assert len(fences) == 2 and fences[1] > fences[0]
+    assert not election.is_leader
