@@ -106,7 +106,9 @@ class LockService:
         elif chosen == "memory":
             found = MemoryLeases(runtime.memory)
         elif chosen == "zookeeper":
-            raise ConfigError("backend='zookeeper' is not available yet; use redis or postgres")
+            from asgi_dist.locks.zookeeper import ZooKeeperLeases
+
+            found = ZooKeeperLeases(runtime, self.watchdog)
         else:
             raise ConfigError(f"backend={name!r} is unknown: use one of {', '.join(_BACKENDS)}")
         self._backends[cache_key] = found

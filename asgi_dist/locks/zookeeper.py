@@ -186,8 +186,9 @@ class ZooKeeperLeases:
         if contender is None or not contender.acquired or contender.lost:
             return False
         self._hook(contender)
-        if contender.path is None or contender.session.session_id != contender.session_id:
-            contender.lost = True
+        if contender.path is None or _live_id(contender.session) != contender.session_id:
+            contender.lost = True  # a new session: the old one took the znode with it
+            self._forget(contender)
             return False
         stat = await contender.session.call("exists", contender.path)
         if stat is None or stat.ephemeralOwner != contender.session_id:
@@ -243,7 +244,7 @@ class ZooKeeperLeases:
         self.attempts += 1
         session = c.session
         for _ in range(_MAX_ROUNDS):
-            if c.path is not None and c.session_id != session.session_id:
+            if c.path is not None and c.session_id != _live_id(session):
                 # The session that owned our znode expired: the znode is gone
                 # and our place in the queue with it.
                 c.path, c.armed_on = None, None
@@ -314,7 +315,7 @@ class ZooKeeperLeases:
             stat = await c.session.call("exists", path)
             if stat is None:
                 continue
-            if c.path is None and stat.ephemeralOwner == c.session.session_id:
+            if c.path is None and stat.ephemeralOwner == _live_id(c.session):
                 c.path, c.fence, c.session_id = path, int(stat.czxid), int(stat.ephemeralOwner)
             else:
                 await self._delete_path(c.session, path)  # a duplicate: never two per token
@@ -326,7 +327,7 @@ class ZooKeeperLeases:
         await self._find(c)
         if c.path is None:
             return False
-        if c.session_id != c.session.session_id:
+        if c.session_id != _live_id(c.session):
             c.path = None  # its session expired: ZooKeeper deleted it already
             return False
         path, c.path = c.path, None
@@ -374,6 +375,8 @@ class ZooKeeperLeases:
         mine = [c for c in self._contenders.values() if c.session is session]
         if state == "CONNECTED":
             self._reachable.set()
+            if self._orphans and (self._reaper is None or self._reaper.done()):
+                self._reaper = self._spawn("zookeeper-reaper", self._reap)
             for c in mine:
                 # kazoo dropped our watches with the connection: look again.
                 c.armed_on = None
@@ -432,16 +435,27 @@ class ZooKeeperLeases:
                 except BackendUnavailable:
                     continue
                 except Exception:
-                    log.warning("could not delete the znode of %s %r", c.kind, c.name, exc_info=True)
+                    log.warning("could not delete a znode of %s %r", c.kind, c.name, exc_info=True)
                 self._forget(c)
             if self._orphans:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reachable.wait(), _REAP_EVERY)
-        log.error("gave up deleting %d orphaned ZooKeeper znodes", len(self._orphans))
+        # Still unreachable: the next reconnection starts the reaper again.
+        log.warning("%d orphaned ZooKeeper znodes wait for a reconnection", len(self._orphans))
+
+
+def _live_id(session: ZooKeeperSession) -> int:
+    """The session's id; raises while disconnected (it may or may not survive)."""
+    session_id = session.session_id
+    if session_id is None:
+        raise session.unavailable("the session is disconnected")
+    return session_id
 
 
 def _ordered(children: list[str]) -> list[str]:
-    return sorted((ch for ch in children if ch.startswith(_LEASE)), key=_sequence)
+    return sorted(
+        (ch for ch in children if ch.startswith(_LEASE) and ch[-10:].isdigit()), key=_sequence
+    )
 
 
 def _retrieve(task: asyncio.Task[Attempt]) -> None:
