@@ -119,6 +119,7 @@ async def test_relay_and_consumer_wait_out_a_postgres_outage_and_lose_nothing(
 
     await publish(10)
     await eventually(lambda: effects(10), 15, "first 10 handled")
+    await eventually(lambda: _is_zero(unpublished(pg, dist)), 15, "first 10 marked published")
     await proxy.cut()
     await publish(10)
     await asyncio.sleep(1.0)  # relay and consumer retry meanwhile
@@ -126,3 +127,7 @@ async def test_relay_and_consumer_wait_out_a_postgres_outage_and_lose_nothing(
     await proxy.restore()
     await eventually(lambda: effects(20), 20, "all 20 handled after the outage")
     assert await pg.fetchval(f"SELECT count(*) FROM {ns}_effects") == 20
+
+
+async def _is_zero(value: Any) -> bool:
+    return bool(await value == 0)
