@@ -296,7 +296,12 @@ class Watchdog:
                     continue  # a lease was added: recompute the next wake-up
                 except TimeoutError:
                     pass
-            await self._tick(loop.time())
+            try:
+                await self._tick(loop.time())
+            except Exception:
+                # A crashed watchdog would let every lease expire unnoticed.
+                log.exception("lock watchdog tick failed; retrying")
+                await asyncio.sleep(0.05)
 
     async def _tick(self, now: float) -> None:
         self.ticks += 1
