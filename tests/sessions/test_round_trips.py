@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
+
+import asyncpg
 
 from tests.sessions.conftest import CountingRedis, client
 
@@ -48,3 +51,57 @@ async def test_a_read_only_request_on_a_near_cached_session_makes_no_round_trip(
         r = await c.get("/get/k")
         assert r.json()["value"] == "w"
     assert dist.sessions.near_cache.hits >= 4
+
+
+class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A real connection that counts the statements sent to the sessions table (other
+    capabilities of the Dist, such as the outbox relay, share the pool)."""
+
+    statements = 0
+
+    @classmethod
+    def _count(cls, query: str) -> None:
+        if "_sessions " in query:
+            cls.statements += 1
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        self._count(query)
+        return await super().fetchrow(query, *args, **kwargs)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        self._count(query)
+        return await super().fetchval(query, *args, **kwargs)
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        self._count(query)
+        return await super().fetch(query, *args, **kwargs)
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        self._count(query)
+        return await super().execute(query, *args, **kwargs)
+
+
+async def test_postgres_statements_are_0_1_2_for_no_cookie_read_only_and_modify(
+    session_dist: Callable[..., Any], postgres_dsn: str
+) -> None:
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=10,
+                                     connection_class=CountingConnection)  # fmt: skip
+    dist = await session_dist("postgres", postgres=pool)
+
+    async def statements(call: Any) -> int:
+        before = CountingConnection.statements
+        assert (await call).status_code == 200
+        return CountingConnection.statements - before
+
+    try:
+        async with client(dist) as c:
+            assert await statements(c.get("/get/k")) == 0
+            assert await statements(c.post("/set/k/v")) == 1
+            assert await statements(c.get("/get/k")) == 1
+            assert await statements(c.post("/set/k/w")) == 2
+            c.cookies.clear()
+            c.cookies.set("session", "forged.cookie")
+            assert await statements(c.get("/get/k")) == 0
+    finally:
+        await dist.stop()  # releases the pool's connections before it closes
+        await asyncio.wait_for(pool.close(), 10)
