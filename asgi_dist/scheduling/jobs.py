@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -100,8 +100,7 @@ class JobContext:
     node_id: str
     shard_index: int = 0
     shard_total: int = 1
-    payload: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    payload: Any = None  # of a manual trigger or a one-off
 
 
 def validate_job_name(name: str) -> str:
