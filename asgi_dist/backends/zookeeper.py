@@ -23,9 +23,12 @@ from typing import Any
 
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
-__all__ = ["ZooKeeperBackend", "ZooKeeperSession", "is_outage"]
+__all__ = ["Request", "ZooKeeperBackend", "ZooKeeperSession", "is_outage"]
 
 log = logging.getLogger("asgi_dist.zookeeper")
+
+# One kazoo call: (operation, positional args, keyword args), e.g. ("get", (path,), {}).
+Request = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 # Each session costs a TCP connection and three kazoo threads per process.
 MAX_SESSIONS = 8
@@ -110,6 +113,43 @@ class ZooKeeperSession:
         session timeout for a reply.  A caller that stops waiting does not
         stop the request: it still reaches the server.
         """
+        [result] = await self.pipeline((op, args, kwargs))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def pipeline(self, *requests: Request) -> list[Any]:
+        """Send ``(op, args, kwargs)`` requests back to back; one reply (or exception) each.
+
+        ZooKeeper applies the requests of one session in the order they were
+        sent, reads included, so a pipeline costs one round trip and each
+        reply sees the effects of the requests before it.
+        """
+        replies: list[asyncio.Future[Any]] = []
+        failed: BaseException | None = None
+        for op, args, kwargs in requests:
+            if failed is None:
+                try:
+                    replies.append(self._send(op, *args, **kwargs))
+                    continue
+                except BaseException as exc:
+                    failed = exc
+            lost: asyncio.Future[Any] = self._loop.create_future()
+            lost.set_exception(failed)
+            replies.append(lost)
+        ops = ", ".join(op for op, _, _ in requests)
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await asyncio.gather(*replies, return_exceptions=True)
+        except TimeoutError as exc:
+            raise self.unavailable(f"no reply to {ops} within {self.timeout:g}s") from exc
+        for i, ((op, _, _), result) in enumerate(zip(requests, results, strict=True)):
+            if isinstance(result, Exception) and is_outage(result):
+                results[i] = self.unavailable(op, result)
+                results[i].__cause__ = result
+        return results
+
+    def _send(self, op: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         if not self.client.connected:
             raise self.unavailable(f"{op} while disconnected")
         loop = self._loop
@@ -128,15 +168,7 @@ class ZooKeeperSession:
                 loop.call_soon_threadsafe(settle, result)
 
         getattr(self.client, f"{op}_async")(*args, **kwargs).rawlink(on_done)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await reply
-        except TimeoutError as exc:
-            raise self.unavailable(f"no reply to {op} within {self.timeout:g}s") from exc
-        except Exception as exc:
-            if is_outage(exc):
-                raise self.unavailable(op, exc) from exc
-            raise
+        return reply
 
     async def close(self) -> None:
         # stop() ends the session at once: the server deletes its ephemeral
@@ -214,7 +246,18 @@ class ZooKeeperBackend:
             raise ConfigError(
                 "the ZooKeeper backend needs kazoo: pip install 'asgi-dist[zookeeper]'"
             ) from exc
-        client = KazooClient(hosts=self.hosts, timeout=session_timeout)
+        client = KazooClient(
+            hosts=self.hosts,
+            timeout=session_timeout,
+            # kazoo's default reconnect backoff grows to an hour; a session only
+            # survives an outage if we are back within its timeout.
+            connection_retry={
+                "max_tries": -1,
+                "delay": 0.05,
+                "backoff": 2,
+                "max_delay": max(0.2, min(2.0, session_timeout / 4)),
+            },
+        )
         try:
             await asyncio.to_thread(client.start, self.connect_timeout)
         except Exception as exc:

@@ -249,13 +249,14 @@ class ZooKeeperLeases:
                 # and our place in the queue with it.
                 c.path, c.armed_on = None, None
             if c.path is None and not await self._find(c):
-                await self._create(c)
+                children = await self._create(c)
                 if c.path is None:
-                    continue  # the parent was removed under us: create again
-            try:
-                children = await session.call("get_children", c.parent)
-            except NoNodeError:
-                children = []
+                    continue  # the name's node was removed under us: create again
+            else:
+                try:
+                    children = await session.call("get_children", c.parent)
+                except NoNodeError:
+                    children = []
             queue = _ordered(children)
             mine = c.path.rpartition("/")[2] if c.path else ""
             if mine not in queue:
@@ -269,9 +270,13 @@ class ZooKeeperLeases:
             if c.armed_on == predecessor:
                 return self._waiting(c)  # its watch is still pending
             c.armed_on = predecessor
-            if await session.call("exists", predecessor, watch=self._watcher(c, predecessor)):
+            try:
+                # get, not exists: a watch from exists on a vanished node would
+                # wait on the server for a creation that never comes.
+                await session.call("get", predecessor, watch=self._watcher(c, predecessor))
                 return self._waiting(c)
-            c.armed_on = None  # it left between the listing and the watch: look again
+            except NoNodeError:
+                c.armed_on = None  # it left between the listing and the watch: look again
         return Attempt(False, 0, 0.05, queued=True)
 
     @staticmethod
@@ -280,25 +285,39 @@ class ZooKeeperLeases:
         # predecessor's watch is what wakes it.
         return Attempt(False, 0, c.session.timeout, queued=True)
 
-    async def _create(self, c: _Contender) -> None:
-        from kazoo.exceptions import NoNodeError
+    async def _create(self, c: _Contender) -> list[str]:
+        """Queue up: make the name's node, our znode, and list the queue, in one round trip."""
+        from kazoo.exceptions import NodeExistsError, NoNodeError
 
         c.uncertain = True  # until the reply says what happened
-        try:
-            path, stat = await c.session.call(
+        made_parent, made, listed = await c.session.pipeline(
+            ("create", (c.parent,), {}),
+            (
                 "create",
-                f"{c.parent}/{c.prefix}",
-                c.token.encode(),
-                ephemeral=True,
-                sequence=True,
-                makepath=True,
-                include_data=True,
-            )
-        except NoNodeError:
-            c.uncertain = False  # refused: nothing was created
-            return
+                (f"{c.parent}/{c.prefix}", c.token.encode()),
+                {"ephemeral": True, "sequence": True, "include_data": True},
+            ),
+            ("get_children", (c.parent,), {}),
+        )
+        if isinstance(made, NoNodeError):
+            # Refused, nothing created: the kind's node is missing (first use),
+            # or another process removed the idle name's node in between.
+            c.uncertain = False
+            if isinstance(made_parent, NoNodeError):
+                await c.session.call("ensure_path", c.parent.rpartition("/")[0])
+            return []
+        if isinstance(made, BaseException):
+            raise made
+        if isinstance(made_parent, BaseException) and not isinstance(made_parent, NodeExistsError):
+            raise made_parent
+        path, stat = made
         c.path, c.fence, c.session_id = path, int(stat.czxid), int(stat.ephemeralOwner)
         c.uncertain = False
+        if isinstance(listed, NoNodeError):
+            return []
+        if isinstance(listed, BaseException):
+            raise listed
+        return list(listed)
 
     async def _find(self, c: _Contender) -> bool:
         """After a create with a lost reply: adopt the znode it may have made."""
@@ -324,6 +343,8 @@ class ZooKeeperLeases:
 
     async def _delete(self, c: _Contender) -> bool:
         """Delete the contender's znode (and the name's node if now empty)."""
+        from kazoo.exceptions import NoNodeError
+
         await self._find(c)
         if c.path is None:
             return False
@@ -331,12 +352,15 @@ class ZooKeeperLeases:
             c.path = None  # its session expired: ZooKeeper deleted it already
             return False
         path, c.path = c.path, None
-        # Both requests go out together; ZooKeeper applies a session's requests
-        # in order, so the parent goes only if nobody else queues on the name.
-        deleted, _ = await asyncio.gather(
-            self._delete_path(c.session, path), self._delete_path(c.session, c.parent)
-        )
-        return deleted
+        # One round trip: requests of a session apply in order, so the name's
+        # node goes only if nobody else is queued on it.
+        deleted, _ = await c.session.pipeline(("delete", (path,), {}), ("delete", (c.parent,), {}))
+        if isinstance(deleted, NoNodeError):
+            return False
+        if isinstance(deleted, BaseException):
+            c.path = path  # still ours: the reaper retries
+            raise deleted
+        return True  # the name's node answers NotEmpty while others wait: fine
 
     @staticmethod
     async def _delete_path(session: ZooKeeperSession, path: str) -> bool:

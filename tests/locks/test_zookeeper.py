@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from asgi_dist import ConfigError, Dist, LockLost, LockTimeout
+from asgi_dist import BackendUnavailable, ConfigError, Dist, LockLost, LockTimeout
 from asgi_dist.backends.redis import create_redis_client
 from asgi_dist.locks.zookeeper import ZooKeeperLeases
 from tests.helpers.processes import ProcessGroup
@@ -159,7 +159,10 @@ async def test_each_waiter_is_woken_once_by_its_predecessor_in_arrival_order(
 
 
 async def _has(dist: Dist, name: str, count: int) -> bool:
-    return len(await _children(dist, name)) == count
+    try:
+        return len(await _children(dist, name)) == count
+    except BackendUnavailable:
+        return False  # reconnecting
 
 
 async def test_cancelled_and_timed_out_acquires_leave_no_znode(
@@ -272,6 +275,37 @@ async def test_killing_zookeeper_makes_the_holder_see_lost(
     assert held.lost.is_set() and cancelled, held.lost_reason
     # Noticed from kazoo's connection state, not only by failed renewals.
     assert "ZooKeeper session was suspended" in held.lost_reason, held.lost_reason
+
+
+async def test_a_lease_lost_to_a_dropped_connection_leaves_no_znode_behind(
+    make_dist: Callable[..., Any], zookeeper_server: ZooKeeperServer
+) -> None:
+    dist: Dist = await make_dist(
+        zookeeper=zookeeper_server.hosts, redis=None, postgres=None, sessions=False
+    )
+    lock = dist.lock("blip", ttl=10, backend="zookeeper")
+    leases = _leases(dist)
+    with pytest.raises(LockLost):
+        async with lock as held:
+            zk_session = await dist.runtime.zookeeper.session(10)  # type: ignore[union-attr]
+            session_id = zk_session.session_id
+            await asyncio.to_thread(zookeeper_server.kill)
+            await asyncio.sleep(30)
+    assert held.lost.is_set()
+    # Same port, same data: the session outlives the outage, and with it the
+    # znode of the lease we gave up, until the reaper deletes it.
+    await asyncio.to_thread(zookeeper_server.start)
+
+    async def reconnected() -> bool:
+        return zk_session.session_id is not None
+
+    await _until(reconnected, "the session reconnected", 20)
+    assert zk_session.session_id == session_id, "the session expired: this proves nothing"
+    await _until(partial(_has, dist, "blip", 0), "the lost lease's znode deleted", 20)
+    assert not leases._orphans
+    again = await lock.acquire(timeout=0)
+    assert again.fence > held.fence
+    await again.release()
 
 
 async def test_zookeeper_backend_needs_a_zookeeper(make_dist: Callable[..., Any]) -> None:
