@@ -157,6 +157,11 @@ class Registry:
                         f"job {job.name!r} runs after {parent!r}, which is not registered: "
                         f"registered jobs are {sorted(self._jobs)}"
                     )
+                if self._jobs[parent].options.broadcast:
+                    raise ConfigError(
+                        f"job {job.name!r} cannot run after {parent!r}: a broadcast fire has "
+                        "one outcome per node, not one success to wait for"
+                    )
         # Depth-first search with colours; the first back edge is the cycle.
         state: dict[str, int] = {}
 

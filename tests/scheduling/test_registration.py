@@ -113,3 +113,19 @@ async def test_one_off_function_must_be_importable_and_time_aware() -> None:
             await dist.scheduler.at(1.0, local)
         with pytest.raises(ConfigError, match="naive"):
             await dist.scheduler.at(datetime(2030, 1, 1), job)
+
+
+async def test_running_after_a_broadcast_job_is_refused(make_dist: Any) -> None:
+    dist = await make_dist(start=False, postgres=None, sessions=False)
+    dist.every(seconds=1, name="fanout", broadcast=True)(job)
+    dist.every(seconds=1, name="after_fanout", after=["fanout"])(job)
+    with pytest.raises(ConfigError, match="broadcast fire"):
+        await dist.start()
+
+
+def test_broadcast_and_any_need_redis() -> None:
+    dist = Dist(postgres="postgresql://127.0.0.1/unused", sessions=False)
+    with pytest.raises(ConfigError, match="Redis Streams"):
+        dist.every(seconds=1, run_on="any")(job)
+    with pytest.raises(ConfigError, match="overlap"):
+        memory_dist().every(seconds=1, broadcast=True, overlap="forbid")(job)
