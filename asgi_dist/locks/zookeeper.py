@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,7 @@ class ZooKeeperLeases:
         self._spawn = runtime.spawn
         self._watchdog = watchdog
         self._contenders: dict[tuple[str, str, str], _Contender] = {}
-        self._listened: set[int] = set()
+        self._listened: weakref.WeakSet[ZooKeeperSession] = weakref.WeakSet()
         self._orphans: set[_Contender] = set()
         self._reaper: asyncio.Task[Any] | None = None
         self._reachable = asyncio.Event()
@@ -156,7 +157,12 @@ class ZooKeeperLeases:
         task = asyncio.ensure_future(self._attempt(contender))
         task.add_done_callback(_retrieve)
         contender.pending = task
-        return await asyncio.shield(task)
+        attempt = await asyncio.shield(task)
+        if attempt.acquired and contender.lost:
+            # The connection dropped between the reply and now: the caller
+            # must not start a critical section on a lease already given up.
+            raise contender.session.unavailable("the connection dropped while acquiring")
+        return attempt
 
     async def release(self, kind: str, name: str, token: str) -> bool:
         contender = self._contenders.get((kind, name, token))
@@ -391,8 +397,8 @@ class ZooKeeperLeases:
     # lost sessions, lost leases, orphans --------------------------------------------
 
     def _listen(self, session: ZooKeeperSession) -> None:
-        if id(session) not in self._listened:
-            self._listened.add(id(session))
+        if session not in self._listened:
+            self._listened.add(session)
             session.on_state(lambda state: self._on_state(session, state))
 
     def _on_state(self, session: ZooKeeperSession, state: str) -> None:

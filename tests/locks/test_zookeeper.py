@@ -158,9 +158,9 @@ async def test_each_waiter_is_woken_once_by_its_predecessor_in_arrival_order(
     assert [_leases(d).attempts for d in dists[1:]] == [3, 3, 3]
 
 
-async def _has(dist: Dist, name: str, count: int) -> bool:
+async def _has(dist: Dist, name: str, count: int, kind: str = "lock") -> bool:
     try:
-        return len(await _children(dist, name)) == count
+        return len(await _children(dist, name, kind)) == count
     except BackendUnavailable:
         return False  # reconnecting
 
@@ -302,10 +302,33 @@ async def test_a_lease_lost_to_a_dropped_connection_leaves_no_znode_behind(
     await _until(reconnected, "the session reconnected", 20)
     assert zk_session.session_id == session_id, "the session expired: this proves nothing"
     await _until(partial(_has, dist, "blip", 0), "the lost lease's znode deleted", 20)
-    assert not leases._orphans
+
+    async def reaped() -> bool:
+        return not leases._orphans
+
+    await _until(reaped, "the reaper done", 5)
     again = await lock.acquire(timeout=0)
     assert again.fence > held.fence
     await again.release()
+
+
+async def test_an_election_on_zookeeper_hands_over_to_the_waiting_follower(
+    zk_dist: Callable[..., Any],
+) -> None:
+    first, second = await zk_dist(), await zk_dist()
+    timings: dict[str, Any] = {"ttl": 3, "renew_deadline": 2, "retry": 0.5, "backend": "zookeeper"}
+    leading, following = first.election("boss", **timings), second.election("boss", **timings)
+    term = await leading.campaign(timeout=5)
+    assert await following.try_lead() is None
+    assert await following.leader() == first.node_id
+    waiting = asyncio.create_task(following.campaign(timeout=10))
+    await _until(partial(_has, first, "boss", 2, kind="election"), "the follower queued")
+    await term.release()
+    next_term = await waiting
+    assert next_term.fence > term.fence
+    assert following.is_leader and not leading.is_leader
+    assert await leading.leader() == second.node_id
+    await next_term.release()
 
 
 async def test_zookeeper_backend_needs_a_zookeeper(make_dist: Callable[..., Any]) -> None:
