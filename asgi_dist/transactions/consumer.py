@@ -123,6 +123,7 @@ class Consumer:
             f"SELECT true FROM {postgres.table('inbox')} WHERE grp = $1 AND msg_id = $2"
         )
         self.handled = 0  # handler runs committed by this process (stats, tests)
+        self._names = (spec.topic, spec.group)
 
     # loop ------------------------------------------------------------------------
 
@@ -161,15 +162,18 @@ class Consumer:
                     backoff.reset()
                 except redis_errors.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
-                        raise
+                        log.error("consumer %s/%s: %s; retrying", *self._names, exc)
+                        await backoff.sleep()
+                        continue
                     await self._ensure_group(backoff)  # the stream was deleted under us
                     continue
                 except Exception as exc:
+                    # An outage is waited out; anything else is logged and retried too:
+                    # a consumer that died here would stop the group's work in this process.
                     if as_backend_unavailable(exc) is None:
-                        raise
-                    log.warning(
-                        "consumer %s/%s: %s; retrying", self.spec.topic, self.spec.group, exc
-                    )
+                        log.exception("consumer %s/%s failed; retrying", *self._names)
+                    else:
+                        log.warning("consumer %s/%s: %s; retrying", *self._names, exc)
                     await backoff.sleep()
                     continue
                 for stream_id, fields, deliveries in entries:
