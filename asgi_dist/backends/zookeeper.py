@@ -167,8 +167,28 @@ class ZooKeeperSession:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(settle, result)
 
-        getattr(self.client, f"{op}_async")(*args, **kwargs).rawlink(on_done)
+        start = getattr(self, f"_{op}_async", None) or getattr(self.client, f"{op}_async")
+        start(*args, **kwargs).rawlink(on_done)
         return reply
+
+    def _create_container_async(self, path: str) -> Any:
+        """Create a *container* znode (ZooKeeper 3.5+): the server deletes it
+        once its last child is gone, so idle lock names leave nothing behind.
+
+        kazoo has no API for it; its Create2 request under the createContainer
+        opcode is exactly the wire format (ZooKeeper answers with a Create2 reply).
+        """
+        from kazoo.protocol.serialization import Create2
+        from kazoo.security import OPEN_ACL_UNSAFE
+
+        class CreateContainer(Create2):  # type: ignore[misc]
+            type = 19  # OpCode.createContainer
+
+        result = self.client.handler.async_result()
+        chroot = self.client.chroot or ""
+        # flags=4: CreateMode.CONTAINER
+        self.client._call(CreateContainer(chroot + path, b"", OPEN_ACL_UNSAFE, 4), result)
+        return result
 
     async def close(self) -> None:
         # stop() ends the session at once: the server deletes its ephemeral

@@ -2,7 +2,7 @@
 
 Znodes of the lease ``name`` of kind ``kind`` (under ``/asgi_dist/<namespace>``)::
 
-    <kind>/<name>/                      created on demand, removed when empty
+    <kind>/<name>/                      a container node: ZooKeeper removes it when empty
     <kind>/<name>/lease-<id>-0000000042 EPHEMERAL_SEQUENTIAL, one per contender;
                                         data = the full token, <id> = its random part
 
@@ -12,7 +12,7 @@ Every other contender sets a watch on its *predecessor* only, so a release
 wakes exactly one waiter (no herd).  Release deletes the znode.  The fence is
 the znode's ``czxid``, the zxid of the transaction that created it: zxids
 increase across the whole ensemble, so a later holder always has a larger
-fence, even after the parent was removed and recreated.
+fence, even after the server removed an idle name's node and it was made again.
 
 **ttl is the session timeout.**  An ephemeral znode lives as long as its
 session, so each distinct ttl gets its own ZooKeeper session (one per process,
@@ -137,6 +137,7 @@ class ZooKeeperLeases:
         self._orphans: set[_Contender] = set()
         self._reaper: asyncio.Task[Any] | None = None
         self._reachable = asyncio.Event()
+        self._containers = True  # until the server says it has none
         # Counters: attempts made and watch events received by this process.
         self.attempts = 0
         self.wakeups = 0
@@ -292,12 +293,11 @@ class ZooKeeperLeases:
         return Attempt(False, 0, c.session.timeout, queued=True)
 
     async def _create(self, c: _Contender) -> list[str]:
-        """Queue up: make the name's node, our znode, and list the queue, in one round trip."""
-        from kazoo.exceptions import NodeExistsError, NoNodeError
+        """Queue up: create our znode and list the queue, in one round trip."""
+        from kazoo.exceptions import NoNodeError
 
         c.uncertain = True  # until the reply says what happened
-        made_parent, made, listed = await c.session.pipeline(
-            ("create", (c.parent,), {}),
+        made, listed = await c.session.pipeline(
             (
                 "create",
                 (f"{c.parent}/{c.prefix}", c.token.encode()),
@@ -306,24 +306,40 @@ class ZooKeeperLeases:
             ("get_children", (c.parent,), {}),
         )
         if isinstance(made, NoNodeError):
-            # Refused, nothing created: the kind's node is missing (first use),
-            # or another process removed the idle name's node in between.
-            c.uncertain = False
-            if isinstance(made_parent, NoNodeError):
-                await c.session.call("ensure_path", c.parent.rpartition("/")[0])
+            c.uncertain = False  # refused: nothing was created
+            await self._make_parent(c)
             return []
         if isinstance(made, BaseException):
             raise made
-        if isinstance(made_parent, BaseException) and not isinstance(made_parent, NodeExistsError):
-            raise made_parent
         path, stat = made
         c.path, c.fence, c.session_id = path, int(stat.czxid), int(stat.ephemeralOwner)
         c.uncertain = False
-        if isinstance(listed, NoNodeError):
-            return []
         if isinstance(listed, BaseException):
             raise listed
         return list(listed)
+
+    async def _make_parent(self, c: _Contender) -> None:
+        """Create the name's node: a container, which ZooKeeper removes when idle."""
+        from kazoo.exceptions import NodeExistsError, NoNodeError
+
+        if self._containers:
+            try:
+                await c.session.call("create_container", c.parent)
+                return
+            except NodeExistsError:
+                return  # another contender made it
+            except NoNodeError:
+                pass  # the kind's node is missing: first use in this namespace
+            except BackendUnavailable:
+                raise
+            except Exception as exc:
+                # A server before 3.5 has no containers: persistent nodes, which
+                # stay after use (one empty znode per name ever locked).
+                log.warning("ZooKeeper refused a container node (%r): using persistent ones", exc)
+                self._containers = False
+        await c.session.call("ensure_path", c.parent.rpartition("/")[0])
+        if not self._containers:
+            await c.session.call("ensure_path", c.parent)
 
     async def _find(self, c: _Contender) -> bool:
         """After a create with a lost reply: adopt the znode it may have made."""
@@ -348,7 +364,7 @@ class ZooKeeperLeases:
         return c.path is not None
 
     async def _delete(self, c: _Contender) -> bool:
-        """Delete the contender's znode (and the name's node if now empty)."""
+        """Delete the contender's znode."""
         from kazoo.exceptions import NoNodeError
 
         await self._find(c)
@@ -358,15 +374,14 @@ class ZooKeeperLeases:
             c.path = None  # its session expired: ZooKeeper deleted it already
             return False
         path, c.path = c.path, None
-        # One round trip: requests of a session apply in order, so the name's
-        # node goes only if nobody else is queued on it.
-        deleted, _ = await c.session.pipeline(("delete", (path,), {}), ("delete", (c.parent,), {}))
-        if isinstance(deleted, NoNodeError):
+        try:
+            await c.session.call("delete", path)
+        except NoNodeError:
             return False
-        if isinstance(deleted, BaseException):
-            c.path = path  # still ours: the reaper retries
-            raise deleted
-        return True  # the name's node answers NotEmpty while others wait: fine
+        except BaseException:
+            c.path = path  # still ours: the caller or the reaper tries again
+            raise
+        return True
 
     @staticmethod
     async def _delete_path(session: ZooKeeperSession, path: str) -> bool:
