@@ -41,8 +41,8 @@ async def test_watchdog_renews_every_held_lock_in_one_round_trip_per_tick(make_d
         return await original(leases)
 
     backend.renew_many = counting  # type: ignore[method-assign,assignment]
-    helds = [await dist.lock(f"k{i}", ttl=0.9).acquire() for i in range(20)]
-    await asyncio.sleep(1.5)  # several renewal periods (ttl/3 = 0.3 s) past the ttl
+    helds = [await dist.lock(f"k{i}", ttl=1.2).acquire() for i in range(20)]
+    await asyncio.sleep(2.0)  # several renewal periods (ttl/3 = 0.4 s) past the ttl
     assert all(not h.lost.is_set() for h in helds)
     with pytest.raises(LockTimeout):
         await dist.lock("k7").acquire(timeout=0)

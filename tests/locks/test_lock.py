@@ -61,8 +61,8 @@ async def test_a_waiter_gets_the_lock_when_the_holder_releases(make_dist, backen
 async def test_watchdog_keeps_a_lock_past_its_ttl(make_dist, backend: str) -> None:
     dist: Dist = await make_dist(sessions=False)
     other: Dist = await make_dist(sessions=False)
-    async with dist.lock("k", ttl=0.6, backend=backend) as held:  # type: ignore[arg-type]
-        await asyncio.sleep(1.5)
+    async with dist.lock("k", ttl=1.2, backend=backend) as held:  # type: ignore[arg-type]
+        await asyncio.sleep(2.0)
         assert not held.lost.is_set()
         with pytest.raises(LockTimeout):
             await other.lock("k", backend=backend).acquire(timeout=0)  # type: ignore[arg-type]

@@ -58,8 +58,8 @@ async def test_without_a_majority_nothing_is_held(
 async def test_quorum_lock_is_renewed_past_its_ttl(make_dist, three_servers) -> None:  # type: ignore[no-untyped-def]
     dist: Dist = await make_dist(postgres=None, sessions=False)
     quorum = dist.locks.redlock([s.url for s in three_servers])
-    async with quorum.lock("job", ttl=0.6) as held:
-        await asyncio.sleep(1.5)
+    async with quorum.lock("job", ttl=1.2) as held:
+        await asyncio.sleep(2.0)
         assert not held.lost.is_set()
         with pytest.raises(LockTimeout):
             await quorum.lock("job").acquire(timeout=0)
