@@ -198,6 +198,40 @@ async def test_non_json_payload_and_bad_topic_are_refused_at_publish(
             await dist.transactions.outbox.insert(conn, "big", "x" * 300_000)
 
 
+async def test_a_websocket_transaction_commits_when_the_connection_is_accepted(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    orders = f"{dist.namespace}_orders"
+
+    async def ws(websocket: WebSocket) -> None:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (42)")
+        await websocket.accept()
+        await websocket.send_text(str(get_tx().state))
+        await websocket.close()
+
+    app = dist.wrap(Starlette(routes=[WebSocketRoute("/ws", ws)]))
+    # Driven straight through ASGI, in this test's event loop (where the Dist lives).
+    incoming: list[dict[str, Any]] = [{"type": "websocket.connect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "query_string": b"",
+             "headers": [], "scheme": "ws", "server": ("test", 80), "client": ("c", 1),
+             "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}}  # fmt: skip
+    await app(scope, receive, send)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "committed"
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders} WHERE id = 42") == 1
+
+
 async def test_fastapi_dependency_gives_the_request_transaction(
     dist: Dist, pg: asyncpg.Connection
 ) -> None:

@@ -1,0 +1,70 @@
+"""Configuration is validated where it enters, with errors that name the value and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from asgi_dist import ConfigError, Dist
+from asgi_dist.transactions import Message, Transaction, TransactionConfig, transactional
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"relay_batch": 0},
+        {"relay_batch": 1.5},
+        {"retention": -1},
+        {"relay": "yes"},
+        {"retry_backoff": 2.0, "retry_backoff_max": 1.0},
+        {"claim_interval": 20.0},
+        {"max_checks": True},
+    ],
+)
+def test_bad_transaction_config_is_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="TransactionConfig"):
+        TransactionConfig(**kwargs)
+
+
+async def test_bad_consumer_registrations_are_refused(make_dist: Callable[..., Any]) -> None:
+    dist: Dist = await make_dist(start=False)
+
+    async def handler(message: Message, tx: Transaction) -> None:
+        return None
+
+    def not_async(message: Message, tx: Transaction) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="group"):
+        dist.consumer("orders", group="bad group")(handler)
+    with pytest.raises(ConfigError, match="topic"):
+        dist.consumer("{orders}", group="g")(handler)
+    with pytest.raises(ConfigError, match="async def"):
+        dist.consumer("orders", group="g")(not_async)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_deliveries"):
+        dist.consumer("orders", group="g", max_deliveries=0)(handler)
+    dist.consumer("orders", group="g")(handler)
+    with pytest.raises(ConfigError, match="already registered"):
+        dist.consumer("orders", group="g")(handler)
+
+
+def test_bad_endpoint_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="isolation"):
+        transactional(isolation="snapshot")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="deferrable"):
+        transactional(deferrable=True)
+    with pytest.raises(ConfigError, match="rollback_on"):
+        transactional(rollback_on="500")  # type: ignore[arg-type]
+
+
+async def test_consumers_without_redis_fail_at_start(make_dist: Callable[..., Any]) -> None:
+    dist: Dist = await make_dist(start=False, redis=None)
+
+    @dist.consumer("orders", group="g")
+    async def handler(message: Message, tx: Transaction) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="Redis"):
+        await dist.start()
