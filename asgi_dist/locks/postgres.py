@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch
 
-__all__ = ["MIGRATIONS", "PostgresLeases"]
+__all__ = ["MIGRATIONS", "PostgresLeases", "PostgresPermitLeases"]
 
 MIGRATIONS = [
     """
@@ -28,6 +28,18 @@ MIGRATIONS = [
         fence bigint NOT NULL,
         expires_at timestamptz NOT NULL,
         PRIMARY KEY (kind, name)
+    )
+    """,
+    # Shared leases: semaphore permits, rwlock readers, writers and writer intents.
+    """
+    CREATE TABLE IF NOT EXISTS {ns}_permits (
+        kind text NOT NULL,
+        name text NOT NULL,
+        token text NOT NULL,
+        role text NOT NULL,
+        fence bigint NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (kind, name, token)
     )
     """,
 ]
@@ -107,3 +119,123 @@ class PostgresLeases:
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
         return self._wakeups.watch(kind, name)
+
+
+class PostgresPermitLeases(PostgresLeases):
+    """Semaphore permits (``mode="semaphore"``) and rwlock sides (``"read"``/``"write"``).
+
+    An acquire is one short transaction: it locks the name's row in the lease
+    table (the serialisation point and fence counter), drops expired permits,
+    decides on the live ones, and inserts its permit.  Transaction-scoped, so
+    PgBouncer's transaction pooling is fine.
+    """
+
+    def __init__(self, postgres: PostgresBackend, mode: str, limit: int = 0) -> None:
+        super().__init__(postgres)
+        self.mode = mode
+        self.limit = limit
+        self._leases = postgres.table("leases")
+        self._permits = postgres.table("permits")
+
+    async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
+        leases, permits = self._leases, self._permits
+        async with self._pg.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO {leases} (kind, name, token, fence, expires_at)"
+                " VALUES ($1, $2, NULL, 0, now()) ON CONFLICT (kind, name) DO NOTHING",
+                kind,
+                name,
+            )
+            # Serialises acquirers of this name until commit (each later
+            # statement of READ COMMITTED sees what the previous holder committed).
+            await conn.execute(
+                f"SELECT 1 FROM {leases} WHERE kind = $1 AND name = $2 FOR UPDATE", kind, name
+            )
+            await conn.execute(
+                f"DELETE FROM {permits} WHERE kind = $1 AND name = $2 AND expires_at <= now()",
+                kind,
+                name,
+            )
+            rows = await conn.fetch(
+                f"SELECT token, role, extract(epoch FROM expires_at - now())::float8 AS left"
+                f" FROM {permits} WHERE kind = $1 AND name = $2",
+                kind,
+                name,
+            )
+            holders = [r for r in rows if r["role"] != "intent" and r["token"] != token]
+            intents = [r for r in rows if r["role"] == "intent" and r["token"] != token]
+            soonest = min((r["left"] for r in holders), default=0.05)
+            if self.mode == "semaphore":
+                free = len(holders) < self.limit
+            elif self.mode == "read":
+                free = not any(r["role"] == "write" for r in holders) and not intents
+            else:
+                free = not holders
+            if not free:
+                if self.mode == "write":
+                    # A waiting writer blocks new readers (writer preference).
+                    await conn.execute(
+                        f"INSERT INTO {permits} (kind, name, token, role, fence, expires_at)"
+                        " VALUES ($1, $2, $3, 'intent', 0, now() + make_interval(secs => 10))"
+                        " ON CONFLICT (kind, name, token) DO UPDATE"
+                        " SET expires_at = excluded.expires_at",
+                        kind,
+                        name,
+                        token,
+                    )
+                return Attempt(False, 0, soonest, queued=self.mode == "write")
+            fence = await conn.fetchval(
+                f"UPDATE {leases} SET fence = fence + 1 WHERE kind = $1 AND name = $2"
+                " RETURNING fence",
+                kind,
+                name,
+            )
+            await conn.execute(
+                f"INSERT INTO {permits} (kind, name, token, role, fence, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))"
+                " ON CONFLICT (kind, name, token) DO UPDATE"
+                " SET role = excluded.role, fence = excluded.fence,"
+                " expires_at = excluded.expires_at",
+                kind,
+                name,
+                token,
+                self.mode,
+                fence,
+                float(ttl),
+            )
+        return Attempt(True, int(fence), ttl, queued=self.mode == "write")
+
+    async def release(self, kind: str, name: str, token: str) -> bool:
+        live = await self._pg.pool.fetchval(
+            f"DELETE FROM {self._permits} WHERE kind = $1 AND name = $2 AND token = $3"
+            " RETURNING role <> 'intent' AND expires_at > now()",
+            kind,
+            name,
+            token,
+        )
+        if live is not None:
+            self._wakeups.wake(kind, name)
+        return bool(live)
+
+    async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
+        status: str = await self._pg.pool.execute(
+            f"UPDATE {self._permits} SET expires_at = now() + make_interval(secs => $4)"
+            " WHERE kind = $1 AND name = $2 AND token = $3 AND role <> 'intent'"
+            " AND expires_at > now()",
+            kind,
+            name,
+            token,
+            float(ttl),
+        )
+        return status.endswith(" 1")
+
+    async def holder(self, kind: str, name: str) -> str | None:
+        if self.mode == "semaphore":
+            return None
+        value = await self._pg.pool.fetchval(
+            f"SELECT token FROM {self._permits} WHERE kind = $1 AND name = $2"
+            " AND role = 'write' AND expires_at > now()",
+            kind,
+            name,
+        )
+        return None if value is None else str(value)

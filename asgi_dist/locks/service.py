@@ -21,7 +21,7 @@ from asgi_dist.locks.election import Election, election_timings
 from asgi_dist.locks.lease import Held, Watchdog
 from asgi_dist.locks.lock import Lock, validate_timing
 from asgi_dist.locks.memory import MemoryLeases, MemoryRWLeases, MemorySemaphoreLeases
-from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases
+from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases, PostgresPermitLeases
 from asgi_dist.locks.redis import FAIR, PLAIN, READ, SEMAPHORE, WRITE, RedisLeases
 from asgi_dist.locks.redlock import RedlockLeases
 from asgi_dist.locks.request import LockHook, locked
@@ -241,8 +241,10 @@ class LockService:
 
     def _shared_backend(self, backend: str | None, what: str) -> str:
         chosen = backend or self.runtime.default_backend
-        if chosen not in ("redis", "memory"):
-            raise ConfigError(f"dist.{what}() supports backend='redis' or 'memory', not {chosen!r}")
+        if chosen not in ("redis", "postgres", "memory"):
+            raise ConfigError(
+                f"dist.{what}() supports backend='redis', 'postgres' or 'memory', not {chosen!r}"
+            )
         return chosen
 
     def _variant(self, chosen: str, mode: str, limit: int = 0) -> LeaseBackend:
@@ -256,6 +258,9 @@ class LockService:
             variant = {"semaphore": SEMAPHORE, "read": READ, "write": WRITE}[mode]
             extra: tuple[int, ...] = (limit,) if mode == "semaphore" else ()
             found = RedisLeases(redis, lambda: runtime.pubsub, variant, extra=extra)
+        elif chosen == "postgres":
+            postgres = runtime.require_postgres(f"backend='postgres' ({mode})")
+            found = PostgresPermitLeases(postgres, mode, limit)
         elif mode == "semaphore":
             found = MemorySemaphoreLeases(runtime.memory, limit)
         else:

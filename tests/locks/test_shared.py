@@ -21,9 +21,10 @@ async def main():
     ns = os.environ["NS"]
     log = create_redis_client(os.environ["REDIS"])
     k = lambda s: "{%s}:%s" % (ns, s)
-    async with Dist(redis=os.environ["REDIS"], namespace=ns, sessions=False) as dist:
+    async with Dist(redis=os.environ["REDIS"], postgres=os.environ["PG"] or None,
+                    namespace=ns, sessions=False) as dist:
         if os.environ["MODE"] == "semaphore":
-            sem = dist.semaphore("pool", 3, ttl=10)
+            sem = dist.semaphore("pool", 3, ttl=10, backend=os.environ["BACKEND"])
             for _ in range(15):
                 async with sem:
                     await log.rpush(k("inside"), await log.incr(k("count")))
@@ -57,9 +58,15 @@ asyncio.run(main())
 
 
 async def _run(
-    processes: ProcessGroup, redis_url: str, ns: str, mode: str
+    processes: ProcessGroup,
+    redis_url: str,
+    ns: str,
+    mode: str,
+    pg: str = "",
+    backend: str = "redis",
 ) -> tuple[list[int], list[bytes]]:
-    workers = processes.python(SHARED, n=8, env={"NS": ns, "REDIS": redis_url, "MODE": mode})
+    env = {"NS": ns, "REDIS": redis_url, "MODE": mode, "PG": pg, "BACKEND": backend}
+    workers = processes.python(SHARED, n=8, env=env)
     codes = await asyncio.to_thread(processes.wait_all, 90)
     assert codes == [0] * 8, "\n".join(w.output() for w in workers)
     log = create_redis_client(redis_url)
@@ -71,10 +78,11 @@ async def _run(
     return inside, violations
 
 
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
 async def test_semaphore_admits_at_most_limit_holders_across_8_processes(
-    processes: ProcessGroup, redis_url: str, namespace: str
+    processes: ProcessGroup, redis_url: str, postgres_dsn: str, namespace: str, backend: str
 ) -> None:
-    inside, _ = await _run(processes, redis_url, namespace, "semaphore")
+    inside, _ = await _run(processes, redis_url, namespace, "semaphore", postgres_dsn, backend)
     assert len(inside) == 8 * 15
     assert max(inside) <= 3, "more holders than permits"
     assert max(inside) >= 2, "permits were never shared"
@@ -89,7 +97,7 @@ async def test_rwlock_excludes_writers_and_shares_readers_across_8_processes(
     assert max(inside) >= 2, "readers never overlapped"
 
 
-@pytest.mark.parametrize("backend", ["redis", "memory"])
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
 async def test_semaphore_permits_and_fences(make_dist, backend: str) -> None:
     dist: Dist = await make_dist(sessions=False)
     sem = dist.semaphore("pool", 2, ttl=10, backend=backend)  # type: ignore[arg-type]
@@ -107,7 +115,7 @@ async def test_semaphore_permits_and_fences(make_dist, backend: str) -> None:
     await c.release()
 
 
-@pytest.mark.parametrize("backend", ["redis", "memory"])
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
 async def test_a_waiting_writer_blocks_new_readers(make_dist, backend: str) -> None:
     dist: Dist = await make_dist(sessions=False)
     rw = dist.rwlock("doc", ttl=10, backend=backend)  # type: ignore[arg-type]
@@ -130,9 +138,10 @@ async def test_a_waiting_writer_blocks_new_readers(make_dist, backend: str) -> N
     await r3.release()
 
 
-async def test_a_writer_that_gives_up_unblocks_readers(make_dist) -> None:
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_writer_that_gives_up_unblocks_readers(make_dist, backend: str) -> None:
     dist: Dist = await make_dist(sessions=False)
-    rw = dist.rwlock("doc", ttl=10)
+    rw = dist.rwlock("doc", ttl=10, backend=backend)  # type: ignore[arg-type]
     r1 = await rw.read().acquire()
     with pytest.raises(LockTimeout):
         await rw.write().acquire(timeout=0.2)
@@ -174,4 +183,4 @@ def test_shared_lock_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="limit"):
         dist.semaphore("s", 0)
     with pytest.raises(ConfigError, match="backend"):
-        dist.semaphore("s", 2, backend="postgres")
+        dist.semaphore("s", 2, backend="zookeeper")
