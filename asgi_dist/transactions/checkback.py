@@ -72,7 +72,7 @@ class TransactionalMessage:
 
     def __init__(
         self,
-        service_postgres: PostgresBackend,
+        postgres: PostgresBackend,
         outbox: Outbox,
         topic: str,
         payload: Any,
@@ -84,7 +84,7 @@ class TransactionalMessage:
         check_interval: float,
         max_checks: int,
     ) -> None:
-        self._postgres = service_postgres
+        self._postgres = postgres
         self._outbox = outbox
         self.topic = topic
         self.payload = payload
@@ -92,7 +92,7 @@ class TransactionalMessage:
         self.headers = dict(headers or {})
         self.id = ""
         self._half = (checker, max_checks, check_interval, check_after)
-        self._table = service_postgres.table("outbox")
+        self._table = postgres.table("outbox")
 
     async def __aenter__(self) -> TransactionalMessage:
         # The half row is committed on its own: it must outlive this process.
@@ -123,7 +123,7 @@ class TransactionalMessage:
                     )
                 )
             except Exception as exc2:
-                log.warning("transactional message %s: rollback failed (%s)", self.id, exc2)
+                log.error("transactional message %s: rollback failed (%s)", self.id, exc2)
 
     async def _decide(self, sql: str, what: str) -> None:
         with outages():
