@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -91,10 +92,28 @@ def transactional(
 
 
 def options_for(scope: Scope) -> TransactionOptions:
-    """The endpoint's options; the router has put the endpoint in the scope by now."""
+    """The endpoint's options, read when the transaction begins (inside the endpoint).
+
+    Starlette and FastAPI routers put the endpoint in the scope; Quart keeps it in
+    its request context.
+    """
     endpoint = scope.get("endpoint")
+    if endpoint is None and "quart" in sys.modules:
+        endpoint = _quart_endpoint()
     options = getattr(endpoint, _OPTIONS_ATTR, None)
     return options if isinstance(options, TransactionOptions) else DEFAULT_OPTIONS
+
+
+def _quart_endpoint() -> Any:
+    from quart import current_app, has_request_context, has_websocket_context, request, websocket
+
+    if has_request_context():
+        rule = request.url_rule
+    elif has_websocket_context():
+        rule = websocket.url_rule
+    else:
+        return None
+    return current_app.view_functions.get(rule.endpoint) if rule is not None else None
 
 
 class RequestTransaction(Transaction):
@@ -108,6 +127,7 @@ class RequestTransaction(Transaction):
         self._scope = scope
         self._acquire_timeout = acquire_timeout
         self._transaction: Any = None
+        self._options = DEFAULT_OPTIONS
         self._begin_lock = asyncio.Lock()
         self._state: Literal["idle", "open", "committed", "rolled back"] = "idle"
 
@@ -146,7 +166,7 @@ class RequestTransaction(Transaction):
         return self._connection
 
     async def _begin(self) -> None:
-        options = options_for(self._scope)
+        options = self._options = options_for(self._scope)
         pool = self._postgres.pool
         with outages():
             # asyncio.timeout, not acquire(timeout=): wait_for would cost a task per request.
@@ -168,7 +188,7 @@ class RequestTransaction(Transaction):
         self._state = "open"
 
     def rolls_back(self, status: int) -> bool:
-        return options_for(self._scope).rollback_on(status)
+        return self._options.rollback_on(status)
 
     async def commit(self) -> None:
         """Commit now; raises :class:`TransactionError` if PostgreSQL refuses."""

@@ -258,3 +258,31 @@ async def test_fastapi_dependency_gives_the_request_transaction(
     ids = [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders} ORDER BY id")]
     assert ids == [5]
     assert await outbox_count(pg, dist) == 1
+
+
+async def test_quart_views_get_the_transaction_and_their_options(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    from quart import Quart
+
+    from asgi_dist.integrations.quart import init_app
+
+    quart = Quart(__name__)
+    orders = f"{dist.namespace}_orders"
+
+    @quart.post("/keep/<int:order_id>")
+    @transactional(rollback_on=500)
+    async def keep(order_id: int) -> tuple[str, int]:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
+        return "conflict, but keep it", 409
+
+    @quart.post("/drop/<int:order_id>")
+    async def drop(order_id: int) -> tuple[str, int]:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES ($1)", order_id)
+        return "conflict", 409
+
+    async with client(init_app(quart, dist)) as http:
+        kept = await http.post("/keep/1")
+        dropped = await http.post("/drop/2")
+    assert (kept.status_code, dropped.status_code) == (409, 409)
+    assert [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders}")] == [1]
