@@ -115,8 +115,9 @@ async def latency(dsn: str, rate: int, seconds: float) -> list[float]:
             await asyncio.wait_for(done.wait(), 30)
         except TimeoutError:
             print(f"  only {len(latencies)}/{total} messages handled")
-        client: Any = dist.runtime.require_redis("bench").client
-        await client.delete(f"{{{ns}:topic:latency}}:stream")
+    client = aioredis.Redis.from_url(REDIS)
+    await client.delete(f"{{{ns}:topic:latency}}:stream")
+    await client.aclose()
     return latencies
 
 

@@ -161,11 +161,12 @@ class Consumer:
                         entries += await self._read(want, block)
                     backoff.reset()
                 except redis_errors.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    # NOGROUP / UNBLOCKED: the stream (and its group) was deleted under us.
+                    if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                         log.error("consumer %s/%s: %s; retrying", *self._names, exc)
                         await backoff.sleep()
                         continue
-                    await self._ensure_group(backoff)  # the stream was deleted under us
+                    await self._ensure_group(backoff)
                     continue
                 except Exception as exc:
                     # An outage is waited out; anything else is logged and retried too:
