@@ -417,7 +417,8 @@ async def acquire_lease(
     attempt: Attempt | None = None
     gate: _Gate | None = None
     in_turn = False
-    gate_key = (id(backend), kind, name)
+    # Backends sharing one store in this process (memory) share the turnstile.
+    gate_key = (id(getattr(backend, "gate_scope", backend)), kind, name)
     try:
         waiting = _gates.get(gate_key)
         if waiting is not None and waiting.busy and timeout != 0:

@@ -44,6 +44,7 @@ class MemoryLeases:
     def __init__(self, memory: MemoryBackend) -> None:
         self._clock = memory.now
         self._store = _STORES.setdefault(memory.namespace, _Store())
+        self.gate_scope = self._store
 
     def _live(self, key: tuple[str, str]) -> _Lease | None:
         lease = self._store.leases.get(key)

@@ -88,9 +88,13 @@ class LockService:
     def backend(self, name: str | None = None, *, fair: bool = False) -> LeaseBackend:
         """The lease backend called ``name`` (default: the first configured)."""
         chosen: str = name or self.runtime.default_backend
+        if fair and chosen == "memory":
+            # Every waiter is local: the per-name FIFO turnstile already serves
+            # them in arrival order, with no barging past queued waiters.
+            fair = False
         if fair and chosen != "redis":
             raise ConfigError(
-                f"fair=True needs the Redis backend (got backend={chosen!r}): pass "
+                f"fair=True needs the Redis or memory backend (got backend={chosen!r}): pass "
                 "backend='redis' or drop fair=True"
             )
         cache_key = f"{chosen}:fair" if fair else chosen

@@ -143,4 +143,4 @@ def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="brace"):
         dist.lock("a{b}")
     with pytest.raises(ConfigError, match="fair=True needs the Redis"):
-        dist.lock("k", fair=True)
+        dist.lock("k", fair=True, backend="postgres")

@@ -220,14 +220,15 @@ async def test_waiters_send_no_commands_while_waiting(make_dist, redis_server) -
         await admin.aclose()
 
 
-async def test_fair_lock_serves_waiters_in_arrival_order(make_dist) -> None:
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_fair_lock_serves_waiters_in_arrival_order(make_dist, backend: str) -> None:
     dist: Dist = await make_dist(sessions=False)
     others = [await make_dist(sessions=False) for _ in range(3)]
     order: list[int] = []
-    held = await dist.lock("q", fair=True).acquire()
+    held = await dist.lock("q", fair=True, backend=backend).acquire()  # type: ignore[arg-type]
 
     async def waiter(i: int, d: Dist) -> None:
-        async with d.lock("q", fair=True):
+        async with d.lock("q", fair=True, backend=backend):  # type: ignore[arg-type]
             order.append(i)
             await asyncio.sleep(0.01)
 
