@@ -118,3 +118,28 @@ async def test_hub_works_with_a_cluster_client(make_dist, cluster_url: str) -> N
         # Published through the cluster client (any node): classic pub/sub is broadcast.
         await hub.publish(c, c)
     await _eventually(lambda: _true_if(sorted(got) == sorted(c.encode() for c in channels)))
+
+
+async def test_heartbeat_replaces_a_silent_connection(redis_server: RedisServer) -> None:
+    from asgi_dist.backends.pubsub import PubSubHub
+    from asgi_dist.backends.redis import RedisBackend
+
+    backend = RedisBackend(redis_server.url, namespace="hb")
+    hub = PubSubHub(backend, heartbeat=0.2, max_backoff=0.2)
+    got: list[bytes | None] = []
+    try:
+        await hub.subscribe("news", got.append)
+        redis_server.pause()  # SIGSTOP: the socket stays open but nothing answers
+        await asyncio.sleep(1.2)  # > 2.5 heartbeats: the hub gives the connection up
+        redis_server.resume()
+        await _eventually(lambda: _true_if(None in got))  # resubscribed, told to re-check
+        assert hub.reconnects >= 1
+        publisher = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await publisher.publish("news", b"fresh")
+        finally:
+            await publisher.aclose()
+        await _eventually(lambda: _true_if(b"fresh" in got))
+    finally:
+        await hub.close()
+        await backend.stop()
