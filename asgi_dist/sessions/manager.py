@@ -9,8 +9,10 @@ then set the cookie and ``Vary: Cookie``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from asgi_dist._types import Message
@@ -111,25 +113,32 @@ class SessionManager:
 
     # per request ---------------------------------------------------------------
 
-    async def _load(self, key: SessionKey) -> StoredSession | None:
+    async def _load(self, key: SessionKey) -> tuple[StoredSession | None, int]:
+        """The stored session, and the near-cache tick its state is current as of."""
         near = self._near
         if near is None:
-            return await self.store.load(key)
+            return await self.store.load(key), -1
         handle = key.handle
+        if handle in near:
+            # Yield once before serving a copy: an invalidation that reached this
+            # process together with the request is then read first (its reader task
+            # is already queued), so the request sees a write acknowledged before it.
+            await asyncio.sleep(0)
+        stamp = near.stamp()
         stored = near.get(handle)
         if stored is not None:
-            return stored
-        stamp = near.stamp()
+            return stored, stamp
         stored = await self.store.load(key)
         if stored is not None:
             near.put(handle, stored, stamp)
-        return stored
+        return stored, stamp
 
     async def open(self, ctx: RequestContext) -> Session:
         """The request's session: loaded if the cookie is valid and the store knows it."""
         session_id, resign = self.cookie.read(ctx.scope)
-        stored = await self._load(SessionKey.of(session_id)) if session_id else None
+        stored, stamp = await self._load(SessionKey.of(session_id)) if session_id else (None, -1)
         session = Session(self, session_id, stored, max_size=self.config.max_size)
+        session.near_stamp = stamp
         session.had_cookie = session_id is not None
         session.resign = resign and stored is not None
         return session
@@ -144,6 +153,8 @@ class SessionManager:
                 if not await self.store.create(session.key, full):
                     raise SessionError("a new session id collided with a stored one; retry")
                 session.mark_saved(full)
+                if self._near is not None:
+                    self._near.created(session.key.handle, self._stored_view(session))
                 cookie_needed = True
             else:
                 if session.invalidated and session.had_cookie and headers is not None:
@@ -152,10 +163,14 @@ class SessionManager:
         else:
             delta = session.delta() if session.may_have_changed else None
             if delta:
+                near = self._near
+                if near is not None:
+                    delta.tag = near.tag()
                 outcome = await self.store.save(session.key, delta)
-                if self._near is not None:
-                    self._near.drop(session.key.handle)
+                handle = session.key.handle
                 if outcome == SaveOutcome.GONE:
+                    if near is not None:
+                        near.drop(handle)
                     # Ended (logout elsewhere, expiry) or regenerated while this request ran:
                     # it stays ended, and writes through an old id are never forwarded to
                     # the new one (that would hand a fixated id the logged-in session).
@@ -163,11 +178,31 @@ class SessionManager:
                     log.info("session ended or moved while a request changed it; changes dropped")
                     return
                 session.mark_saved(delta)
+                if near is not None:
+                    if session.regenerated:
+                        near.drop(handle)
+                    else:
+                        # Loaded state + delta is the stored state unless another write
+                        # crossed: the near cache checks that when the echo comes back.
+                        view = self._stored_view(session)
+                        near.saved(handle, delta.tag, view, session.near_stamp)
             elif not session.regenerated:
                 cookie_needed = False  # re-sign with the newest key on the next write only
         if cookie_needed and headers is not None:
             headers.append(self.cookie.set_header(session.id, scope))
             session.resign = False
+
+    def _stored_view(self, session: Session) -> StoredSession:
+        """What the store holds after this request's write, as this request knows it."""
+        origin = session.origin
+        ttl = min(self.config.idle_timeout, self.config.absolute_timeout)
+        if origin is not None:
+            created, last_access, ttl = origin.created, origin.last_access, origin.ttl
+        else:
+            created = last_access = time.time()  # informational only
+        return StoredSession(
+            dict(session.stored_fields), session.stored_user_id, created, last_access, ttl
+        )
 
     async def regenerate(self, session: Session) -> None:
         if session.is_new:

@@ -15,12 +15,19 @@ Consistency rules:
   invalidation of its handle is discarded.
 * A copy lives at most ``near_cache_ttl`` and at most a tenth of the idle
   timeout, so the store still sees activity often enough to refresh the TTL.
+* A process's own write keeps its copy: the write's message carries a tag, and
+  when that echo comes back every message published before the write has been
+  read too (one connection delivers in order).  If none of them touched the
+  session since it was loaded, loaded state + delta is exactly the stored state.
+  So a hot session written through one process costs one round trip, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -33,6 +40,7 @@ __all__ = ["NearCache"]
 log = logging.getLogger("asgi_dist.sessions")
 
 _FORGET_AFTER = 10_000  # invalidation ticks remembered per process
+_PENDING_ECHOES = 1_000  # own writes awaiting their echo
 
 
 @dataclass(slots=True)
@@ -52,6 +60,9 @@ class NearCache:
         self._invalidated: OrderedDict[str, int] = OrderedDict()  # handle -> tick
         self._floor = 0  # loads stamped before this tick are never cached
         self._subscription: Subscription | None = None
+        self._tags = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())
+        # tag -> (handle, state after the write, tick of the writer's own drop)
+        self._echoes: OrderedDict[str, tuple[str, StoredSession, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -68,14 +79,52 @@ class NearCache:
         """Sessions held now."""
         return len(self._entries)
 
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._entries
+
     def _on_message(self, payload: bytes | None) -> None:
         self._tick += 1
         if payload is None:
             # Reconnected: invalidations may have been missed.
             self._entries.clear()
+            self._echoes.clear()
             self._floor = self._tick
             return
-        self.drop(payload.decode())
+        handle, _, tag = payload.decode().partition(" ")
+        echo = self._echoes.pop(tag, None) if tag else None
+        if echo is None:
+            self.drop(handle)
+            return
+        # Our own write came back: everything published before it was read already.
+        _, stored, own_tick = echo
+        if self._invalidated.get(handle) == own_tick:
+            self._store(handle, stored)
+
+    def tag(self) -> str:
+        """A fresh tag for one write of this process."""
+        return next(self._tags)
+
+    def unchanged_since(self, handle: str, stamp: int) -> bool:
+        """No invalidation of ``handle`` was read since ``stamp``."""
+        return stamp >= self._floor and self._invalidated.get(handle, -1) <= stamp
+
+    def saved(self, handle: str, tag: str, stored: StoredSession, stamp: int) -> None:
+        """This process wrote ``handle`` (tagged ``tag``) over state loaded at ``stamp``.
+
+        The copy is dropped now; it comes back as ``stored`` when the write's echo
+        arrives, unless another process's write was read meanwhile.
+        """
+        consistent = self.unchanged_since(handle, stamp)
+        self.drop(handle)
+        if consistent and self._subscription is not None:
+            self._echoes[tag] = (handle, stored, self._tick)
+            if len(self._echoes) > _PENDING_ECHOES:
+                self._echoes.popitem(last=False)
+
+    def created(self, handle: str, stored: StoredSession) -> None:
+        """A session this process just created: nobody else knows its id yet."""
+        if self._subscription is not None:
+            self._store(handle, stored)
 
     def drop(self, handle: str) -> None:
         self._tick += 1
@@ -115,8 +164,11 @@ class NearCache:
     def put(self, handle: str, stored: StoredSession, stamp: int) -> None:
         if self._subscription is None or stored.moved:
             return
-        if stamp < self._floor or self._invalidated.get(handle, -1) > stamp:
+        if not self.unchanged_since(handle, stamp):
             return  # an invalidation crossed this load
+        self._store(handle, stored)
+
+    def _store(self, handle: str, stored: StoredSession) -> None:
         lifetime = min(self.config.near_cache_ttl, self.config.refresh_interval, stored.ttl)
         if lifetime <= 0:
             return

@@ -123,6 +123,7 @@ class RedisSessionStore:
             user,
             self.channel,
             key.handle,
+            f"{key.handle} {delta.tag}" if delta.tag else key.handle,
         ]
         for name, text in delta.set.items():
             args += ["." + name, text]

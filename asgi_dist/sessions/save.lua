@@ -5,7 +5,9 @@
 -- ARGV[4]  number of fields set (n)   ARGV[5] number of fields deleted (m)
 -- ARGV[6]  "" user unchanged | "=" user cleared | "=<uid>" user set
 -- ARGV[7]  invalidation channel ("" = no near cache)   ARGV[8] the session's handle
--- ARGV[9 .. 8+2n]  field, value pairs   then m field names to delete
+-- ARGV[9]  the invalidation message: the handle and the writer's tag, so that the
+--          writer recognises its own echo
+-- ARGV[10 .. 9+2n]  field, value pairs   then m field names to delete
 -- Returns 1 saved, 0 gone (expired, deleted or regenerated meanwhile), -1 exists (new).
 local key = KEYS[1]
 local t = redis.call('TIME')
@@ -30,7 +32,7 @@ else
 end
 -- Only the changed fields: a concurrent request's other fields stay intact.
 local n, m = tonumber(ARGV[4]), tonumber(ARGV[5])
-local i = 9
+local i = 10
 for _ = 1, n do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -57,6 +59,6 @@ if user ~= '' then
 end
 redis.call('PEXPIRE', key, ttl)
 if ARGV[7] ~= '' and ARGV[1] ~= 'new' then
-  redis.call('PUBLISH', ARGV[7], ARGV[8])
+  redis.call('PUBLISH', ARGV[7], ARGV[9])
 end
 return 1

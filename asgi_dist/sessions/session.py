@@ -57,6 +57,8 @@ class Session(MutableMapping[str, Any]):
         "committed",
         "had_cookie",
         "moved",
+        "near_stamp",
+        "origin",
         "resign",
     )
 
@@ -88,6 +90,8 @@ class Session(MutableMapping[str, Any]):
         self.committed = False  # saved when the response (or websocket) started
         # A read-only copy left by regenerate() for its grace period: writes are dropped.
         self.moved = stored.moved if stored is not None else False
+        self.origin = stored  # its metadata, for the near cache after a save
+        self.near_stamp = -1  # near-cache tick when it was loaded
 
     # identity -------------------------------------------------------------------
 
@@ -303,6 +307,11 @@ class Session(MutableMapping[str, Any]):
     def has_content(self) -> bool:
         """Something worth storing: a key, or a user."""
         return bool(self._values) or self._user_id is not None
+
+    @property
+    def stored_fields(self) -> dict[str, str]:
+        """The JSON text of each value as the store holds it (after the last save)."""
+        return self._raw
 
     @property
     def stored_user_id(self) -> str | None:

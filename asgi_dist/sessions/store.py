@@ -100,6 +100,7 @@ class SessionDelta:
     user_changed: bool = False
     user_id: str | None = None  # the new user id when user_changed
     previous_user_id: str | None = None  # to drop the session from the old user's index
+    tag: str = ""  # names this write in its invalidation message (near cache echo)
 
     def __bool__(self) -> bool:
         return bool(self.set or self.delete or self.user_changed)

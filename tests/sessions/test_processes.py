@@ -26,11 +26,18 @@ def _start(
     return processes.uvicorn("tests.sessions.served:app", n=2, env=env)
 
 
-@pytest.mark.parametrize("backend", ["redis", "postgres"])
+@pytest.mark.parametrize(
+    ("backend", "near_cache"), [("redis", False), ("redis", True), ("postgres", False)]
+)
 async def test_two_processes_share_a_session_and_lose_no_concurrent_update(
-    backend: str, processes: ProcessGroup, redis_url: str, postgres_dsn: str, namespace: str
+    backend: str,
+    near_cache: bool,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    namespace: str,
 ) -> None:
-    a, b = _start(processes, backend, redis_url, postgres_dsn, namespace)
+    a, b = _start(processes, backend, redis_url, postgres_dsn, namespace, near_cache)
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.post(f"{a.url}/set/seed/0")
         cookie = {"cookie": f"session={r.cookies['session']}"}
@@ -53,11 +60,15 @@ async def test_near_cache_a_write_through_one_process_is_seen_by_the_next_reques
         r = await http.post(f"{a.url}/set/n/0")
         cookie = {"cookie": f"session={r.cookies['session']}"}
         for i in range(1, 21):
-            # B reads twice: the second read is served from its near cache.
+            # The writer alternates, so both processes keep copies of their own writes.
+            writer, reader = (a, b) if i % 2 else (b, a)
+            # The reader reads twice: the second read is served from its near cache.
             for _ in range(2):
-                r = await http.get(f"{b.url}/get/n", headers=cookie)
+                r = await http.get(f"{reader.url}/get/n", headers=cookie)
                 assert r.json()["value"] == str(i - 1)
-            assert (await http.post(f"{a.url}/set/n/{i}", headers=cookie)).status_code == 200
-            r = await http.get(f"{b.url}/get/n", headers=cookie)
-            assert r.json()["value"] == str(i), f"process B served a stale copy at round {i}"
-        assert (await http.get(f"{b.url}/near-cache")).json()["hits"] >= 20
+            assert (await http.post(f"{writer.url}/set/n/{i}", headers=cookie)).status_code == 200
+            for worker in (reader, writer):
+                r = await http.get(f"{worker.url}/get/n", headers=cookie)
+                assert r.json()["value"] == str(i), f"pid {worker.pid}: stale copy at round {i}"
+        for worker in (a, b):
+            assert (await http.get(f"{worker.url}/near-cache")).json()["hits"] >= 10

@@ -41,16 +41,38 @@ async def test_a_read_only_request_on_a_near_cached_session_makes_no_round_trip(
     session_dist: Callable[..., Any], counting_redis: CountingRedis
 ) -> None:
     dist = await session_dist("redis", redis=counting_redis, near_cache=True)
+    near = dist.sessions.near_cache
+
+    async def echoed() -> None:
+        for _ in range(100):  # bounded wait for this process's write to come back
+            if len(near):
+                return
+            await asyncio.sleep(0.01)
+
     async with client(dist) as c:
-        assert await _trips(counting_redis, c.post("/set/k/v")) == 1
-        assert await _trips(counting_redis, c.get("/get/k")) == 1  # cold: load and keep
+        assert await _trips(counting_redis, c.post("/set/k/v")) == 1  # create, and keep
         for _ in range(3):
             assert await _trips(counting_redis, c.get("/get/k")) == 0  # hot: served locally
-        assert await _trips(counting_redis, c.post("/set/k/w")) == 1  # hot: save only
-        assert await _trips(counting_redis, c.get("/get/k")) == 1  # the write dropped it
-        r = await c.get("/get/k")
-        assert r.json()["value"] == "w"
-    assert dist.sessions.near_cache.hits >= 4
+        for value in ("w", "x"):
+            assert await _trips(counting_redis, c.post(f"/set/k/{value}")) == 1  # save only
+            await echoed()
+            before = counting_redis.round_trips
+            r = await c.get("/get/k")
+            assert r.json()["value"] == value  # the local copy holds this process's write
+            assert counting_redis.round_trips == before
+        assert await _trips(counting_redis, c.get("/get/k")) == 0
+        # A write by another process (here: straight to the store) drops the copy.
+        other = await session_dist("redis", near_cache=True, namespace=dist.namespace)
+        cookie = {"cookie": f"session={c.cookies['session']}"}
+        async with client(other) as on_other:
+            assert (await on_other.post("/set/k/elsewhere", headers=cookie)).status_code == 200
+        for _ in range(100):
+            if not len(near):
+                break
+            await asyncio.sleep(0.01)
+        assert await _trips(counting_redis, c.get("/get/k")) == 1  # reloaded
+        assert (await c.get("/get/k")).json()["value"] == "elsewhere"
+    assert near.hits >= 6
 
 
 class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
