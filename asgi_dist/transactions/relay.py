@@ -90,7 +90,8 @@ class Relay:
         self.relayed = 0  # rows this process marked published (for tests and stats)
         outbox, lease = postgres.table("outbox"), postgres.table("outbox_lease")
         self.channel = f"{postgres.namespace}_outbox"
-        # Partitions with ready rows: one index probe each, not a scan of the backlog.
+        # One round trip: lease partitions that have ready rows (one index probe each,
+        # not a scan of the backlog), then read the oldest rows of each, in seq order.
         self._claim = f"""
             WITH free AS (
                 SELECT l.partition FROM {lease} l
@@ -100,14 +101,19 @@ class Relay:
                 ORDER BY random() LIMIT $2
                 FOR UPDATE OF l SKIP LOCKED
             )
-            UPDATE {lease} l SET owner = $1, fence = l.fence + 1,
-                   lease_until = now() + make_interval(secs => $3)
-            FROM free WHERE l.partition = free.partition
-            RETURNING l.partition, l.fence"""
-        self._rows = f"""
-            SELECT seq, msg_id, topic, key, payload, headers FROM {outbox}
-            WHERE partition = ANY($1::int[]) AND state = 0 AND published_at IS NULL
-            ORDER BY seq LIMIT $2"""
+            , claimed AS (
+                UPDATE {lease} l SET owner = $1, fence = l.fence + 1,
+                       lease_until = now() + make_interval(secs => $3)
+                FROM free WHERE l.partition = free.partition
+                RETURNING l.partition, l.fence
+            )
+            SELECT c.partition, c.fence, o.seq, o.msg_id, o.topic, o.key, o.payload, o.headers
+            FROM claimed c LEFT JOIN LATERAL (
+                SELECT seq, msg_id, topic, key, payload, headers FROM {outbox}
+                WHERE partition = c.partition AND state = 0 AND published_at IS NULL
+                ORDER BY seq LIMIT $4
+            ) o ON true
+            ORDER BY o.seq"""
         # The lease rows are locked first and re-checked (owner, fence, expiry), so a
         # claim by another relay either happened before (we mark nothing) or waits.
         self._mark = f"""
@@ -159,11 +165,11 @@ class Relay:
 
     async def relay_once(self) -> int:
         """Claim some partitions, relay one batch of them; returns the rows marked."""
-        claim = await self.claim()
-        if claim is None:
+        claimed = await self.claim()
+        if claimed is None:
             return 0
+        claim, rows = claimed
         try:
-            rows = await self.fetch(claim)
             stream_ids = await self.xadd(rows) if rows else []
         except BaseException:
             with contextlib.suppress(Exception):
@@ -173,21 +179,18 @@ class Relay:
             raise
         return await self.mark(claim, rows, stream_ids)
 
-    async def claim(self) -> Claim | None:
-        """Lease up to a few partitions that have ready rows (``SKIP LOCKED``)."""
-        rows = await self.postgres.pool.fetch(
-            self._claim, self.node_id, _CLAIM, self.config.relay_lease
+    async def claim(self) -> tuple[Claim, list[asyncpg.Record]] | None:
+        """Lease up to a few partitions with ready rows (``SKIP LOCKED``) and read their
+        oldest rows, in publish order; ``None`` when there is nothing to relay."""
+        per_partition = -(-self.config.relay_batch // _CLAIM)
+        found = await self.postgres.pool.fetch(
+            self._claim, self.node_id, _CLAIM, self.config.relay_lease, per_partition
         )
-        if not rows:
+        if not found:
             return None
-        return Claim([r["partition"] for r in rows], [r["fence"] for r in rows])
-
-    async def fetch(self, claim: Claim) -> list[asyncpg.Record]:
-        """The oldest ready rows of the claimed partitions, in publish order."""
-        rows: list[asyncpg.Record] = await self.postgres.pool.fetch(
-            self._rows, claim.partitions, self.config.relay_batch
-        )
-        return rows
+        fences = {r["partition"]: r["fence"] for r in found}
+        claim = Claim(list(fences), list(fences.values()))
+        return claim, [r for r in found if r["seq"] is not None]
 
     async def mark(self, claim: Claim, rows: list[asyncpg.Record], stream_ids: list[str]) -> int:
         """Mark ``rows`` published and release the lease, if the lease is still ours."""

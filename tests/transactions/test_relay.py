@@ -42,9 +42,9 @@ async def test_a_relay_paused_past_its_lease_cannot_mark_rows_it_no_longer_owns(
     dist: Dist = await make_dist(transactions=replace(FAST, relay=False, relay_lease=0.5))
     ids = await publish(dist, 10, key="order-1")
     slow, fast = relay(dist, "slow"), relay(dist, "fast")
-    claim = await slow.claim()
-    assert claim is not None
-    rows = await slow.fetch(claim)
+    claimed = await slow.claim()
+    assert claimed is not None
+    claim, rows = claimed
     slow_ids = await slow.xadd(rows)
     await asyncio.sleep(0.8)  # "paused" past its lease between XADD and marking
     assert await fast.relay_once() == 10  # the partition changed owner (new fence)
