@@ -27,6 +27,10 @@ class SchedulerConfig:
         max_catchup: fires handled per job per leader pass (bounds one pass).
         dependency_wait: seconds a child waits for its parents' run of the same fire.
         claim_ttl: minimum seconds a fire's claim is kept (it also outlives 2 periods + 60 s).
+        redeliver_after: seconds a ``run_on="any"`` fire may wait, received but not
+            started, in a node's pending list before the leader hands it to another
+            node (the receiver died or froze).  Redelivery never starts a fire twice.
+        max_deliveries: deliveries of such a fire before it is recorded ``abandoned``.
     """
 
     enabled: bool = True
@@ -40,13 +44,15 @@ class SchedulerConfig:
     max_catchup: int = 100
     dependency_wait: float = 300.0
     claim_ttl: float = 600.0
+    redeliver_after: float = 10.0
+    max_deliveries: int = 5
 
     def __post_init__(self) -> None:
         if self.backend not in (None, "redis", "postgres", "memory"):
             raise ConfigError(
                 f"SchedulerConfig(backend={self.backend!r}): use 'redis', 'postgres' or 'memory'"
             )
-        for name in ("history_limit", "run_all_limit", "max_catchup"):
+        for name in ("history_limit", "run_all_limit", "max_catchup", "max_deliveries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"SchedulerConfig({name}={value!r}) must be an integer >= 1")
@@ -57,10 +63,16 @@ class SchedulerConfig:
             "retry_backoff_max",
             "dependency_wait",
             "claim_ttl",
+            "redeliver_after",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"SchedulerConfig({name}={value!r}) must be seconds >= 0")
+        if self.redeliver_after < 0.1:
+            raise ConfigError(
+                f"SchedulerConfig(redeliver_after={self.redeliver_after!r}) must be at least "
+                "0.1 s (a healthy node starts a received fire within milliseconds)"
+            )
         if self.running_lease < 1:
             raise ConfigError(
                 f"SchedulerConfig(running_lease={self.running_lease!r}) must be at least 1 s"

@@ -3,16 +3,23 @@
 The leader claims the fire as usual (once per fire), then hands it over:
 
 * ``run_on="any"``: one entry on a Redis Stream read by the consumer group of
-  every node, so whichever node is free takes it (load spreads).  The entry is
-  acknowledged before the run starts, which keeps "at most one start per fire";
-  a node that dies between reading and acknowledging leaves the fire recorded as
-  ``dispatched``, visible in history.
+  every node, so whichever node is free takes it (load spreads).  A delivery is
+  at-least-once, a start at most once: the receiving node first moves the fire's
+  history record from ``claimed``/``dispatched`` to ``running`` with a Lua
+  compare-and-set (``transition.lua``), and only the node whose CAS succeeded
+  calls the job; the entry is acknowledged after the CAS either way.  An entry
+  left pending longer than ``redeliver_after`` (its node died or froze before the
+  CAS) is claimed by the leader (XAUTOCLAIM) and put back on the stream for
+  another node, up to ``max_deliveries`` times, then recorded ``abandoned``.  A
+  running fire renews a run lease; if its node dies, ``reap.lua`` records it as
+  ``lost`` once the lease expires, and it is never started again.
 * ``broadcast=True``: one entry on a broadcast stream naming the live members
   (from a heartbeat set kept with server time, XXL-JOB's sharding broadcast);
   each member runs its shard with ``ctx.shard_index`` / ``ctx.shard_total``.
 
 Both loops exist only on nodes that registered such jobs, and they block on the
-server (XREADGROUP/XREAD BLOCK) rather than poll.
+server (XREADGROUP/XREAD BLOCK) rather than poll; redelivery and reaping run on
+the leader alone.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends import RedisBackend
+from asgi_dist.errors import ConfigError
+from asgi_dist.scheduling.jobs import validate_job_name
+from asgi_dist.scheduling.store_redis import RedisStore
 
 __all__ = ["Dispatcher"]
 
@@ -34,8 +44,11 @@ log = logging.getLogger("asgi_dist.scheduling")
 _GROUP = "nodes"
 _BLOCK_MS = 5000
 _MAXLEN = 10_000
+_PAGES = 10  # XAUTOCLAIM pages of 100 per redelivery pass (bounds one pass)
+_REAP_LIMIT = 1000
 
 Handler = Callable[[dict[str, Any]], None]
+AnyHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 def _text(value: Any) -> str:
@@ -43,8 +56,9 @@ def _text(value: Any) -> str:
 
 
 class Dispatcher:
-    def __init__(self, backend: RedisBackend, node_id: str, ttl: float) -> None:
+    def __init__(self, backend: RedisBackend, store: RedisStore, node_id: str, ttl: float) -> None:
         self.backend = backend
+        self.store = store
         self.client = backend.client
         self.node_id = node_id
         self.ttl_ms = round(ttl * 1000)
@@ -52,6 +66,9 @@ class Dispatcher:
         self.broadcast_stream = backend.key("schedctl", "cluster", "broadcast")
         self.members_key = backend.key("schedctl", "cluster", "members")
         self._heartbeat = backend.script("asgi_dist.scheduling", "heartbeat")
+        self._transition = backend.script("asgi_dist.scheduling", "transition")
+        self._alive = backend.script("asgi_dist.scheduling", "alive")
+        self._reap = backend.script("asgi_dist.scheduling", "reap")
 
     # leader side -------------------------------------------------------------------
 
@@ -63,6 +80,59 @@ class Dispatcher:
         await self.client.xadd(
             self.any_stream, {"entry": json.dumps(entry)}, maxlen=_MAXLEN, approximate=True
         )
+
+    async def mark_dispatched(self, job: str, fire_id: str) -> None:
+        """Say in history that the fire is on the stream, unless a node already started it."""
+        await self._move(job, fire_id, "claimed", "dispatched")
+
+    async def redeliver(self, min_idle_ms: int, max_deliveries: int) -> int:
+        """Put back on the stream every fire whose entry has waited unacknowledged in a
+        node's pending list for ``min_idle_ms`` (the node died or froze before its
+        compare-and-set); returns how many were put back."""
+        cursor: Any = "0-0"
+        sent = 0
+        for _ in range(_PAGES):
+            reply: Any = await self.client.xautoclaim(
+                self.any_stream, _GROUP, self.node_id, min_idle_ms, cursor, count=100
+            )
+            cursor, messages = reply[0], reply[1]
+            for message_id, fields in messages:
+                sent += await self._redeliver_one(message_id, fields, max_deliveries)
+            if _text(cursor) == "0-0":
+                break
+        return sent
+
+    async def _redeliver_one(self, message_id: Any, fields: Any, max_deliveries: int) -> int:
+        try:
+            entry = _entry(fields)
+            job, fire_id = entry["job"], entry["fire_id"]
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            log.error("dropping malformed dispatch entry %s: %s", _text(message_id), exc)
+            await self.ack(message_id)
+            return 0
+        delivery = int(entry.get("delivery", 1))
+        record = await self.store.record(job, fire_id)
+        status = None if record is None else record.get("status")
+        sent = 0
+        if status in ("claimed", "dispatched"):
+            if delivery >= max_deliveries:
+                error = f"no node started it after {delivery} deliveries"
+                await self._move(job, fire_id, "claimed,dispatched", "abandoned", error=error)
+                log.error("scheduler: fire %s abandoned: %s", fire_id, error)
+            else:
+                # A new entry for any free node; the stuck node, should it wake up,
+                # loses the compare-and-set to whoever starts the fire first.
+                await self.send_any({**entry, "delivery": delivery + 1})
+                sent = 1
+        # Started (or finished, or trimmed from history): nothing to hand out again.
+        await self.ack(message_id)
+        return sent
+
+    async def reap_lost(self, job: str) -> list[str]:
+        """Record as lost the fires of ``job`` whose node stopped renewing the run lease."""
+        keys = [self.store.job_key(job, "hist"), self.store.job_key(job, "active")]
+        lost = await self._reap(self.client, keys, [_REAP_LIMIT])
+        return [_text(f) for f in lost]
 
     async def send_broadcast(self, entry: dict[str, Any]) -> None:
         await self.client.xadd(
@@ -92,7 +162,9 @@ class Dispatcher:
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler heartbeat failed: %s", exc)
 
-    async def consume_any_forever(self, handle: Handler) -> None:
+    async def consume_any_forever(self, handle: AnyHandler) -> None:
+        """Hand each entry to ``handle(message_id, entry)``, which starts it (or not) and
+        acknowledges it; an entry it leaves unacknowledged is redelivered by the leader."""
         while True:
             try:
                 reply: Any = await self.client.xreadgroup(
@@ -104,9 +176,63 @@ class Dispatcher:
                 continue
             for _stream, messages in reply or []:
                 for message_id, fields in messages:
-                    # Acknowledge first: a start must never repeat (at most once).
-                    await self.client.xack(self.any_stream, _GROUP, message_id)
-                    handle(json.loads(_text(fields[b"entry"])))
+                    try:
+                        entry = _entry(fields)
+                    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+                        log.error("dropping malformed dispatch entry %s: %s", message_id, exc)
+                        await self.ack(message_id)
+                        continue
+                    try:
+                        await handle(_text(message_id), entry)
+                    except (redis_errors.RedisError, OSError) as exc:
+                        # Left pending: the leader hands it out again later.
+                        log.warning("could not start dispatched fire %s: %s", entry, exc)
+
+    async def start_fire(self, job: str, fire_id: str, lease_ms: int, delivery: int) -> str:
+        """The compare-and-set before a start: ``"running"`` if this node must run the fire,
+        else the status that stopped it (already started elsewhere, finished, ...)."""
+        moved, before = await self._move(
+            job,
+            fire_id,
+            "claimed,dispatched",
+            "running",
+            node=self.node_id,
+            lease_ms=lease_ms,
+            delivery=delivery,
+        )
+        return "running" if moved else before
+
+    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
+        """Renew the run lease of a fire running here."""
+        await self._alive(self.client, [self.store.job_key(job, "active")], [fire_id, lease_ms])
+
+    async def ack(self, message_id: Any) -> None:
+        await self.client.xack(self.any_stream, _GROUP, message_id)
+
+    async def _move(
+        self,
+        job: str,
+        fire_id: str,
+        expected: str,
+        new: str,
+        *,
+        node: str = "",
+        lease_ms: int | None = None,
+        error: str = "",
+        delivery: int | None = None,
+    ) -> tuple[bool, str]:
+        keys = [self.store.job_key(job, "hist"), self.store.job_key(job, "active")]
+        args = [
+            fire_id,
+            expected,
+            new,
+            node,
+            "" if lease_ms is None else lease_ms,
+            error,
+            "" if delivery is None else delivery,
+        ]
+        moved, before = await self._transition(self.client, keys, args)
+        return _text(moved) == "1", _text(before)
 
     async def consume_broadcast_forever(self, handle: Handler) -> None:
         # Start after the newest entry, then follow ids: no gap between reads.
@@ -125,3 +251,13 @@ class Dispatcher:
                 for message_id, fields in messages:
                     last = _text(message_id)
                     handle(json.loads(_text(fields[b"entry"])))
+
+
+def _entry(fields: Any) -> dict[str, Any]:
+    """A dispatch entry, its job name validated: it is about to name Redis keys."""
+    entry = json.loads(_text(fields[b"entry"]))
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {entry!r} is not an object")
+    entry["job"] = validate_job_name(entry["job"])
+    entry["fire_id"] = str(entry["fire_id"])
+    return entry

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,9 @@ class Fire:
     jitter_cap_ms: int = 0
     blocked: str | None = None  # why it cannot follow its parents, known before it starts
     broadcast: bool = False  # one shard of a broadcast: its outcome goes under "shards"
+    # Renews the fire's run lease while it runs (fires handed over with run_on="any":
+    # if this node dies, the lease expires and the fire is recorded as lost).
+    keepalive: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,10 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
         if blocked is not None:
             status, error = "skipped", blocked
             return status
-        if fire.leased:
+        if fire.leased or fire.keepalive is not None:
             me = asyncio.current_task()
             assert me is not None
-            renewer = asyncio.create_task(_renew_lease(store, fire, settings.lease_ms, me))
+            renewer = asyncio.create_task(_renew_leases(store, fire, settings.lease_ms, me))
         started_ms = int(time.time() * 1000)
         t0 = time.monotonic()
         for attempt in range(1, job.options.retries + 2):
@@ -133,21 +137,31 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
             )
 
 
-async def _renew_lease(
+async def _renew_leases(
     store: SchedulerStore, fire: Fire, lease_ms: int, runner: asyncio.Task[Any]
 ) -> None:
-    """Keep the running lease; if it now names another fire (replace), cancel this run."""
-    while True:
+    """Keep the job's running lease (overlap) and the fire's run lease (run_on="any");
+    if the running lease now names another fire (replace), cancel this run."""
+    leased = fire.leased
+    while leased or fire.keepalive is not None:
         await asyncio.sleep(lease_ms / 3000)
+        if fire.keepalive is not None:
+            try:
+                await fire.keepalive()
+            except Exception:
+                log.warning("could not renew the run lease of %s", fire.fire_id, exc_info=True)
+        if not leased:
+            continue
         try:
             ours = await store.renew(fire.job.name, fire.fire_id, lease_ms)
         except Exception:
             log.warning("could not renew the running lease of %s", fire.fire_id, exc_info=True)
             continue
         if not ours:
+            leased = False
             if fire.job.options.overlap == "replace":
                 runner.cancel()
-            return
+                return
 
 
 async def _wait_for_parents(store: SchedulerStore, fire: Fire, wait: float) -> str | None:

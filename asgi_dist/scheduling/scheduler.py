@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -255,14 +255,19 @@ class Scheduler:
         if not (wants_any or wants_broadcast):
             return  # idle followers stay silent
         from asgi_dist.scheduling.dispatch import Dispatcher
+        from asgi_dist.scheduling.store_redis import RedisStore
 
-        dispatcher = Dispatcher(self.runtime.redis, self.runtime.node_id, self.runtime.leader_ttl)
+        store = self.store
+        assert isinstance(store, RedisStore)  # the backend is redis (checked above)
+        dispatcher = Dispatcher(
+            self.runtime.redis, store, self.runtime.node_id, self.runtime.leader_ttl
+        )
         await dispatcher.join()
         self._dispatcher = dispatcher
         spawn = self.runtime.spawn
         if wants_any:
             self._workers.append(
-                spawn("scheduler-any", lambda: dispatcher.consume_any_forever(self._received))
+                spawn("scheduler-any", lambda: dispatcher.consume_any_forever(self._received_any))
             )
         if wants_broadcast:
             self._workers.append(spawn("scheduler-heartbeat", dispatcher.heartbeat_forever))
@@ -450,6 +455,18 @@ class Scheduler:
         for job in self.registry:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
+        recovery = self._start_recovery()
+        try:
+            await self._lead_loop(term)
+        finally:
+            if recovery is not None:
+                recovery.cancel()
+                with contextlib.suppress(BaseException):
+                    await recovery
+
+    async def _lead_loop(self, term: _Term) -> None:
+        """Claim due fires, then sleep until the next one (or a wake-up), while leading."""
+        store = self.store
         loop = asyncio.get_running_loop()
         check_queues, last_check, next_once = True, loop.time(), None
         while not self._stopping:
@@ -481,6 +498,35 @@ class Scheduler:
             # Triggers, one-offs and pauses announce themselves; the queues are
             # read on a wake-up, or every _MAX_SLEEP in case one was lost.
             check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
+
+    def _start_recovery(self) -> asyncio.Task[None] | None:
+        """While leading: hand out again the run_on="any" fires that no node started,
+        and record the ones whose node died while running them.  Followers do not."""
+        any_jobs = [j.name for j in self.registry if j.options.run_on == "any"]
+        if self._dispatcher is None or not any_jobs:
+            return None
+        return asyncio.create_task(
+            self._recover_forever(self._dispatcher, any_jobs), name="scheduler-recovery"
+        )
+
+    async def _recover_forever(self, dispatcher: Dispatcher, jobs: list[str]) -> None:
+        config = self.config
+        # Half the bounds: a stuck entry waits at most 1.5 x redeliver_after, a dead
+        # node's fire is recorded lost at most 1.5 x running_lease after its last renewal.
+        pause = min(config.redeliver_after, config.running_lease) / 2
+        min_idle_ms = round(config.redeliver_after * 1000)
+        while True:
+            try:
+                sent = await dispatcher.redeliver(min_idle_ms, config.max_deliveries)
+                if sent:
+                    log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
+                for job in jobs:
+                    lost = await dispatcher.reap_lost(job)
+                    if lost:
+                        log.warning("scheduler: fires lost with their node: %s", lost)
+            except Exception as exc:
+                log.warning("scheduler recovery pass failed: %s", exc)
+            await asyncio.sleep(pause)
 
     async def _fire_due(self, job: Job, now: int) -> None:
         """Claim every fire of ``job`` due at ``now``, deciding late ones by the misfire policy."""
@@ -578,11 +624,46 @@ class Scheduler:
             await self.store.finish(job.name, fire_id, patch, release=False)
             await dispatcher.send_broadcast(entry)
         else:
-            await self.store.finish(job.name, fire_id, {"status": "dispatched"}, release=False)
+            # On the stream first, then "dispatched" by a compare-and-set that loses
+            # to a node that already started it; a leader that dies in between
+            # leaves "claimed", which a receiver starts just the same.
             await dispatcher.send_any(entry)
+            await dispatcher.mark_dispatched(job.name, fire_id)
+
+    async def _received_any(self, message_id: str, entry: dict[str, Any]) -> None:
+        """A run_on="any" fire delivered to this node (perhaps again, perhaps late)."""
+        dispatcher = self._dispatcher
+        job = self.registry.get(str(entry.get("job")))
+        if dispatcher is None or job is None or job.options.run_on != "any":
+            # Left unacknowledged: the leader hands it to another node, and records
+            # it abandoned after max_deliveries (a deployment that differs by node).
+            log.error("dispatched fire %s names no run_on='any' job here", entry.get("fire_id"))
+            return
+        fire_id = str(entry["fire_id"])
+        lease_ms = round(self.config.running_lease * 1000)
+        delivery = int(entry.get("delivery", 1))
+        outcome = await dispatcher.start_fire(job.name, fire_id, lease_ms, delivery)
+        # Acknowledged after the compare-and-set, whichever way it went: either this
+        # node starts the fire, or another one did (or it ended) and it must not start.
+        await dispatcher.ack(message_id)
+        if outcome != "running":
+            log.info("fire %s not started here: it is %s", fire_id, outcome)
+            return
+
+        async def keepalive() -> None:
+            await dispatcher.keep_running(job.name, fire_id, lease_ms)
+
+        self._launch(
+            job,
+            int(entry["fire_ms"]),
+            fire_id,
+            entry.get("payload"),
+            fence=int(entry["fence"]),
+            keepalive=keepalive,
+        )
 
     def _received(self, entry: dict[str, Any]) -> None:
-        """A fire handed over by the leader (any node, including the leader itself)."""
+        """A broadcast fire handed over by the leader (every node, the leader included)."""
         job = self.registry.get(str(entry.get("job")))
         if job is None:
             log.error("dispatched fire %s names a job unknown here", entry.get("fire_id"))
@@ -611,6 +692,7 @@ class Scheduler:
         *,
         fence: int | None = None,
         shard: tuple[int, int] = (0, 1),
+        keepalive: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if job.options.overlap == "replace":
             # A run of the same job in this process gives way at once; runs on
@@ -633,6 +715,7 @@ class Scheduler:
             payload=payload,
             blocked=blocked,
             jitter_cap_ms=jitter_ms,
+            keepalive=keepalive,
         )
         settings = RunSettings(
             lease_ms=round(self.config.running_lease * 1000),

@@ -44,7 +44,8 @@ class RedisStore:
         self._subscription: Subscription | None = None
         self._woken = asyncio.Event()
 
-    def _job_key(self, job: str, suffix: str) -> str:
+    def job_key(self, job: str, suffix: str) -> str:
+        """``{ns:sched:<job>}:<suffix>``: one slot per job, so its scripts run on Cluster."""
         return self.backend.key("sched", job, suffix)
 
     async def start(self) -> None:
@@ -62,13 +63,13 @@ class RedisStore:
     async def init_job(self, job: str, signature: str, first_next: int | None) -> JobState:
         raw = await self._init(
             self.client,
-            [self._job_key(job, "state")],
+            [self.job_key(job, "state")],
             [signature, "none" if first_next is None else str(first_next)],
         )
         return self._state(raw)
 
     async def state(self, job: str) -> JobState:
-        raw = await self.client.hmget(self._job_key(job, "state"), ["next", "paused", "fence"])
+        raw = await self.client.hmget(self.job_key(job, "state"), ["next", "paused", "fence"])
         return self._state(raw)
 
     @staticmethod
@@ -86,11 +87,11 @@ class RedisStore:
         else:
             new_next = ""
         keys = [
-            self._job_key(claim.job, "state"),
-            self._job_key(claim.job, f"fire:{claim.fire_id}"),
-            self._job_key(claim.job, "running"),
-            self._job_key(claim.job, "hist"),
-            self._job_key(claim.job, "hidx"),
+            self.job_key(claim.job, "state"),
+            self.job_key(claim.job, f"fire:{claim.fire_id}"),
+            self.job_key(claim.job, "running"),
+            self.job_key(claim.job, "hist"),
+            self.job_key(claim.job, "hidx"),
         ]
         args = [
             str(claim.fire_ms),
@@ -114,27 +115,27 @@ class RedisStore:
     async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
         await self._finish(
             self.client,
-            [self._job_key(job, "hist"), self._job_key(job, "running")],
+            [self.job_key(job, "hist"), self.job_key(job, "running")],
             [fire_id, json.dumps(patch), "1" if release else "0"],
         )
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
-        ok = await self._renew(self.client, [self._job_key(job, "running")], [fire_id, lease_ms])
+        ok = await self._renew(self.client, [self.job_key(job, "running")], [fire_id, lease_ms])
         return bool(ok)
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
-        ids = await self.client.zrevrange(self._job_key(job, "hidx"), 0, limit - 1)
+        ids = await self.client.zrevrange(self.job_key(job, "hidx"), 0, limit - 1)
         if not ids:
             return []
-        raw = await self.client.hmget(self._job_key(job, "hist"), [_decode(i) for i in ids])
+        raw = await self.client.hmget(self.job_key(job, "hist"), [_decode(i) for i in ids])
         return [json.loads(r) for r in raw if r is not None]
 
     async def record(self, job: str, fire_id: str) -> dict[str, Any] | None:
-        raw = await self.client.hget(self._job_key(job, "hist"), fire_id)
+        raw = await self.client.hget(self.job_key(job, "hist"), fire_id)
         return None if raw is None else dict(json.loads(raw))
 
     async def set_paused(self, job: str, paused: bool) -> None:
-        await self.client.hset(self._job_key(job, "state"), "paused", "1" if paused else "0")
+        await self.client.hset(self.job_key(job, "state"), "paused", "1" if paused else "0")
         await self.wake()
 
     async def push_trigger(self, entry: dict[str, Any]) -> None:

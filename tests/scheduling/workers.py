@@ -2,6 +2,11 @@
 
 Every run appends ``{fire_id, job, pid, fence}`` to the Redis list ``<namespace>:runs``,
 so the test can prove each fire ran exactly once across processes.
+
+``JOBS=redeliver`` runs one ``run_on="any"`` job; with ``VICTIM=receive`` this node
+freezes itself (SIGSTOP) on its first delivery, before the compare-and-set that
+starts the fire, and with ``VICTIM=run`` its first run hangs; either way it first
+writes ``{fire_id, node, pid}`` to ``<namespace>:victim`` for the test.
 """
 
 from __future__ import annotations
@@ -15,11 +20,17 @@ import redis.asyncio as aioredis
 
 from asgi_dist import Dist
 from asgi_dist.scheduling import JobContext, SchedulerConfig
+from asgi_dist.scheduling.dispatch import Dispatcher
 from asgi_dist.transactions import TransactionConfig
 
 
 def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
     postgres = os.environ.get("POSTGRES_DSN")  # set: the scheduler runs on PostgreSQL alone
+    scheduler = SchedulerConfig(
+        shutdown_grace=1.0,
+        redeliver_after=float(os.environ.get("REDELIVER_AFTER", "10")),
+        running_lease=float(os.environ.get("RUNNING_LEASE", "30")),
+    )
     dist = Dist(
         redis=None if postgres else url,
         postgres=postgres,
@@ -27,7 +38,7 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
         leader_ttl=float(os.environ.get("LEADER_TTL", "2")),
         sessions=False,
         transactions=TransactionConfig(enabled=False),
-        scheduler=SchedulerConfig(shutdown_grace=1.0),
+        scheduler=scheduler,
     )
     client = aioredis.Redis.from_url(url)
     runs = f"{namespace}:runs"
@@ -51,6 +62,38 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
         @dist.every(seconds=0.25, run_on="any")
         async def anywhere(ctx: JobContext) -> None:
             await record(ctx)
+
+        return dist, client
+
+    if os.environ.get("JOBS") == "redeliver":
+        victim = os.environ.get("VICTIM", "")
+        hooked: list[str] = []
+
+        async def confess(fire_id: str) -> None:
+            entry = {"fire_id": fire_id, "node": dist.runtime.node_id, "pid": os.getpid()}
+            await client.set(f"{namespace}:victim", json.dumps(entry))
+
+        @dist.every(seconds=0.5, run_on="any")
+        async def anywhere(ctx: JobContext) -> None:
+            await record(ctx)
+            if victim == "run" and not hooked:
+                hooked.append(ctx.fire_id)
+                await confess(ctx.fire_id)
+                await asyncio.sleep(60)  # the test SIGKILLs this node mid-run
+
+        if victim == "receive":
+            start_fire = Dispatcher.start_fire
+
+            async def freeze_first(
+                self: Dispatcher, job: str, fire_id: str, lease: int, delivery: int
+            ) -> str:
+                if not hooked:
+                    hooked.append(fire_id)
+                    await confess(fire_id)
+                    os.kill(os.getpid(), signal.SIGSTOP)  # received, not yet started
+                return await start_fire(self, job, fire_id, lease, delivery)
+
+            Dispatcher.start_fire = freeze_first  # type: ignore[method-assign]
 
         return dist, client
 
