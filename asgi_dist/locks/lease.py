@@ -292,7 +292,8 @@ class Watchdog:
             delay = wake - loop.time()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(self._changed.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._changed.wait()
                     continue  # a lease was added: recompute the next wake-up
                 except TimeoutError:
                     pass
@@ -325,7 +326,8 @@ class Watchdog:
         bound = max(0.05, min(h.renewed_at + h.renew_deadline for h in group) - sent)
         results: list[bool | BaseException]
         try:
-            results = await asyncio.wait_for(backend.renew_many(batch), bound)
+            async with asyncio.timeout(bound):
+                results = await backend.renew_many(batch)
         except Exception as exc:
             results = [exc] * len(group)
         for held, result in zip(group, results, strict=True):
@@ -463,10 +465,13 @@ async def acquire_lease(
                     wait = min(wait, backend.poll_interval)
                 if deadline is not None:
                     wait = min(wait, deadline - now)
-                try:
-                    await asyncio.wait_for(watch.event.wait(), max(wait, _MIN_WAIT))
-                except TimeoutError:
-                    pass
+                if not watch.event.is_set():
+                    try:
+                        # asyncio.timeout, not wait_for: no extra task per wait.
+                        async with asyncio.timeout(max(wait, _MIN_WAIT)):
+                            await watch.event.wait()
+                    except TimeoutError:
+                        pass
             watch.event.clear()
             attempt = await _attempt(backend, kind, name, token, ttl)
         return attempt
