@@ -42,7 +42,9 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("asgi_dist.scheduling")
 
 _GROUP = "nodes"
-_BLOCK_MS = 5000
+# Below redis-py's default socket timeout (5 s): a block as long as the timeout
+# ends in a TimeoutError and a reconnect instead of an empty reply.
+_BLOCK_MS = 4000
 _MAXLEN = 10_000
 _PAGES = 10  # XAUTOCLAIM pages of 100 per redelivery pass (bounds one pass)
 _REAP_LIMIT = 1000
@@ -144,10 +146,19 @@ class Dispatcher:
     async def join(self) -> None:
         await self._heartbeat(self.client, [self.members_key], [self.node_id, self.ttl_ms, "0"])
         try:
-            await self.client.xgroup_create(self.any_stream, _GROUP, id="$", mkstream=True)
+            # From the start of the stream: entries added before the group existed
+            # (a leader's hand-overs right after the server lost its data) are fires
+            # to run; any already started is refused by the compare-and-set.
+            await self.client.xgroup_create(self.any_stream, _GROUP, id="0", mkstream=True)
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _join_quietly(self) -> None:
+        try:
+            await self.join()
+        except (redis_errors.RedisError, OSError) as exc:
+            log.warning("scheduler could not rejoin the dispatch group: %s", exc)
 
     async def leave(self) -> None:
         await self._heartbeat(self.client, [self.members_key], [self.node_id, self.ttl_ms, "1"])
@@ -170,9 +181,14 @@ class Dispatcher:
                 reply: Any = await self.client.xreadgroup(
                     _GROUP, self.node_id, {self.any_stream: ">"}, count=10, block=_BLOCK_MS
                 )
+            except redis_errors.TimeoutError:
+                continue  # a client whose socket timeout is shorter than the block
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler dispatch read failed: %s", exc)
                 await asyncio.sleep(1.0)
+                if "NOGROUP" in str(exc):
+                    # The stream went away with the server's data (restart, flush).
+                    await self._join_quietly()
                 continue
             for _stream, messages in reply or []:
                 for message_id, fields in messages:
@@ -243,6 +259,8 @@ class Dispatcher:
                 reply: Any = await self.client.xread(
                     {self.broadcast_stream: last}, count=10, block=_BLOCK_MS
                 )
+            except redis_errors.TimeoutError:
+                continue
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler broadcast read failed: %s", exc)
                 await asyncio.sleep(1.0)

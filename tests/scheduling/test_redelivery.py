@@ -203,3 +203,27 @@ async def test_a_fire_no_node_can_start_is_abandoned_after_max_deliveries(
         return await pending(dist, redis_client) == 0
 
     await wait_for(drained, 5, "the stream's pending list to drain")
+
+
+async def test_run_on_any_keeps_running_after_redis_loses_its_data(
+    sched_dist: Any, redis_server: Any
+) -> None:
+    seen: list[str] = []
+    dist = await sched_dist(start=False, redis=redis_server.url, postgres=None)
+
+    @dist.every(seconds=0.2, run_on="any")
+    async def steady(ctx: JobContext) -> None:
+        seen.append(ctx.fire_id)
+
+    await dist.start()
+
+    async def runs_after(count: int) -> bool:
+        return len(seen) >= count
+
+    await wait_for(lambda: runs_after(3), 20, "first runs")
+    redis_server.kill()  # an empty server comes back: the stream and its group are gone
+    await asyncio.sleep(1.0)
+    before = len(seen)
+    redis_server.start()
+    await wait_for(lambda: runs_after(before + 3), 20, "runs after the restart")
+    assert len(set(seen)) == len(seen)
