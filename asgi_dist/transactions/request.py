@@ -69,8 +69,8 @@ def transactional(
 
     ``rollback_on`` is the lowest status that rolls back (default 400) or a predicate
     on the status, e.g. ``rollback_on=lambda s: s >= 500`` to keep work on a 4xx.  Works
-    on Starlette and FastAPI endpoints in either decorator order (it reads
-    ``scope["endpoint"]`` when the transaction begins).
+    on Starlette and FastAPI endpoints in either decorator order, and on Quart views
+    below ``@app.route`` (it finds the endpoint when the transaction begins).
     """
     if isinstance(rollback_on, bool) or not (isinstance(rollback_on, int) or callable(rollback_on)):
         raise ConfigError(
