@@ -1,8 +1,11 @@
 """The session cookie: an opaque id signed with a key ring, and its attributes.
 
-The cookie carries nothing but the id and its signature.  A client never
-chooses its id: a cookie that fails the signature is ignored before any store
-round trip, and an id the store does not know is replaced with a fresh one.
+The cookie carries nothing but the id and its signature (and, with the near
+cache, the session's version after the client's last write: ``id:version``, signed
+together, so that any node can tell its copy is older than what the client saw).
+A client never chooses its id: a cookie that fails the signature is ignored
+before any store round trip, and an id the store does not know is replaced with
+a fresh one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ __all__ = ["SessionCookie"]
 
 _SALT = "asgi_dist.session"
 _VERIFIED_CACHE = 10_000
+_MAX_VERSION_DIGITS = 18
 
 
 class SessionCookie:
@@ -45,27 +49,34 @@ class SessionCookie:
         if config.partitioned:
             attrs.append("Partitioned")
         self._attrs = "; ".join(attrs)
-        self._verified: dict[str, tuple[str, bool]] = {}
+        self._verified: dict[str, tuple[str, bool, int]] = {}
         max_age = math.ceil(config.absolute_timeout)
         self._max_age = f"; Max-Age={max_age}" if config.persistent else ""
 
-    def read(self, scope: Scope) -> tuple[str | None, bool]:
-        """``(session id, signed with an older key)`` from the request, or ``(None, False)``."""
+    def read(self, scope: Scope) -> tuple[str | None, bool, int]:
+        """``(session id, signed with an older key, version)`` from the request, or
+        ``(None, False, 0)``."""
         raw = self._find(scope)
         if raw is None or len(raw) > self.config.max_cookie_length:
-            return None, False  # absent, or absurd: ignored unread
+            return None, False, 0  # absent, or absurd: ignored unread
         value, sep, sig = raw.rpartition(".")
-        if not sep or not is_session_id(value):
-            return None, False
+        session_id, colon, version = value.partition(":")
+        if not sep or not is_session_id(session_id):
+            return None, False, 0
+        if colon and not (
+            version.isascii() and version.isdigit() and len(version) <= _MAX_VERSION_DIGITS
+        ):
+            return None, False, 0
         known = self._verified.get(raw)
         if known is not None:
             return known
         if self._newest.verify_signature(value, sig):
-            result = (value, False)
+            result = (session_id, False, int(version or 0))
         elif self._ring is not None and self._ring.verify_signature(value, sig):
-            result = (value, True)  # re-signed with the newest key on the next write
+            # Re-signed with the newest key on the next write.
+            result = (session_id, True, int(version or 0))
         else:
-            return None, False
+            return None, False, 0
         # Only cookies that verified are remembered, by their whole text (signature
         # included), so a forged one can never hit; a hot session skips the HMAC.
         if len(self._verified) >= _VERIFIED_CACHE:
@@ -92,8 +103,8 @@ class SessionCookie:
             return scope.get("scheme") in ("https", "wss")
         return bool(self.config.secure)
 
-    def set_header(self, session_id: str, scope: Scope) -> tuple[bytes, bytes]:
-        value = self._newest.sign(session_id).decode()
+    def set_header(self, session_id: str, scope: Scope, version: int = 0) -> tuple[bytes, bytes]:
+        value = self._newest.sign(f"{session_id}:{version}" if version else session_id).decode()
         header = f"{self.name}={value}; {self._attrs}{self._max_age}"
         if self._secure(scope):
             header += "; Secure"

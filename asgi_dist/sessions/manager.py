@@ -26,7 +26,6 @@ from asgi_dist.sessions.postgres import MIGRATIONS, PostgresSessionStore
 from asgi_dist.sessions.redis import RedisSessionStore
 from asgi_dist.sessions.session import Session
 from asgi_dist.sessions.store import (
-    SaveOutcome,
     SessionInfo,
     SessionKey,
     SessionStore,
@@ -113,7 +112,7 @@ class SessionManager:
 
     # per request ---------------------------------------------------------------
 
-    async def _load(self, key: SessionKey) -> tuple[StoredSession | None, int]:
+    async def _load(self, key: SessionKey, min_version: int) -> tuple[StoredSession | None, int]:
         """The stored session, and the near-cache tick its state is current as of."""
         near = self._near
         if near is None:
@@ -125,7 +124,7 @@ class SessionManager:
             # is already queued), so the request sees a write acknowledged before it.
             await asyncio.sleep(0)
         stamp = near.stamp()
-        stored = near.get(handle)
+        stored = near.get(handle, min_version)
         if stored is not None:
             return stored, stamp
         stored = await self.store.load(key)
@@ -135,8 +134,10 @@ class SessionManager:
 
     async def open(self, ctx: RequestContext) -> Session:
         """The request's session: loaded if the cookie is valid and the store knows it."""
-        session_id, resign = self.cookie.read(ctx.scope)
-        stored, stamp = await self._load(SessionKey.of(session_id)) if session_id else (None, -1)
+        session_id, resign, version = self.cookie.read(ctx.scope)
+        stored, stamp = (
+            await self._load(SessionKey.of(session_id), version) if session_id else (None, -1)
+        )
         session = Session(self, session_id, stored, max_size=self.config.max_size)
         session.near_stamp = stamp
         session.had_cookie = session_id is not None
@@ -150,9 +151,11 @@ class SessionManager:
         if session.is_new:
             if session.has_content:
                 full = session.full_delta()
-                if not await self.store.create(session.key, full):
+                version = await self.store.create(session.key, full)
+                if not version:
                     raise SessionError("a new session id collided with a stored one; retry")
                 session.mark_saved(full)
+                session.version = version
                 if self._near is not None:
                     self._near.created(session.key.handle, self._stored_view(session))
                 cookie_needed = True
@@ -166,9 +169,9 @@ class SessionManager:
                 near = self._near
                 if near is not None:
                     delta.tag = near.tag()
-                outcome = await self.store.save(session.key, delta)
+                version = await self.store.save(session.key, delta)
                 handle = session.key.handle
-                if outcome == SaveOutcome.GONE:
+                if not version:
                     if near is not None:
                         near.drop(handle)
                     # Ended (logout elsewhere, expiry) or regenerated while this request ran:
@@ -178,7 +181,11 @@ class SessionManager:
                     log.info("session ended or moved while a request changed it; changes dropped")
                     return
                 session.mark_saved(delta)
+                session.version = version
                 if near is not None:
+                    # The cookie carries the version, so that this client's next request
+                    # is never served an older copy by any node (read-your-writes).
+                    cookie_needed = True
                     if session.regenerated:
                         near.drop(handle)
                     else:
@@ -189,7 +196,8 @@ class SessionManager:
             elif not session.regenerated:
                 cookie_needed = False  # re-sign with the newest key on the next write only
         if cookie_needed and headers is not None:
-            headers.append(self.cookie.set_header(session.id, scope))
+            version = session.version if self._near is not None else 0
+            headers.append(self.cookie.set_header(session.id, scope, version))
             session.resign = False
 
     def _stored_view(self, session: Session) -> StoredSession:
@@ -201,7 +209,12 @@ class SessionManager:
         else:
             created = last_access = time.time()  # informational only
         return StoredSession(
-            dict(session.stored_fields), session.stored_user_id, created, last_access, ttl
+            dict(session.stored_fields),
+            session.stored_user_id,
+            created,
+            last_access,
+            ttl,
+            version=session.version,
         )
 
     async def regenerate(self, session: Session) -> None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.store import (
-    SaveOutcome,
     SessionDelta,
     SessionInfo,
     SessionKey,
@@ -104,26 +103,26 @@ class MemorySessionStore:
             if delta.user_id is not None:
                 self._users.setdefault(delta.user_id, set()).add(handle)
 
-    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
+    async def create(self, key: SessionKey, delta: SessionDelta) -> int:
         now = time.monotonic()
         self._sweep(now)
         if self._live(key.handle, now) is not None:
-            return False
+            return 0
         wall = time.time()
         entry = _Entry({}, now, now, 0.0, wall, wall)
         self._touch(entry, now)
         self._sessions[key.handle] = entry
         self._apply(key.handle, entry, delta)
-        return True
+        return 1
 
-    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
+    async def save(self, key: SessionKey, delta: SessionDelta) -> int:
         now = time.monotonic()
         entry = self._live(key.handle, now)
         if entry is None or entry.moved:
-            return SaveOutcome.GONE
+            return 0
         self._touch(entry, now)
         self._apply(key.handle, entry, delta)
-        return SaveOutcome.SAVED
+        return 1
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         now = time.monotonic()

@@ -25,6 +25,7 @@ Consistency rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -139,9 +140,11 @@ class NearCache:
         """Taken before a load; ``put`` refuses the result if the session changed since."""
         return self._tick
 
-    def get(self, handle: str) -> StoredSession | None:
+    def get(self, handle: str, min_version: int = 0) -> StoredSession | None:
+        """The cached copy, unless it is older than ``min_version`` (the version the
+        client's cookie saw written): then the client must not read behind its own write."""
         entry = self._entries.get(handle)
-        if entry is None or self._subscription is None:
+        if entry is None or self._subscription is None or entry.stored.version < min_version:
             self.misses += 1
             return None
         if asyncio.get_running_loop().time() >= entry.fresh_until:
@@ -152,14 +155,7 @@ class NearCache:
         self.hits += 1
         stored = entry.stored
         # The request's Session owns (and mutates) its fields dict: hand out a copy.
-        return StoredSession(
-            dict(stored.fields),
-            stored.user_id,
-            stored.created,
-            stored.last_access,
-            stored.ttl,
-            stored.moved,
-        )
+        return dataclasses.replace(stored, fields=dict(stored.fields))
 
     def put(self, handle: str, stored: StoredSession, stamp: int) -> None:
         if self._subscription is None or stored.moved:
@@ -173,17 +169,8 @@ class NearCache:
         if lifetime <= 0:
             return
         fresh_until = asyncio.get_running_loop().time() + lifetime
-        self._entries[handle] = _Entry(
-            StoredSession(
-                dict(stored.fields),
-                stored.user_id,
-                stored.created,
-                stored.last_access,
-                stored.ttl,
-                stored.moved,
-            ),
-            fresh_until,
-        )
+        copy = dataclasses.replace(stored, fields=dict(stored.fields))
+        self._entries[handle] = _Entry(copy, fresh_until)
         self._entries.move_to_end(handle)
         while len(self._entries) > self.config.near_cache_size:
             self._entries.popitem(last=False)

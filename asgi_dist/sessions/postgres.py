@@ -18,7 +18,6 @@ from asgi_dist.backends import Runtime
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.store import (
-    SaveOutcome,
     SessionDelta,
     SessionInfo,
     SessionKey,
@@ -167,7 +166,7 @@ class PostgresSessionStore:
         # Values are JSON texts already: join them without decoding.
         return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
 
-    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
+    async def create(self, key: SessionKey, delta: SessionDelta) -> int:
         done = await self._bounded(
             self.backend.pool.fetchval(
                 self._create_sql,
@@ -177,9 +176,9 @@ class PostgresSessionStore:
                 delta.user_id,
             )
         )
-        return bool(done == 1)
+        return 1 if done == 1 else 0
 
-    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
+    async def save(self, key: SessionKey, delta: SessionDelta) -> int:
         done = await self._bounded(
             self.backend.pool.fetchval(
                 self._save_sql,
@@ -191,7 +190,7 @@ class PostgresSessionStore:
                 delta.user_id,
             )
         )
-        return SaveOutcome.SAVED if done == 1 else SaveOutcome.GONE
+        return 1 if done == 1 else 0  # no versions here: the near cache is Redis only
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         done = await self._bounded(

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 from asgi_dist.backends.redis import RedisBackend
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.store import (
-    SaveOutcome,
     SessionDelta,
     SessionInfo,
     SessionKey,
@@ -31,7 +30,7 @@ from asgi_dist.sessions.store import (
 __all__ = ["RedisSessionStore"]
 
 _PACKAGE = "asgi_dist.sessions"
-_META = {"created", "access", "uid", "moved"}
+_META = {"created", "access", "uid", "moved", "ver"}
 T = TypeVar("T")
 
 
@@ -102,6 +101,7 @@ class RedisSessionStore:
             last_access=int(meta.get("access", 0)) / 1000,
             ttl=max(0, int(pttl)) / 1000,
             moved="moved" in meta,
+            version=int(meta.get("ver", 0)),
         )
 
     def _save_call(self, mode: str, key: SessionKey, delta: SessionDelta) -> Awaitable[Any]:
@@ -142,17 +142,17 @@ class RedisSessionStore:
             await self._bounded(client.sadd(index, key.handle))
             await self._bounded(client.pexpire(index, self._absolute))
 
-    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
-        created = bool(await self._bounded(self._save_call("new", key, delta)) == 1)
-        if created:
+    async def create(self, key: SessionKey, delta: SessionDelta) -> int:
+        version = int(await self._bounded(self._save_call("new", key, delta)))
+        if version > 0:
             await self._cluster_index(key, delta)
-        return created
+        return version
 
-    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
-        if await self._bounded(self._save_call("update", key, delta)) != 1:
-            return SaveOutcome.GONE
-        await self._cluster_index(key, delta)
-        return SaveOutcome.SAVED
+    async def save(self, key: SessionKey, delta: SessionDelta) -> int:
+        version = int(await self._bounded(self._save_call("update", key, delta)))
+        if version > 0:
+            await self._cluster_index(key, delta)
+        return version
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         keys = [self._key(old), self._key(new)]

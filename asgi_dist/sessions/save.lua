@@ -8,14 +8,15 @@
 -- ARGV[9]  the invalidation message: the handle and the writer's tag, so that the
 --          writer recognises its own echo
 -- ARGV[10 .. 9+2n]  field, value pairs   then m field names to delete
--- Returns 1 saved, 0 gone (expired, deleted or regenerated meanwhile), -1 exists (new).
+-- Returns the session's new version (its count of writes, >= 1), or 0 when it is gone
+-- (expired, deleted or regenerated meanwhile) or, for "new", already exists.
 local key = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local idle, absolute = tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl
 if ARGV[1] == 'new' then
-  if redis.call('EXISTS', key) == 1 then return -1 end
+  if redis.call('EXISTS', key) == 1 then return 0 end
   redis.call('HSET', key, 'created', now, 'access', now)
   ttl = math.min(idle, absolute)
 else
@@ -61,4 +62,5 @@ redis.call('PEXPIRE', key, ttl)
 if ARGV[7] ~= '' and ARGV[1] ~= 'new' then
   redis.call('PUBLISH', ARGV[7], ARGV[9])
 end
-return 1
+-- The version lets a near cache tell that the cookie saw a newer write than its copy.
+return redis.call('HINCRBY', key, 'ver', 1)

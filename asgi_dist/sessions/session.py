@@ -60,6 +60,7 @@ class Session(MutableMapping[str, Any]):
         "near_stamp",
         "origin",
         "resign",
+        "version",
     )
 
     def __init__(
@@ -92,6 +93,7 @@ class Session(MutableMapping[str, Any]):
         self.moved = stored.moved if stored is not None else False
         self.origin = stored  # its metadata, for the near cache after a save
         self.near_stamp = -1  # near-cache tick when it was loaded
+        self.version = stored.version if stored is not None else 0  # writes so far (Redis)
 
     # identity -------------------------------------------------------------------
 

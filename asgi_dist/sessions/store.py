@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
-    "SaveOutcome",
     "SessionDelta",
     "SessionInfo",
     "SessionKey",
@@ -89,6 +88,7 @@ class StoredSession:
     last_access: float
     ttl: float  # seconds the store keeps it at least without another access
     moved: bool = False  # regenerated: readable during the grace period only
+    version: int = 0  # writes so far (Redis); the near cache compares it with the cookie's
 
 
 @dataclass(slots=True)
@@ -116,11 +116,6 @@ class SessionInfo:
     last_access: float
 
 
-class SaveOutcome:
-    SAVED = "saved"
-    GONE = "gone"  # expired, invalidated or regenerated meanwhile: never resurrect it
-
-
 class SessionStore(Protocol):
     """Where sessions live: Redis, PostgreSQL or this process's memory."""
 
@@ -131,11 +126,12 @@ class SessionStore(Protocol):
     async def load(self, key: SessionKey) -> StoredSession | None:
         """One round trip: the session, refreshing its idle timeout at most every tenth."""
 
-    async def create(self, key: SessionKey, delta: SessionDelta) -> bool:
-        """Store a new session holding ``delta``; ``False`` if the key exists."""
+    async def create(self, key: SessionKey, delta: SessionDelta) -> int:
+        """Store a new session holding ``delta``: its version (>= 1), 0 if the key exists."""
 
-    async def save(self, key: SessionKey, delta: SessionDelta) -> str:
-        """Apply only ``delta`` to a stored session; a :class:`SaveOutcome` value."""
+    async def save(self, key: SessionKey, delta: SessionDelta) -> int:
+        """Apply only ``delta`` to a stored session: its new version (>= 1), or 0 when it
+        is gone (expired, invalidated or regenerated meanwhile: never resurrect it)."""
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         """Move the data to ``new`` atomically; ``old`` stays readable for the grace period."""
