@@ -73,6 +73,15 @@ async def _children(dist: Dist, name: str, kind: str = "lock") -> list[str]:
     return sorted(children)
 
 
+async def _next_event(log: Any, key: str, bound: float = 30.0) -> str | None:
+    """BLPOP in short rounds: the client's socket timeout is shorter than ``bound``."""
+    for _ in range(int(bound / 2)):
+        popped = await log.blpop([key], timeout=2)
+        if popped is not None:
+            return str(popped[1].decode())
+    return None
+
+
 async def _until(predicate: Callable[[], Awaitable[bool]], what: str, bound: float = 10.0) -> None:
     """Wait (bounded) for an asynchronous condition that is not a lock event."""
     for _ in range(int(bound / 0.01)):
@@ -229,7 +238,7 @@ async def main():
     log = create_redis_client(os.environ["LOG_REDIS"])
     async with Dist(zookeeper=os.environ["ZK"], namespace=ns, sessions=False,
                     scheduler=SchedulerConfig(enabled=False)) as dist:
-        async with dist.lock("job", ttl=1.0, backend="zookeeper") as held:
+        async with dist.lock("job", ttl=2.0, backend="zookeeper") as held:
             await log.rpush(ns + ":events", held.fence)
             await asyncio.sleep(60)
 
@@ -248,21 +257,79 @@ async def test_a_sigkilled_holders_lock_is_taken_after_the_session_timeout(
     [worker] = processes.python(HOLDER, n=1, env=env)
     log = create_redis_client(redis_url)
     try:
-        popped = await log.blpop([f"{namespace}:events"], timeout=30)
+        event = await _next_event(log, f"{namespace}:events")
     finally:
         await log.aclose()
-    assert popped is not None, worker.output()
-    killed_fence = int(popped[1])
+    assert event is not None, worker.output()
+    killed_fence = int(event)
     dist = await zk_dist()
     lock = dist.lock("job", ttl=5, backend="zookeeper")
     with pytest.raises(LockTimeout):
         await lock.acquire(timeout=0)
     worker.kill()
-    # The dead holder's session (timeout = its ttl, 1 s) expires on the server,
+    # The dead holder's session (timeout = its ttl, 2 s) expires on the server,
     # which deletes its znode and fires our watch.
     held = await lock.acquire(timeout=15)
     assert held.fence > killed_fence
     await held.release()
+
+
+# Events go through a blocking Redis client: an awaited push could be the
+# await that the lock's cancellation lands on, and redis-py may absorb it.
+PAUSED = """
+import asyncio, os, sys
+import redis
+from asgi_dist import Dist, LockLost
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    ns = os.environ["NS"]
+    log = redis.Redis.from_url(os.environ["LOG_REDIS"])
+    async with Dist(zookeeper=os.environ["ZK"], namespace=ns, sessions=False,
+                    scheduler=SchedulerConfig(enabled=False)) as dist:
+        try:
+            async with dist.lock("paused", ttl=1.0, backend="zookeeper") as held:
+                log.rpush(ns + ":events", "acquired:%d" % held.fence)
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    log.rpush(ns + ":events", "cancelled")
+                    raise
+        except LockLost:
+            log.rpush(ns + ":events", "lost:%d" % held.lost.is_set())
+
+asyncio.run(main())
+"""
+
+
+async def test_a_holder_paused_past_its_session_timeout_loses_the_lock_and_its_body(
+    processes: ProcessGroup,
+    redis_url: str,
+    zookeeper_hosts: str,
+    namespace: str,
+    zk_dist: Callable[..., Any],
+) -> None:
+    env = {"NS": namespace, "ZK": zookeeper_hosts, "LOG_REDIS": redis_url}
+    [worker] = processes.python(PAUSED, n=1, env=env)
+    log = create_redis_client(redis_url)
+    events = f"{namespace}:events"
+    try:
+        event = await _next_event(log, events)
+        assert event is not None, worker.output()
+        paused_fence = int(event.partition(":")[2])
+        worker.stop()  # SIGSTOP: no heartbeats; the server expires the session
+        dist = await zk_dist()
+        held = await dist.lock("paused", ttl=5, backend="zookeeper").acquire(timeout=20)
+        assert held.fence > paused_fence
+        worker.cont()
+        # Back, it finds its connection closed by the server: lost, body cancelled.
+        seen = [await _next_event(log, events, 20), await _next_event(log, events, 20)]
+        assert seen == ["cancelled", "lost:1"], worker.output()
+        await held.release()
+        assert await asyncio.to_thread(worker.wait, 20) == 0, worker.output()
+    finally:
+        await log.delete(events)
+        await log.aclose()
 
 
 async def test_killing_zookeeper_makes_the_holder_see_lost(
@@ -291,11 +358,11 @@ async def test_a_lease_lost_to_a_dropped_connection_leaves_no_znode_behind(
     dist: Dist = await make_dist(
         zookeeper=zookeeper_server.hosts, redis=None, postgres=None, sessions=False
     )
-    lock = dist.lock("blip", ttl=10, backend="zookeeper")
+    lock = dist.lock("blip", ttl=30, backend="zookeeper")
     leases = _leases(dist)
     with pytest.raises(LockLost):
         async with lock as held:
-            zk_session = await dist.runtime.zookeeper.session(10)  # type: ignore[union-attr]
+            zk_session = await dist.runtime.zookeeper.session(30)  # type: ignore[union-attr]
             session_id = zk_session.session_id
             await asyncio.to_thread(zookeeper_server.kill)
             await asyncio.sleep(30)
