@@ -92,7 +92,7 @@ async def test_four_processes_never_hold_the_lock_together_on_a_cluster(
         pg="",
         backend="redis",
         log_redis=cluster_url,
-        n=50,
+        n=30,
     )
 
 
