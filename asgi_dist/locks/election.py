@@ -67,6 +67,7 @@ class Election:
         ttl: float,
         renew_deadline: float,
         retry: float,
+        terms: dict[tuple[int, str], set[Term]] | None = None,
     ) -> None:
         self.backend = backend
         self.name = name
@@ -75,7 +76,11 @@ class Election:
         self.renew_deadline = renew_deadline
         self.retry = retry
         self._watchdog = watchdog
-        self._terms: set[Term] = set()
+        # Live terms of this name in this process, shared by every Election
+        # object of the same service, so is_leader does not depend on which
+        # object asks.
+        shared = terms if terms is not None else {}
+        self._terms = shared.setdefault((id(backend), name), set())
 
     def __repr__(self) -> str:
         return f"<Election {self.name!r} backend={self.backend.name} leader={self.is_leader}>"

@@ -17,7 +17,7 @@ from asgi_dist.backends.redis import validate_name
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError
 from asgi_dist.locks.backend import LeaseBackend
-from asgi_dist.locks.election import Election, election_timings
+from asgi_dist.locks.election import Election, Term, election_timings
 from asgi_dist.locks.lease import Held, Watchdog
 from asgi_dist.locks.lock import Lock, validate_timing
 from asgi_dist.locks.memory import MemoryLeases, MemoryRWLeases, MemorySemaphoreLeases
@@ -45,6 +45,7 @@ class LockService:
         self._backends: dict[str, LeaseBackend] = {}
         self._reentrant: dict[tuple[int, str], Held] = {}
         self._redlocks: list[RedlockLeases] = []
+        self._terms: dict[tuple[int, str], set[Term]] = {}
 
     # lifecycle -------------------------------------------------------------------
 
@@ -175,6 +176,7 @@ class LockService:
             ttl=ttl,
             renew_deadline=renew_deadline,
             retry=retry,
+            terms=self._terms,
         )
 
     def rwlock(

@@ -162,6 +162,8 @@ async def test_terms_are_fenced_and_leaving_the_block_resigns(make_dist, backend
     b = other.election("e", ttl=5, renew_deadline=3, retry=1, backend=backend)  # type: ignore[arg-type]
     async with a.leadership() as term:
         assert a.is_leader and not b.is_leader
+        # Any Election object of this Dist and name sees the same leadership.
+        assert dist.election("e", ttl=5, renew_deadline=3, retry=1, backend=backend).is_leader  # type: ignore[arg-type]
         assert await b.try_lead() is None
         assert await b.leader() == dist.node_id
     assert not a.is_leader
