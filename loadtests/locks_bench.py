@@ -300,7 +300,7 @@ async def main() -> None:
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows: dict[tuple[str, int], Contention] = {}
-        for n in (2, 8, 32):
+        for n in (2, 8, 10, 32):
             peers: list[tuple[str, Callable[[int], Acquire]]] = [
                 ("asgi_dist", _ours(dist, f"c{n}")),
                 ("redis-py sleep=0.1", _theirs(client, f"p{n}", 0.1)),
@@ -328,7 +328,7 @@ async def main() -> None:
         print()
 
         print("## Ratios (asgi_dist vs redis-py, same run)\n")
-        for n in (2, 8, 32, -4):
+        for n in (2, 8, 10, 32, -4):
             what = f"{n} tasks" if n > 0 else "4 processes"
             a, d, f = (
                 rows[("asgi_dist", n)],
