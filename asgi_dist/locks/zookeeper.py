@@ -7,9 +7,10 @@ Znodes of the lease ``name`` of kind ``kind`` (under ``/asgi_dist/<namespace>``)
                                         data = the full token, <id> = its random part
 
 An attempt creates the contender's znode once (later attempts of the same
-token reuse it) and lists the children: the lowest sequence holds the lease.
-Every other contender sets a watch on its *predecessor* only, so a release
-wakes exactly one waiter (no herd).  Release deletes the znode.  The fence is
+token reuse it) and lists the children, pipelined into one round trip: the
+lowest sequence holds the lease.  Every other contender sets a watch on its
+*predecessor* only, so a release wakes exactly one waiter (no herd) and a
+waiter sends nothing while it waits.  Release deletes the znode.  The fence is
 the znode's ``czxid``, the zxid of the transaction that created it: zxids
 increase across the whole ensemble, so a later holder always has a larger
 fence, even after the server removed an idle name's node and it was made again.

@@ -208,10 +208,10 @@ async def test_fences_increase_although_an_idle_name_leaves_no_znode(
     lock = dist.lock("idle", ttl=5, backend="zookeeper")
     zookeeper = dist.runtime.zookeeper
     assert zookeeper is not None and zookeeper.default is not None
-    name_node = f"{zookeeper.root}/lock/idle"
+    session, name_node = zookeeper.default, f"{zookeeper.root}/lock/idle"
 
     async def name_node_gone() -> bool:
-        return await zookeeper.default.call("exists", name_node) is None  # type: ignore[union-attr]
+        return await session.call("exists", name_node) is None
 
     fences = []
     for _ in range(3):
