@@ -87,6 +87,13 @@ async def main():
         async def lat(ctx):
             late = time.time() * 1000 - ctx.fire_time.timestamp() * 1000
             await client.rpush(NS + ":runs", json.dumps([ctx.fire_id, os.getpid(), late]))
+    if MODE == "idle-dispatch":  # jobs that hand fires to followers, none due while measured
+        @dist.every(hours=24, run_on="any")
+        async def anywhere(ctx):
+            pass
+        @dist.every(hours=24, broadcast=True)
+        async def everywhere(ctx):
+            pass
     async with dist:
         await stop.wait()
     await client.aclose()
@@ -217,27 +224,38 @@ async def scenario_failover(url: str, tmp: Path, ttl: float, graceful: bool) -> 
             "unrecorded": unrecorded}  # fmt: skip
 
 
-async def scenario_idle(url: str, tmp: Path, ttl: float, seconds: float) -> float:
-    """Redis commands per second caused by one idle follower (no jobs registered)."""
-    ns = "bench_idle"
+async def scenario_idle(url: str, tmp: Path, ttl: float, seconds: float, mode: str) -> Counter[str]:
+    """Redis commands per second caused by one idle follower, per command (``total`` for
+    all; commands run inside Lua scripts count too, as Redis counts them)."""
+    ns = "bench_" + mode.replace("-", "_")
     client = aioredis.Redis.from_url(url)
     nodes = Nodes(url, ns, tmp)
 
-    async def rate() -> float:
-        before = int((await client.info("stats"))["total_commands_processed"])
-        await asyncio.sleep(seconds)
-        after = int((await client.info("stats"))["total_commands_processed"])
-        return (after - before - 1) / seconds  # minus our own INFO
+    async def calls() -> Counter[str]:
+        stats = await client.info("commandstats")
+        counted = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
+        counted["total"] = sum(counted.values())
+        return counted
 
-    nodes.start("idle", 1, 1.0, ttl)
+    async def rate() -> Counter[str]:
+        before = await calls()
+        await asyncio.sleep(seconds)
+        after = await calls()
+        after.subtract(before)
+        after["info"] -= 1  # our own INFO
+        after["total"] -= 1
+        return after
+
+    nodes.start(mode, 1, 1.0, ttl)
     await asyncio.sleep(3)
     one = await rate()
-    nodes.start("idle", 2, 1.0, ttl)
+    nodes.start(mode, 2, 1.0, ttl)
     await asyncio.sleep(3)
     three = await rate()
     nodes.stop_all()
     await client.aclose()
-    return (three - one) / 2
+    three.subtract(one)
+    return Counter({k: v / 2 / seconds for k, v in three.items() if v})
 
 
 async def scenario_apscheduler(url: str, tmp: Path, seconds: float) -> dict[str, Any] | None:
@@ -301,7 +319,10 @@ async def main() -> None:
         steady = await scenario_steady(server.url, tmp, args.seconds, args.ttl)
         kill = await scenario_failover(server.url, tmp, args.ttl, graceful=False)
         graceful = await scenario_failover(server.url, tmp, args.ttl, graceful=True)
-        idle = await scenario_idle(server.url, tmp, args.ttl, args.seconds)
+        idle = await scenario_idle(server.url, tmp, args.ttl, args.seconds, "idle")
+        idle_dispatch = await scenario_idle(
+            server.url, tmp, args.ttl, args.seconds, "idle-dispatch"
+        )
         aps = await scenario_apscheduler(server.url, tmp, min(args.seconds, 5.0))
         arq_result = await scenario_arq(server.url, tmp, args.seconds)
     finally:
@@ -326,7 +347,16 @@ async def main() -> None:
         f"| SIGTERM the leader (resign) | hand-over {ms(graceful['failover'])} "
         f"| {graceful['dups']} | {graceful['missed']} | {graceful['unrecorded']} |"
     )
-    print(f"| idle follower | {idle:.2f} Redis commands/s | - | - | - |")
+    for label, counted in (
+        ("idle follower", idle),
+        ("idle follower with run_on='any' and broadcast jobs", idle_dispatch),
+    ):
+        detail = ", ".join(
+            f"{name} {value:.2f}"
+            for name, value in counted.most_common()
+            if name != "total" and value >= 0.01
+        )
+        print(f"| {label} | {counted['total']:.2f} Redis commands/s ({detail}) | - | - | - |")
     if aps is None:
         print("| APScheduler 3, 3 processes | not installed (pip install 'apscheduler<4') |")
     else:

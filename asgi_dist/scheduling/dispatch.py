@@ -143,8 +143,11 @@ class Dispatcher:
 
     # every node ----------------------------------------------------------------------
 
-    async def join(self) -> None:
-        await self._heartbeat(self.client, [self.members_key], [self.node_id, self.ttl_ms, "0"])
+    async def join(self, *, member: bool) -> None:
+        """Join the run_on="any" consumer group, and (``member``: this node has broadcast
+        jobs) the membership that shards broadcasts."""
+        if member:
+            await self.beat()
         try:
             # From the start of the stream: entries added before the group existed
             # (a leader's hand-overs right after the server lost its data) are fires
@@ -156,20 +159,22 @@ class Dispatcher:
 
     async def _join_quietly(self) -> None:
         try:
-            await self.join()
+            await self.join(member=False)
         except (redis_errors.RedisError, OSError) as exc:
             log.warning("scheduler could not rejoin the dispatch group: %s", exc)
 
     async def leave(self) -> None:
         await self._heartbeat(self.client, [self.members_key], [self.node_id, self.ttl_ms, "1"])
 
+    async def beat(self) -> None:
+        await self._heartbeat(self.client, [self.members_key], [self.node_id, self.ttl_ms, "0"])
+
     async def heartbeat_forever(self) -> None:
+        # Three beats per ttl: a member survives two lost beats before it is dropped.
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
             try:
-                await self._heartbeat(
-                    self.client, [self.members_key], [self.node_id, self.ttl_ms, "0"]
-                )
+                await self.beat()
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler heartbeat failed: %s", exc)
 

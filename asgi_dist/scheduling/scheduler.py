@@ -262,7 +262,7 @@ class Scheduler:
         dispatcher = Dispatcher(
             self.runtime.redis, store, self.runtime.node_id, self.runtime.leader_ttl
         )
-        await dispatcher.join()
+        await dispatcher.join(member=wants_broadcast)
         self._dispatcher = dispatcher
         spawn = self.runtime.spawn
         if wants_any:
