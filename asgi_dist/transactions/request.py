@@ -169,9 +169,13 @@ class RequestTransaction(Transaction):
         options = self._options = options_for(self._scope)
         pool = self._postgres.pool
         with outages():
-            # asyncio.timeout, not acquire(timeout=): wait_for would cost a task per request.
-            async with asyncio.timeout(self._acquire_timeout):
-                conn = await pool.acquire()
+            if pool.get_idle_size():
+                conn = await pool.acquire()  # an idle connection: nothing to wait for
+            else:
+                # Bounded wait for a busy pool; asyncio.timeout, not acquire(timeout=),
+                # whose wait_for would cost a task per request.
+                async with asyncio.timeout(self._acquire_timeout):
+                    conn = await pool.acquire()
         try:
             transaction = conn.transaction(
                 isolation=options.isolation,
