@@ -1,9 +1,10 @@
 """PostgreSQL: an asyncpg pool and a migration runner that ten processes can start at once.
 
-Migrations are ordered SQL steps registered per capability.  At start they are
-applied inside ``pg_advisory_lock`` keyed by the namespace, each step in its own
-transaction together with the row that records it in ``<namespace>_schema_migrations``,
-so processes starting together apply every step exactly once.
+Migrations are ordered SQL steps registered per capability.  At start each step
+is applied in its own transaction, under ``pg_advisory_xact_lock`` keyed by the
+namespace, together with the row that records it in ``<namespace>_schema_migrations``,
+so processes starting together apply every step exactly once (and PgBouncer's
+transaction pooling cannot strand the lock).
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class PostgresBackend:
         if not self._migrations:
             return applied
         table = self.table("schema_migrations")
+        # Transaction-scoped advisory locks, one per namespace: they serialise concurrent
+        # starters and, unlike a session lock, cannot be stranded on a server connection
+        # by PgBouncer's transaction pooling.
+        lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+        lock_key = f"asgi_dist:migrate:{table}"
         async with self.pool.acquire() as conn:
-            # One lock per namespace: serialises concurrent starters, not other apps.
-            await conn.execute(
-                "SELECT pg_advisory_lock(hashtextextended($1, 0))", f"asgi_dist:migrate:{table}"
-            )
-            try:
+            async with conn.transaction():
+                await conn.execute(lock, lock_key)
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {table} ("
                     " capability text NOT NULL, version int NOT NULL,"
@@ -129,27 +132,30 @@ class PostgresBackend:
                 rows = await conn.fetch(
                     f"SELECT capability, max(version) AS v FROM {table} GROUP BY capability"
                 )
-                done = {r["capability"]: r["v"] for r in rows}
-                for capability, steps in self._migrations.items():
-                    for version, sql in enumerate(steps, start=1):
-                        if version <= done.get(capability, 0):
+            done = {r["capability"]: r["v"] for r in rows}
+            for capability, steps in self._migrations.items():
+                for version, sql in enumerate(steps, start=1):
+                    if version <= done.get(capability, 0):
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(lock, lock_key)
+                        # Another process may have applied it since we looked.
+                        if await conn.fetchval(
+                            f"SELECT 1 FROM {table} WHERE capability = $1 AND version = $2",
+                            capability,
+                            version,
+                        ):
                             continue
-                        async with conn.transaction():
-                            await conn.execute(sql.format(ns=self.namespace))
-                            await conn.execute(
-                                f"INSERT INTO {table} (capability, version, node_id)"
-                                " VALUES ($1, $2, $3)",
-                                capability,
-                                version,
-                                self.node_id,
-                            )
-                        applied.append((capability, version))
-                        log.info("applied migration %s/%d", capability, version)
-            finally:
-                await conn.execute(
-                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                    f"asgi_dist:migrate:{table}",
-                )
+                        await conn.execute(sql.format(ns=self.namespace))
+                        await conn.execute(
+                            f"INSERT INTO {table} (capability, version, node_id)"
+                            " VALUES ($1, $2, $3)",
+                            capability,
+                            version,
+                            self.node_id,
+                        )
+                    applied.append((capability, version))
+                    log.info("applied migration %s/%d", capability, version)
         return applied
 
     async def fetchval(self, query: str, *args: Any) -> Any:
