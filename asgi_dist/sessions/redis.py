@@ -34,6 +34,9 @@ _META = {"created", "access", "uid", "moved", "ver"}
 T = TypeVar("T")
 
 
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -54,6 +57,8 @@ class RedisSessionStore:
         self._absolute = _ms(config.absolute_timeout)
         self._refresh = _ms(config.refresh_interval)
         self._grace = int(config.regenerate_grace * 1000)
+        # Constant arguments, encoded once.
+        self._load_args = [str(n).encode() for n in (self._idle, self._absolute, self._refresh)]
         self._load = backend.script(_PACKAGE, "load")
         self._save = backend.script(_PACKAGE, "save")
         self._regenerate = backend.script(_PACKAGE, "regenerate")
@@ -79,9 +84,7 @@ class RedisSessionStore:
 
     async def load(self, key: SessionKey) -> StoredSession | None:
         reply = await self._bounded(
-            self._load(
-                self.backend.client, [self._key(key)], [self._idle, self._absolute, self._refresh]
-            )
+            self._load(self.backend.client, [self._key(key)], self._load_args)
         )
         if not reply:
             return None
@@ -114,21 +117,22 @@ class RedisSessionStore:
                 new_index = self._index(delta.user_id) if delta.user_id is not None else skey
                 old = delta.previous_user_id
                 keys += [new_index, self._index(old) if old is not None else skey]
-        args: list[Any] = [
+        pairs: list[str] = []
+        for name, text in delta.set.items():
+            pairs += ["." + name, text]
+        request = [
             mode,
             self._idle,
             self._absolute,
-            len(delta.set),
-            len(delta.delete),
             user,
             self.channel,
             key.handle,
             f"{key.handle} {delta.tag}" if delta.tag else key.handle,
+            pairs,
+            ["." + name for name in delta.delete],
         ]
-        for name, text in delta.set.items():
-            args += ["." + name, text]
-        args += ["." + name for name in delta.delete]
-        return self._save(self.backend.client, keys, args)
+        # One JSON argument: packing each field as its own argument costs the client more.
+        return self._save(self.backend.client, keys, [_dumps(request)])
 
     async def _cluster_index(self, key: SessionKey, delta: SessionDelta) -> None:
         # Cluster: the index is in another slot; a second round trip, on login/logout only.
