@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,12 +82,28 @@ async def main():
         return
     dist = Dist(redis=URL, namespace=NS, leader_ttl=TTL, sessions=False,
                 transactions=TransactionConfig(enabled=False),
-                scheduler=SchedulerConfig(shutdown_grace=0.5))
+                scheduler=SchedulerConfig(shutdown_grace=0.5,
+                                          redeliver_after=float(os.environ.get("REDELIVER", 10))))
     if MODE == "jobs":
         @dist.every(seconds=PERIOD, misfire="run_once", misfire_grace=1.0)
         async def lat(ctx):
             late = time.time() * 1000 - ctx.fire_time.timestamp() * 1000
             await client.rpush(NS + ":runs", json.dumps([ctx.fire_id, os.getpid(), late]))
+    if MODE == "any":
+        @dist.every(seconds=PERIOD, run_on="any")
+        async def anywhere(ctx):
+            await client.rpush(NS + ":runs", json.dumps([ctx.fire_id, os.getpid(), time.time()]))
+        if os.environ.get("VICTIM"):
+            # Freeze on the first delivery, before the compare-and-set that starts it.
+            from asgi_dist.scheduling.dispatch import Dispatcher
+            start_fire, frozen = Dispatcher.start_fire, []
+            async def freeze(self, job, fire_id, lease, delivery):
+                if not frozen:
+                    frozen.append(fire_id)
+                    await client.set(NS + ":victim", json.dumps([fire_id, time.time()]))
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                return await start_fire(self, job, fire_id, lease, delivery)
+            Dispatcher.start_fire = freeze
     if MODE == "idle-dispatch":  # jobs that hand fires to followers, none due while measured
         @dist.every(hours=24, run_on="any")
         async def anywhere(ctx):
@@ -107,9 +124,11 @@ class Nodes:
         self.url, self.ns, self.tmp = url, ns, tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, mode: str, n: int, period: float, ttl: float) -> list[subprocess.Popen[bytes]]:
+    def start(
+        self, mode: str, n: int, period: float, ttl: float, **extra: str
+    ) -> list[subprocess.Popen[bytes]]:
         env = dict(os.environ, URL=self.url, NS=self.ns, MODE=mode, PERIOD=str(period))
-        env.update(TTL=str(ttl), PYTHONPATH=str(ROOT))
+        env.update(TTL=str(ttl), PYTHONPATH=str(ROOT), **extra)
         started = [
             subprocess.Popen([sys.executable, "-c", NODE], env=env, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,6 +243,48 @@ async def scenario_failover(url: str, tmp: Path, ttl: float, graceful: bool) -> 
             "unrecorded": unrecorded}  # fmt: skip
 
 
+async def scenario_redeliver(url: str, tmp: Path, ttl: float, after: float) -> dict[str, Any]:
+    """run_on="any": a node freezes (SIGSTOP) holding a delivered fire before starting it;
+    how long until another node runs it, and does any fire run twice when it wakes?"""
+    from asgi_dist import Dist
+    from asgi_dist.scheduling import SchedulerConfig
+    from asgi_dist.transactions import TransactionConfig
+
+    ns = "bench_redeliver"
+    client = aioredis.Redis.from_url(url)
+    nodes = Nodes(url, ns, tmp)
+    nodes.start("any", 2, 0.2, ttl, REDELIVER=str(after))
+    await wait_runs(client, ns, 5, 30)
+    (victim,) = nodes.start("any", 1, 0.2, ttl, REDELIVER=str(after), VICTIM="1")
+    deadline = time.monotonic() + 30
+    while not await client.exists(f"{ns}:victim"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the victim received no fire")
+        await asyncio.sleep(0.02)
+    fire_id, frozen_at = json.loads(await client.get(f"{ns}:victim"))
+    ran_at = None
+    while ran_at is None and time.monotonic() < deadline + 30:
+        ran_at = next((r[2] for r in await runs(client, ns) if r[0] == fire_id), None)
+        await asyncio.sleep(0.02)
+    victim.send_signal(signal.SIGCONT)  # it wakes and loses the compare-and-set
+    await asyncio.sleep(1.5)
+    nodes.stop_all()
+    recorded = await runs(client, ns)
+    observer = Dist(redis=url, namespace=ns, sessions=False,
+                    transactions=TransactionConfig(enabled=False),
+                    scheduler=SchedulerConfig(enabled=False))  # fmt: skip
+    async with observer:
+        record = await observer.scheduler.store.record("anywhere", fire_id)
+    await client.aclose()
+    return {
+        "took": None if ran_at is None else ran_at - frozen_at,
+        "delivery": None if record is None else record.get("delivery"),
+        "status": None if record is None else record.get("status"),
+        "runs": len(recorded),
+        "dups": duplicates(recorded),
+    }
+
+
 async def scenario_idle(url: str, tmp: Path, ttl: float, seconds: float, mode: str) -> Counter[str]:
     """Redis commands per second caused by one idle follower, per command (``total`` for
     all; commands run inside Lua scripts count too, as Redis counts them)."""
@@ -319,6 +380,7 @@ async def main() -> None:
         steady = await scenario_steady(server.url, tmp, args.seconds, args.ttl)
         kill = await scenario_failover(server.url, tmp, args.ttl, graceful=False)
         graceful = await scenario_failover(server.url, tmp, args.ttl, graceful=True)
+        redeliver = await scenario_redeliver(server.url, tmp, args.ttl, 1.0)
         idle = await scenario_idle(server.url, tmp, args.ttl, args.seconds, "idle")
         idle_dispatch = await scenario_idle(
             server.url, tmp, args.ttl, args.seconds, "idle-dispatch"
@@ -346,6 +408,11 @@ async def main() -> None:
     print(
         f"| SIGTERM the leader (resign) | hand-over {ms(graceful['failover'])} "
         f"| {graceful['dups']} | {graceful['missed']} | {graceful['unrecorded']} |"
+    )
+    print(
+        f"| run_on='any', a node freezes holding a fire (redeliver_after 1 s) | run on another "
+        f"node {redeliver['took'] * 1000:.0f} ms after the freeze ({redeliver['status']}, delivery "
+        f"{redeliver['delivery']}); {redeliver['runs']} runs | {redeliver['dups']} | - | - |"
     )
     for label, counted in (
         ("idle follower", idle),
