@@ -190,6 +190,7 @@ class RequestTransaction(Transaction):
         self._connection = conn
         self._transaction = transaction
         self._state = "open"
+        self._ready = True
 
     def rolls_back(self, status: int) -> bool:
         return self._options.rollback_on(status)
@@ -202,15 +203,18 @@ class RequestTransaction(Transaction):
             await self._transaction.commit()
         except Exception as exc:
             self._state = "rolled back"
+            self._ready = False
             raise TransactionError(
                 f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
             ) from exc
         self._state = "committed"
+        self._ready = False
 
     async def rollback(self) -> None:
         if self._state != "open":
             return
         self._state = "rolled back"
+        self._ready = False
         try:
             await self._transaction.rollback()
         except Exception as exc:  # the connection is discarded on release anyway

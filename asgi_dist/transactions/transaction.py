@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
@@ -22,7 +22,7 @@ from asgi_dist.transactions.message import (
     validate_topic,
 )
 
-__all__ = ["Outbox", "Transaction", "outages"]
+__all__ = ["Outbox", "Transaction", "outages", "raise_outage"]
 
 
 class Outbox:
@@ -87,6 +87,8 @@ class Transaction:
     def __init__(self, outbox: Outbox, connection: asyncpg.Connection | None = None) -> None:
         self._outbox = outbox
         self._connection = connection
+        # True while queries may go straight to the connection (no lazy BEGIN pending).
+        self._ready = connection is not None
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -97,27 +99,38 @@ class Transaction:
     async def _conn(self) -> asyncpg.Connection:
         return self.connection
 
+    # The query methods catch errors inline rather than through ``outages()``: they
+    # are on every request's path, and a generator context manager costs measurably.
+
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 - asyncpg's signature
-        conn = await self._conn()
-        with outages():
+        conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
+        try:
             result: str = await conn.execute(query, *args, timeout=timeout)
+        except Exception as exc:
+            raise_outage(exc)
         return result
 
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's signature
-        conn = await self._conn()
-        with outages():
+        conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
+        try:
             await conn.executemany(command, args, timeout=timeout)
+        except Exception as exc:
+            raise_outage(exc)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109 - asyncpg's signature
-        conn = await self._conn()
-        with outages():
+        conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
+        try:
             rows: list[Any] = await conn.fetch(query, *args, timeout=timeout)
+        except Exception as exc:
+            raise_outage(exc)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
-        conn = await self._conn()
-        with outages():
+        conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
+        try:
             return await conn.fetchrow(query, *args, timeout=timeout)
+        except Exception as exc:
+            raise_outage(exc)
 
     async def fetchval(
         self,
@@ -126,9 +139,11 @@ class Transaction:
         column: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's signature
     ) -> Any:
-        conn = await self._conn()
-        with outages():
+        conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
+        try:
             return await conn.fetchval(query, *args, column=column, timeout=timeout)
+        except Exception as exc:
+            raise_outage(exc)
 
     async def publish(
         self,
@@ -144,6 +159,14 @@ class Transaction:
         conn = await self._conn()
         with outages():
             return await self._outbox.insert(conn, topic, payload, key, headers)
+
+
+def raise_outage(exc: Exception) -> NoReturn:
+    """Re-raise ``exc``, as BackendUnavailable if it is an outage (503 in a request)."""
+    outage = as_backend_unavailable(exc)
+    if outage is None or outage is exc:
+        raise exc
+    raise outage from exc
 
 
 @contextlib.contextmanager
