@@ -71,6 +71,7 @@ class Dispatcher:
         self._transition = backend.script("asgi_dist.scheduling", "transition")
         self._alive = backend.script("asgi_dist.scheduling", "alive")
         self._reap = backend.script("asgi_dist.scheduling", "reap")
+        self._prune = backend.script("asgi_dist.scheduling", "prune_consumers")
 
     # leader side -------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class Dispatcher:
             log.error("dropping malformed dispatch entry %s: %s", _text(message_id), exc)
             await self.ack(message_id)
             return 0
-        delivery = int(entry.get("delivery", 1))
+        delivery = entry["delivery"]
         record = await self.store.record(job, fire_id)
         status = None if record is None else record.get("status")
         sent = 0
@@ -135,6 +136,13 @@ class Dispatcher:
         keys = [self.store.job_key(job, "hist"), self.store.job_key(job, "active")]
         lost = await self._reap(self.client, keys, [_REAP_LIMIT])
         return [_text(f) for f in lost]
+
+    async def prune_consumers(self, min_idle_ms: int) -> int:
+        """Forget consumer names of nodes gone for ``min_idle_ms`` with nothing pending."""
+        deleted = await self._prune(
+            self.client, [self.any_stream], [_GROUP, min_idle_ms, self.node_id]
+        )
+        return int(deleted)
 
     async def send_broadcast(self, entry: dict[str, Any]) -> None:
         await self.client.xadd(
@@ -208,6 +216,9 @@ class Dispatcher:
                     except (redis_errors.RedisError, OSError) as exc:
                         # Left pending: the leader hands it out again later.
                         log.warning("could not start dispatched fire %s: %s", entry, exc)
+                    except Exception:
+                        # One bad entry must not end this node's consumption.
+                        log.exception("dispatched fire %s failed to start", entry)
 
     async def start_fire(self, job: str, fire_id: str, lease_ms: int, delivery: int) -> str:
         """The compare-and-set before a start: ``"running"`` if this node must run the fire,
@@ -283,4 +294,6 @@ def _entry(fields: Any) -> dict[str, Any]:
         raise ValueError(f"entry {entry!r} is not an object")
     entry["job"] = validate_job_name(entry["job"])
     entry["fire_id"] = str(entry["fire_id"])
+    entry["fire_ms"], entry["fence"] = int(entry["fire_ms"]), int(entry["fence"])
+    entry["delivery"] = int(entry.get("delivery", 1))
     return entry

@@ -65,6 +65,8 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 log = logging.getLogger("asgi_dist.scheduling")
 
 _MAX_SLEEP = 5.0  # the leader re-reads the server clock (and its term) at least this often
+_PRUNE_EVERY = 600.0  # the leader forgets dead nodes' consumer names this often...
+_CONSUMER_GONE_MS = 3_600_000  # ...once idle an hour with nothing pending
 
 
 class _Term(Protocol):
@@ -515,8 +517,13 @@ class Scheduler:
         # node's fire is recorded lost at most 1.5 x running_lease after its last renewal.
         pause = min(config.redeliver_after, config.running_lease) / 2
         min_idle_ms = round(config.redeliver_after * 1000)
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
         while True:
             try:
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + _PRUNE_EVERY
+                    await dispatcher.prune_consumers(_CONSUMER_GONE_MS)
                 sent = await dispatcher.redeliver(min_idle_ms, config.max_deliveries)
                 if sent:
                     log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
@@ -641,8 +648,7 @@ class Scheduler:
             return
         fire_id = str(entry["fire_id"])
         lease_ms = round(self.config.running_lease * 1000)
-        delivery = int(entry.get("delivery", 1))
-        outcome = await dispatcher.start_fire(job.name, fire_id, lease_ms, delivery)
+        outcome = await dispatcher.start_fire(job.name, fire_id, lease_ms, entry["delivery"])
         # Acknowledged after the compare-and-set, whichever way it went: either this
         # node starts the fire, or another one did (or it ended) and it must not start.
         await dispatcher.ack(message_id)
@@ -655,10 +661,10 @@ class Scheduler:
 
         self._launch(
             job,
-            int(entry["fire_ms"]),
+            entry["fire_ms"],
             fire_id,
             entry.get("payload"),
-            fence=int(entry["fence"]),
+            fence=entry["fence"],
             keepalive=keepalive,
         )
 

@@ -132,9 +132,9 @@ async def test_fire_whose_node_died_while_running_is_recorded_lost_not_rerun(
     print(f"{fire_id}: node killed mid-run, recorded {rec['status']}: {rec['error']}")
 
 
-async def any_node(sched_dist: Any, started: list[str]) -> Dist:
+async def any_node(sched_dist: Any, started: list[str], redeliver_after: float = 0.2) -> Dist:
     """One node (it leads) with a triggered run_on="any" job; quick redelivery."""
-    config = SchedulerConfig(redeliver_after=0.2, max_deliveries=3)
+    config = SchedulerConfig(redeliver_after=redeliver_after, max_deliveries=3)
     dist: Dist = await sched_dist(start=False, scheduler=config)
 
     @dist.cron(NEVER, run_on="any")
@@ -227,3 +227,22 @@ async def test_run_on_any_keeps_running_after_redis_loses_its_data(
     redis_server.start()
     await wait_for(lambda: runs_after(before + 3), 20, "runs after the restart")
     assert len(set(seen)) == len(seen)
+
+
+async def test_leader_forgets_dead_consumers_but_never_one_holding_a_fire(
+    sched_dist: Any, redis_client: aioredis.Redis
+) -> None:
+    dist = await any_node(sched_dist, [], redeliver_after=60)  # no redelivery meanwhile
+    dispatcher = dist.scheduler._dispatcher
+    assert dispatcher is not None
+    stream = dispatcher.any_stream
+    # "gone" read nothing and holds nothing; "holder" died holding an entry.
+    await redis_client.xgroup_createconsumer(stream, "nodes", "gone")
+    async with redis_client.pipeline(transaction=True) as tx:
+        # One MULTI: "holder" reads the entry before the node's blocked read is served.
+        tx.xadd(stream, {"entry": json.dumps({"job": "x", "fire_id": "x:1"})})
+        tx.xreadgroup("nodes", "holder", {stream: ">"}, count=1)
+        await tx.execute()
+    assert await dispatcher.prune_consumers(0) == 1
+    names = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "nodes")}
+    assert "gone" not in names and "holder" in names, names
