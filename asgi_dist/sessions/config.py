@@ -37,7 +37,9 @@ class SessionConfig:
         persistent: send ``Max-Age=absolute_timeout``; ``False`` makes a browser-session cookie.
         near_cache: keep recently used sessions in this process and let every write
             invalidate the other processes' copies over Redis pub/sub; a read-only request
-            on a hot session then makes no store round trip.  Redis only.
+            on a hot session then makes no store round trip.  Each write re-sends the
+            cookie with the session's signed version, and no process serves a client a
+            copy older than its cookie (read-your-writes on every node).  Redis only.
         near_cache_size: entries kept per process (least recently used go first).
         near_cache_ttl: longest a cached copy is served without asking the store.
         regenerate_grace: seconds the old id stays readable after ``regenerate()``, so
