@@ -139,8 +139,10 @@ class Election:
             self.name,
             token=token,
             ttl=self.ttl,
+            # No max_wait: a follower sleeps until a resignation wakes it or
+            # the leader's lease would have expired (one attempt per lease
+            # period while the leader renews), not every ``retry``.
             timeout=timeout,
-            max_wait=self.retry,
         )
         term = Term(
             backend=self.backend,

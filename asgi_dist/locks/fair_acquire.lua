@@ -43,8 +43,8 @@ if holder == false then
   end
   -- The previous holder expired without a release: hand the lease to the
   -- live head directly and wake it; we queue behind it.
-  grant(head, redis.call('HGET', KEYS[5], head))
-  redis.call('PUBLISH', ARGV[4], 'to:' .. head)
+  local fence = grant(head, redis.call('HGET', KEYS[5], head))
+  redis.call('PUBLISH', ARGV[4], 'to:' .. redis.sha1hex(head) .. ':' .. fence)
 end
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) == false then
   redis.call('ZADD', KEYS[3], now_us, ARGV[1])

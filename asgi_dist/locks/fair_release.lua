@@ -28,7 +28,10 @@ if head ~= nil then
   redis.call('ZREM', KEYS[4], head)
   redis.call('HDEL', KEYS[5], head)
   -- Named, so only the new holder wakes; the rest of the queue sleeps on.
-  redis.call('PUBLISH', ARGV[2], 'to:' .. head)
+  -- The payload names the recipient by a digest of its token (a token on a
+  -- channel would let any subscriber release the lease) and carries the
+  -- fence, so the head needs no further round trip.
+  redis.call('PUBLISH', ARGV[2], 'to:' .. redis.sha1hex(head) .. ':' .. fence)
 else
   redis.call('PUBLISH', ARGV[2], 'released')
 end

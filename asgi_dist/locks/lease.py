@@ -350,7 +350,10 @@ class _Gate:
     Without it every waiting task of a process would wake on each release and
     race the others with an attempt (a thundering herd of round trips); with
     it, local waiters queue in arrival order and pass the turn on as soon as
-    the current one holds the lease.
+    the current one holds the lease.  A turn passed on by a waiter that just
+    acquired carries that lease's ttl: the lock is known to be held by this
+    process, so the next waiter sleeps until its release instead of spending
+    a round trip to learn it.
     """
 
     __slots__ = ("busy", "users", "waiters")
@@ -358,30 +361,40 @@ class _Gate:
     def __init__(self) -> None:
         self.busy = False
         self.users = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[tuple[asyncio.Future[float | None], Watch]] = deque()
 
-    async def enter(self, bound: float | None) -> None:
-        """Wait for the turn (raises TimeoutError after ``bound`` seconds)."""
+    async def enter(self, bound: float | None, watch: Watch) -> float | None:
+        """Wait for the turn (raises TimeoutError after ``bound`` seconds).
+
+        Returns the ttl of the lease the previous turn-holder just acquired,
+        or None when nothing is known about the lease.
+        """
         if not self.busy and not self.waiters:
             self.busy = True
-            return
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(turn)
+            return None
+        turn: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        entry = (turn, watch)
+        self.waiters.append(entry)
         try:
             async with asyncio.timeout(bound):
-                await turn
+                return await turn
         except BaseException:
             if turn.done() and not turn.cancelled():
-                self.leave()  # handed the turn while giving up: pass it on
+                self.leave(None)  # handed the turn while giving up: pass it on
             else:
-                self.waiters.remove(turn)
+                self.waiters.remove(entry)
             raise
 
-    def leave(self) -> None:
+    def leave(self, acquired_ttl: float | None) -> None:
         while self.waiters:
-            turn = self.waiters.popleft()
+            turn, watch = self.waiters.popleft()
             if not turn.done():
-                turn.set_result(None)  # the turn moves on; busy stays True
+                if acquired_ttl is not None:
+                    # Releases seen while queued are stale now that this process
+                    # holds the lease again; only the next release counts.  Cleared
+                    # here, synchronously with the grant, so none can slip between.
+                    watch.event.clear()
+                turn.set_result(acquired_ttl)  # the turn moves on; busy stays True
                 return
         self.busy = False
 
@@ -434,6 +447,14 @@ async def acquire_lease(
             return attempt
         if deadline is not None and loop.time() >= deadline:
             raise _timed_out(kind, name, timeout, attempt)
+        # Register before the next attempt: a release after it wakes us.
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - loop.time()):
+                watch = await backend.watch(kind, name, token)
+        except TimeoutError:
+            raise _timed_out(kind, name, timeout, attempt) from None
+        # The lease may have been released between the attempt and the watch.
+        retry_now = True
         if not attempt.queued:
             # Queued variants (fair, writers) keep their order in the store;
             # the others take turns locally (see _Gate).
@@ -442,22 +463,21 @@ async def acquire_lease(
                 gate = _gates[gate_key] = _Gate()
             gate.users += 1
             try:
-                await gate.enter(None if deadline is None else max(0.0, deadline - loop.time()))
+                bound = None if deadline is None else max(0.0, deadline - loop.time())
+                held_here = await gate.enter(bound, watch)
             except TimeoutError:
                 raise _timed_out(kind, name, timeout, attempt) from None
             in_turn = True
+            if held_here is not None:
+                # Held by this process since our watch was cleared: wait for
+                # its release, bounded by its lease, without asking the store.
+                attempt = Attempt(False, 0, held_here)
+                retry_now = False
         while not attempt.acquired:
             now = loop.time()
             if deadline is not None and now >= deadline:
                 raise _timed_out(kind, name, timeout, attempt)
-            if watch is None:
-                # Register before the next attempt: a release after it wakes us.
-                try:
-                    async with asyncio.timeout(None if deadline is None else deadline - now):
-                        watch = await backend.watch(kind, name, token)
-                except TimeoutError:
-                    raise _timed_out(kind, name, timeout, attempt) from None
-            else:
+            if not retry_now:
                 wait = attempt.remaining if attempt.remaining > 0 else _MIN_WAIT
                 if max_wait is not None:
                     wait = min(wait, max_wait)
@@ -472,7 +492,14 @@ async def acquire_lease(
                             await watch.event.wait()
                     except TimeoutError:
                         pass
+            retry_now = False
             watch.event.clear()
+            # A direct hand-off (fair mode) names us and carries the fence: the
+            # lease is already ours, no round trip needed to learn it.
+            granted: int | None = getattr(watch, "granted", None)
+            if granted is not None:
+                attempt = Attempt(True, granted, ttl, attempt.queued)
+                break
             attempt = await _attempt(backend, kind, name, token, ttl)
         return attempt
     finally:
@@ -480,7 +507,8 @@ async def acquire_lease(
             watch.close()
         if gate is not None:
             if in_turn:
-                gate.leave()
+                won = attempt is not None and attempt.acquired
+                gate.leave(attempt.remaining if won and attempt is not None else None)
             gate.users -= 1
             if gate.users == 0 and _gates.get(gate_key) is gate:
                 del _gates[gate_key]

@@ -14,6 +14,8 @@ process holds are pipelined into one round trip per tick (per shard).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -70,22 +72,37 @@ WRITE = Variant(
 
 
 class _PubSubWatch:
-    __slots__ = ("_key", "_local", "_sub", "_token", "event")
+    __slots__ = ("_digest", "_key", "_local", "_own_echo", "_sub", "event", "granted")
 
     def __init__(
-        self, token: str, local: dict[tuple[str, str], set[_PubSubWatch]], key: tuple[str, str]
+        self,
+        token: str,
+        origin: str,
+        local: dict[tuple[str, str], set[_PubSubWatch]],
+        key: tuple[str, str],
     ) -> None:
         self.event = asyncio.Event()
-        self._token = token.encode()
+        # Set by a fair hand-off naming us: the fence of the lease we now hold.
+        self.granted: int | None = None
+        self._digest = hashlib.sha1(token.encode()).hexdigest().encode()
+        self._own_echo = b"released:" + origin.encode()
         self._sub: Subscription | None = None
         self._local = local
         self._key = key
         local.setdefault(key, set()).add(self)
 
     def _on_message(self, payload: bytes | None) -> None:
-        # A fair hand-off names its recipient: the rest of the queue sleeps on.
-        if payload is not None and payload.startswith(b"to:") and payload[3:] != self._token:
-            return
+        if payload is not None:
+            if payload.startswith(b"to:"):
+                # A fair hand-off names its recipient: the rest of the queue sleeps on.
+                digest, _, fence = payload[3:].partition(b":")
+                if digest != self._digest:
+                    return
+                self.granted = int(fence)
+            elif payload == self._own_echo:
+                # Our own process released: its waiters were woken directly,
+                # and a second wake-up would cost each of them a round trip.
+                return
         self.event.set()
 
     def close(self) -> None:
@@ -126,6 +143,8 @@ class RedisLeases:
         # once instead of after the pub/sub echo (queued variants name their
         # recipient and rely on the echo).
         self._local: dict[tuple[str, str], set[_PubSubWatch]] = {}
+        # Tags this backend's releases so its waiters skip their echo.
+        self._origin = secrets.token_hex(6)
         self._acquire = redis.script(_PACKAGE, variant.acquire)
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
@@ -156,7 +175,8 @@ class RedisLeases:
     async def release(self, kind: str, name: str, token: str) -> bool:
         keys = self.keys(kind, name)
         channel = self.channel(kind, name)
-        released = bool(await self._release(self.redis.client, keys, [token, channel]))
+        args = [token, channel, self._origin]
+        released = bool(await self._release(self.redis.client, keys, args))
         if released and not self.variant.queued:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
@@ -191,7 +211,7 @@ class RedisLeases:
         return value.decode() if isinstance(value, bytes) else value
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
-        watch = _PubSubWatch(token, self._local, (kind, name))
+        watch = _PubSubWatch(token, self._origin, self._local, (kind, name))
         try:
             watch._sub = await self._hub().subscribe(self.channel(kind, name), watch._on_message)
         except BaseException:

@@ -22,6 +22,7 @@ from asgi_dist.backends.redis import create_redis_client
 from tests.helpers.processes import ProcessGroup
 from tests.helpers.servers import free_port, wait_port
 
+# Debian installs it in /usr/sbin, which is not on every user's PATH.
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 pytestmark = pytest.mark.skipif(
@@ -53,8 +54,10 @@ def bouncer_dsn(postgres_dsn: str) -> Iterator[str]:
         "pool_mode = transaction\ndefault_pool_size = 1\nmax_client_conn = 200\n"
         f"logfile = {workdir / 'pgbouncer.log'}\n"
     )
+    # pgbouncer refuses to run as root unless told whom to become.
+    as_user = ["-u", "nobody"] if os.geteuid() == 0 else []
     proc = subprocess.Popen(
-        [PGBOUNCER, "-u", "nobody", str(workdir / "pgbouncer.ini")],
+        [PGBOUNCER, *as_user, str(workdir / "pgbouncer.ini")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

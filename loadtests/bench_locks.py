@@ -1,6 +1,6 @@
 """Lock benchmark: asgi_dist vs redis-py's asyncio Lock, same run, same Redis.
 
-    python loadtests/locks_bench.py [--seconds 2] [--redis redis://...]
+    python loadtests/bench_locks.py [--seconds 2] [--redis redis://...]
 
 Without ``--redis`` it starts a private redis-server on a free port, so that
 command counts are ours alone and nobody else's traffic skews the numbers.
