@@ -59,6 +59,9 @@ class SessionCookie:
         raw = self._find(scope)
         if raw is None or len(raw) > self.config.max_cookie_length:
             return None, False, 0  # absent, or absurd: ignored unread
+        known = self._verified.get(raw)
+        if known is not None:
+            return known
         value, sep, sig = raw.rpartition(".")
         session_id, colon, version = value.partition(":")
         if not sep or not is_session_id(session_id):
@@ -67,9 +70,6 @@ class SessionCookie:
             version.isascii() and version.isdigit() and len(version) <= _MAX_VERSION_DIGITS
         ):
             return None, False, 0
-        known = self._verified.get(raw)
-        if known is not None:
-            return known
         if self._newest.verify_signature(value, sig):
             result = (session_id, False, int(version or 0))
         elif self._ring is not None and self._ring.verify_signature(value, sig):

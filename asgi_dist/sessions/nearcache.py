@@ -25,7 +25,6 @@ Consistency rules:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import secrets
@@ -48,6 +47,19 @@ _PENDING_ECHOES = 1_000  # own writes awaiting their echo
 class _Entry:
     stored: StoredSession
     fresh_until: float  # loop time
+
+
+def _copy(stored: StoredSession) -> StoredSession:
+    # The request's Session owns (and mutates) its fields dict: never share one.
+    return StoredSession(
+        dict(stored.fields),
+        stored.user_id,
+        stored.created,
+        stored.last_access,
+        stored.ttl,
+        stored.moved,
+        stored.version,
+    )
 
 
 class NearCache:
@@ -153,9 +165,7 @@ class NearCache:
             return None
         self._entries.move_to_end(handle)
         self.hits += 1
-        stored = entry.stored
-        # The request's Session owns (and mutates) its fields dict: hand out a copy.
-        return dataclasses.replace(stored, fields=dict(stored.fields))
+        return _copy(entry.stored)
 
     def put(self, handle: str, stored: StoredSession, stamp: int) -> None:
         if self._subscription is None or stored.moved:
@@ -169,8 +179,7 @@ class NearCache:
         if lifetime <= 0:
             return
         fresh_until = asyncio.get_running_loop().time() + lifetime
-        copy = dataclasses.replace(stored, fields=dict(stored.fields))
-        self._entries[handle] = _Entry(copy, fresh_until)
+        self._entries[handle] = _Entry(_copy(stored), fresh_until)
         self._entries.move_to_end(handle)
         while len(self._entries) > self.config.near_cache_size:
             self._entries.popitem(last=False)

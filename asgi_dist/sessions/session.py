@@ -77,7 +77,7 @@ class Session(MutableMapping[str, Any]):
         self._id = session_id if stored is not None and session_id else new_session_id()
         self._raw: dict[str, str] = stored.fields if stored is not None else {}
         self._values: dict[str, Any] = {k: _decode(v) for k, v in self._raw.items()}
-        self._size = sum(_size(k, v) for k, v in self._raw.items())
+        self._size = -1  # bytes of keys and JSON values; counted when first needed
         self._dirty: dict[str, str] = {}  # key -> new JSON text
         self._deleted: set[str] = set()
         self._user_id = stored.user_id if stored is not None else None
@@ -170,7 +170,7 @@ class Session(MutableMapping[str, Any]):
         if old == text and key not in self._dirty:
             self._values[key] = value  # the stored value already: nothing to write
             return
-        size = self._size - (_size(key, old) if old is not None else 0) + _size(key, text)
+        size = self._total() - (_size(key, old) if old is not None else 0) + _size(key, text)
         if size > self._max_size:
             raise SessionTooLarge(
                 f"session[{key!r}] would make the session {size} bytes, over max_size="
@@ -185,11 +185,15 @@ class Session(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         self._accessed = True
         del self._values[key]
-        old = self._dirty.pop(key, None) or self._raw.get(key)
-        if old is not None:
-            self._size -= _size(key, old)
+        self._dirty.pop(key, None)
+        self._size = -1  # recounted when next needed
         if key in self._raw:
             self._deleted.add(key)
+
+    def _total(self) -> int:
+        if self._size < 0:
+            self._size = sum(_size(k, self._dirty.get(k) or self._raw[k]) for k in self._values)
+        return self._size
 
     def __iter__(self) -> Iterator[str]:
         self._accessed = True

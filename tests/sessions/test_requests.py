@@ -195,3 +195,20 @@ async def test_https_sets_secure_and_rotated_keys_are_resigned_on_the_next_write
         assert resigned.partition(".")[0] == cookie.partition(".")[0]  # same id
         r = await only_new.get("/get/k2", headers=sent(resigned))
         assert r.json()["value"] == "v2"
+
+
+async def test_the_size_limit_counts_deleted_and_replaced_keys_correctly() -> None:
+    from asgi_dist import SessionTooLarge
+    from asgi_dist.sessions import Session
+
+    session = Session(None, max_size=1000)
+    session["a"] = "x" * 600
+    with pytest.raises(SessionTooLarge):
+        session["b"] = "y" * 600  # 1200 bytes: refused, and not stored
+    assert "b" not in session
+    del session["a"]
+    session["b"] = "y" * 600  # fits once "a" is gone
+    session["b"] = "z" * 900  # replacing counts the new value, not both
+    with pytest.raises(SessionTooLarge):
+        session["c"] = "w" * 100
+    assert dict(session) == {"b": "z" * 900}
