@@ -284,7 +284,10 @@ class Dispatcher:
             for _stream, messages in reply or []:
                 for message_id, fields in messages:
                     last = _text(message_id)
-                    handle(json.loads(_text(fields[b"entry"])))
+                    try:
+                        handle(json.loads(_text(fields[b"entry"])))
+                    except Exception:
+                        log.exception("broadcast entry %s could not start", last)
 
 
 def _entry(fields: Any) -> dict[str, Any]:

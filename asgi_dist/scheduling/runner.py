@@ -23,7 +23,9 @@ __all__ = ["Fire", "RunSettings", "backoff", "run_fire"]
 
 log = logging.getLogger("asgi_dist.scheduling")
 
+# Final statuses: a child waiting on a parent stops waiting at any of them.
 _TERMINAL = {"succeeded", "failed", "missed", "skipped", "paused", "cancelled"}
+_TERMINAL |= {"abandoned", "lost"}  # run_on="any": never started, or its node died
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ an old term is refused by the fence check, and even two leaders of the same term
 could not take one fire twice, because the claim compares-and-sets the job's
 next fire and records a claim key that outlives the period.
 
-Followers do nothing but wait in the election.
+Followers wait in the election and send the scheduler's store nothing; only
+nodes with ``run_on="any"`` or broadcast jobs also block on the dispatch streams
+(:mod:`.dispatch`).
 """
 
 from __future__ import annotations
