@@ -3,8 +3,15 @@ needs nothing but the store coming back."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from tests.helpers.servers import RedisServer
 from tests.sessions.conftest import client
@@ -42,3 +49,27 @@ async def test_a_paused_redis_gives_503_after_store_timeout_instead_of_hanging(
             redis_server.resume()
         r = await c.get("/get/k")
         assert r.status_code == 200 and r.json()["value"] == "v"
+
+
+async def test_a_save_that_fails_turns_the_response_into_503_not_a_silent_success(
+    session_dist: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_write(request: Request) -> PlainTextResponse:
+        request.session["k"] = "new"
+        entered.set()
+        await release.wait()  # the store goes away between the load and the save
+        return PlainTextResponse("saved?")
+
+    dist = await session_dist("redis", redis=redis_server.url, store_timeout=1.0)
+    app = dist.wrap(Starlette(routes=[Route("/slow", slow_write, methods=["POST"])]))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        pending = asyncio.ensure_future(c.post("/slow"))
+        await asyncio.wait_for(entered.wait(), 10)
+        redis_server.kill()
+        release.set()
+        r = await asyncio.wait_for(pending, 10)
+        assert r.status_code == 503 and r.text != "saved?"
+        assert "set-cookie" not in r.headers
