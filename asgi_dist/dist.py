@@ -185,6 +185,7 @@ class Dist:
         if self._started:
             return
         runtime = self.runtime
+        runtime.stopping.clear()  # a Dist may be started again after a stop
         try:
             for cap in self._capabilities():
                 cap.register()
