@@ -1,7 +1,8 @@
 -- Claim one fire of one job: the single step that makes "at most one start per
 -- fire" true.  Every key shares the job's hash tag, so this runs atomically on
 -- one Redis (Cluster) slot.
--- KEYS: 1 state hash, 2 claim key of this fire, 3 running lease, 4 history hash, 5 history index
+-- KEYS: 1 state hash, 2 claim key of this fire, 3 running lease, 4 history hash, 5 history index,
+--       6 active runs (zset: fire_id -> run lease expiry, server ms; see reap.lua)
 -- ARGV: 1 fire_ms, 2 fire_id, 3 expected next ('' = no check: triggers, one-offs),
 --       4 new next ('' = keep, 'none' = schedule ended), 5 fence, 6 intent ('run' | 'missed'),
 --       7 record JSON, 8 overlap, 9 running lease ms, 10 claim ttl ms, 11 history cap, 12 signature
@@ -48,6 +49,9 @@ rec['claimed_at'] = now
 if status == 'skipped' then rec['error'] = 'overlap=forbid: the previous run is still running' end
 if status == 'paused' then rec['error'] = 'the job is paused' end
 redis.call('HSET', KEYS[4], ARGV[2], cjson.encode(rec))
+-- A claimed fire holds a run lease that its runner renews; if the runner's node
+-- dies first, the leader records the fire as lost (it is never claimed again).
+if status == 'claimed' then redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[2]) end
 redis.call('ZADD', KEYS[5], ARGV[1], ARGV[2])
 local n = redis.call('ZCARD', KEYS[5])
 local cap = tonumber(ARGV[11])

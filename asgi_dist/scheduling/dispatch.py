@@ -11,8 +11,8 @@ The leader claims the fire as usual (once per fire), then hands it over:
   left pending longer than ``redeliver_after`` (its node died or froze before the
   CAS) is claimed by the leader (XAUTOCLAIM) and put back on the stream for
   another node, up to ``max_deliveries`` times, then recorded ``abandoned``.  A
-  running fire renews a run lease; if its node dies, ``reap.lua`` records it as
-  ``lost`` once the lease expires, and it is never started again.
+  running fire renews its run lease; if its node dies, the leader records it as
+  ``lost`` once the lease expires (``reap.lua``), and it is never started again.
 * ``broadcast=True``: one entry on a broadcast stream naming the live members
   (from a heartbeat set kept with server time, XXL-JOB's sharding broadcast);
   each member runs its shard with ``ctx.shard_index`` / ``ctx.shard_total``.
@@ -47,7 +47,6 @@ _GROUP = "nodes"
 _BLOCK_MS = 4000
 _MAXLEN = 10_000
 _PAGES = 10  # XAUTOCLAIM pages of 100 per redelivery pass (bounds one pass)
-_REAP_LIMIT = 1000
 
 Handler = Callable[[dict[str, Any]], None]
 AnyHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -69,8 +68,6 @@ class Dispatcher:
         self.members_key = backend.key("schedctl", "cluster", "members")
         self._heartbeat = backend.script("asgi_dist.scheduling", "heartbeat")
         self._transition = backend.script("asgi_dist.scheduling", "transition")
-        self._alive = backend.script("asgi_dist.scheduling", "alive")
-        self._reap = backend.script("asgi_dist.scheduling", "reap")
         self._prune = backend.script("asgi_dist.scheduling", "prune_consumers")
 
     # leader side -------------------------------------------------------------------
@@ -130,12 +127,6 @@ class Dispatcher:
         # Started (or finished, or trimmed from history): nothing to hand out again.
         await self.ack(message_id)
         return sent
-
-    async def reap_lost(self, job: str) -> list[str]:
-        """Record as lost the fires of ``job`` whose node stopped renewing the run lease."""
-        keys = [self.store.job_key(job, "hist"), self.store.job_key(job, "active")]
-        lost = await self._reap(self.client, keys, [_REAP_LIMIT])
-        return [_text(f) for f in lost]
 
     async def prune_consumers(self, min_idle_ms: int) -> int:
         """Forget consumer names of nodes gone for ``min_idle_ms`` with nothing pending."""
@@ -233,10 +224,6 @@ class Dispatcher:
             delivery=delivery,
         )
         return "running" if moved else before
-
-    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
-        """Renew the run lease of a fire running here."""
-        await self._alive(self.client, [self.store.job_key(job, "active")], [fire_id, lease_ms])
 
     async def ack(self, message_id: Any) -> None:
         await self.client.xack(self.any_stream, _GROUP, message_id)

@@ -42,8 +42,8 @@ class Fire:
     jitter_cap_ms: int = 0
     blocked: str | None = None  # why it cannot follow its parents, known before it starts
     broadcast: bool = False  # one shard of a broadcast: its outcome goes under "shards"
-    # Renews the fire's run lease while it runs (fires handed over with run_on="any":
-    # if this node dies, the lease expires and the fire is recorded as lost).
+    # Renews the fire's run lease while it runs (Redis store: if this node dies, the
+    # lease expires and the leader records the fire as lost).
     keepalive: Callable[[], Awaitable[None]] | None = None
 
 
@@ -70,16 +70,18 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
     status = "failed"
     renewer: asyncio.Task[None] | None = None
     try:
+        if fire.leased or fire.keepalive is not None:
+            # From the claim on, through jitter and the wait for parents: the leases
+            # were taken at the claim (or the start of a handed-over fire).
+            me = asyncio.current_task()
+            assert me is not None
+            renewer = asyncio.create_task(_renew_leases(store, fire, settings.lease_ms, me))
         if fire.jitter_cap_ms > 0:
             await asyncio.sleep(random.uniform(0, fire.jitter_cap_ms) / 1000)
         blocked = fire.blocked or await _wait_for_parents(store, fire, settings.dependency_wait)
         if blocked is not None:
             status, error = "skipped", blocked
             return status
-        if fire.leased or fire.keepalive is not None:
-            me = asyncio.current_task()
-            assert me is not None
-            renewer = asyncio.create_task(_renew_leases(store, fire, settings.lease_ms, me))
         started_ms = int(time.time() * 1000)
         t0 = time.monotonic()
         for attempt in range(1, job.options.retries + 2):

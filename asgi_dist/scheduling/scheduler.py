@@ -61,6 +61,7 @@ from asgi_dist.scheduling.schedules import (
 )
 from asgi_dist.scheduling.store import Claim, SchedulerStore
 from asgi_dist.scheduling.store_memory import MemoryStore
+from asgi_dist.scheduling.store_redis import RedisStore
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -94,6 +95,7 @@ class Scheduler:
         self._campaign: asyncio.Task[Any] | None = None
         self._runs: dict[str, tuple[str, asyncio.Task[str]]] = {}  # fire_id -> (job, task)
         self._next: dict[str, int | None] = {}
+        self._tracked: set[str] = set()  # jobs whose run leases the leader reaps
         self._dispatcher: Dispatcher | None = None
         self._workers: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -258,9 +260,6 @@ class Scheduler:
             return  # memory: this one process is the whole cluster
         if not (wants_any or wants_broadcast):
             return  # idle followers stay silent
-        from asgi_dist.scheduling.dispatch import Dispatcher
-        from asgi_dist.scheduling.store_redis import RedisStore
-
         store = self.store
         assert isinstance(store, RedisStore)  # the backend is redis (checked above)
         dispatcher = Dispatcher(
@@ -459,6 +458,7 @@ class Scheduler:
         for job in self.registry:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
+        self._tracked = {j.name for j in self.registry}
         recovery = self._start_recovery()
         try:
             await self._lead_loop(term)
@@ -504,33 +504,36 @@ class Scheduler:
             check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
 
     def _start_recovery(self) -> asyncio.Task[None] | None:
-        """While leading: hand out again the run_on="any" fires that no node started,
-        and record the ones whose node died while running them.  Followers do not."""
-        any_jobs = [j.name for j in self.registry if j.options.run_on == "any"]
-        if self._dispatcher is None or not any_jobs:
+        """While leading (Redis store): record the fires whose node died before they
+        finished, and hand out again the run_on="any" fires that no node started.
+        Followers do neither."""
+        store = self.store
+        if not isinstance(store, RedisStore):
             return None
-        return asyncio.create_task(
-            self._recover_forever(self._dispatcher, any_jobs), name="scheduler-recovery"
-        )
+        return asyncio.create_task(self._recover_forever(store), name="scheduler-recovery")
 
-    async def _recover_forever(self, dispatcher: Dispatcher, jobs: list[str]) -> None:
-        config = self.config
+    async def _recover_forever(self, store: RedisStore) -> None:
+        config, dispatcher = self.config, self._dispatcher
+        redeliver = dispatcher is not None and any(j.options.run_on == "any" for j in self.registry)
         # Half the bounds: a stuck entry waits at most 1.5 x redeliver_after, a dead
         # node's fire is recorded lost at most 1.5 x running_lease after its last renewal.
-        pause = min(config.redeliver_after, config.running_lease) / 2
+        pause = config.running_lease / 2
+        if redeliver:
+            pause = min(config.redeliver_after, config.running_lease) / 2
         min_idle_ms = round(config.redeliver_after * 1000)
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
         while True:
             try:
-                if loop.time() >= next_prune:
-                    next_prune = loop.time() + _PRUNE_EVERY
-                    await dispatcher.prune_consumers(_CONSUMER_GONE_MS)
-                sent = await dispatcher.redeliver(min_idle_ms, config.max_deliveries)
-                if sent:
-                    log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
-                for job in jobs:
-                    lost = await dispatcher.reap_lost(job)
+                if redeliver and dispatcher is not None:
+                    if loop.time() >= next_prune:
+                        next_prune = loop.time() + _PRUNE_EVERY
+                        await dispatcher.prune_consumers(_CONSUMER_GONE_MS)
+                    sent = await dispatcher.redeliver(min_idle_ms, config.max_deliveries)
+                    if sent:
+                        log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
+                for job in sorted(self._tracked):
+                    lost = await store.reap_lost(job)
                     if lost:
                         log.warning("scheduler: fires lost with their node: %s", lost)
             except Exception as exc:
@@ -657,18 +660,7 @@ class Scheduler:
         if outcome != "running":
             log.info("fire %s not started here: it is %s", fire_id, outcome)
             return
-
-        async def keepalive() -> None:
-            await dispatcher.keep_running(job.name, fire_id, lease_ms)
-
-        self._launch(
-            job,
-            entry["fire_ms"],
-            fire_id,
-            entry.get("payload"),
-            fence=entry["fence"],
-            keepalive=keepalive,
-        )
+        self._launch(job, entry["fire_ms"], fire_id, entry.get("payload"), fence=entry["fence"])
 
     def _received(self, entry: dict[str, Any]) -> None:
         """A broadcast fire handed over by the leader (every node, the leader included)."""
@@ -700,7 +692,6 @@ class Scheduler:
         *,
         fence: int | None = None,
         shard: tuple[int, int] = (0, 1),
-        keepalive: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if job.options.overlap == "replace":
             # A run of the same job in this process gives way at once; runs on
@@ -710,6 +701,7 @@ class Scheduler:
                     task.cancel()
         jitter_ms = jitter_cap_ms(job, fire_ms)
         blocked = self._parents_without_fire(job, fire_ms)
+        lease_ms = round(self.config.running_lease * 1000)
         fire = Fire(
             job=job,
             fire_ms=fire_ms,
@@ -723,10 +715,10 @@ class Scheduler:
             payload=payload,
             blocked=blocked,
             jitter_cap_ms=jitter_ms,
-            keepalive=keepalive,
+            keepalive=self._keepalive(job, fire_id, lease_ms),
         )
         settings = RunSettings(
-            lease_ms=round(self.config.running_lease * 1000),
+            lease_ms=lease_ms,
             backoff_base=self.config.retry_backoff,
             backoff_max=self.config.retry_backoff_max,
             dependency_wait=self.config.dependency_wait,
@@ -735,6 +727,20 @@ class Scheduler:
         run_key = f"{fire_id}#{shard[0]}"
         self._runs[run_key] = (job.name, task)
         task.add_done_callback(lambda _: self._runs.pop(run_key, None))
+
+    def _keepalive(
+        self, job: Job, fire_id: str, lease_ms: int
+    ) -> Callable[[], Awaitable[None]] | None:
+        """Renews the run lease taken at the claim (or at the start of a handed-over
+        fire); Redis only, and not for broadcast shards (one fire, many runs)."""
+        store = self.store
+        if not isinstance(store, RedisStore) or job.options.broadcast:
+            return None
+
+        async def keepalive() -> None:
+            await store.keep_running(job.name, fire_id, lease_ms)
+
+        return keepalive
 
     def _parents_without_fire(self, job: Job, fire_ms: int) -> str | None:
         """Why the fire cannot follow its parents (one has no fire at this time), or None."""
@@ -787,4 +793,5 @@ class Scheduler:
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
+            self._tracked.add(job.name)  # a one-off's name is no registered job
             await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))

@@ -38,6 +38,8 @@ class RedisStore:
         self._finish = backend.script(_PACKAGE, "finish")
         self._renew = backend.script(_PACKAGE, "renew")
         self._init = backend.script(_PACKAGE, "init")
+        self._alive = backend.script(_PACKAGE, "alive")
+        self._reap = backend.script(_PACKAGE, "reap")
         self._triggers = backend.key("schedctl", "cluster", "triggers")
         self._once = backend.key("schedctl", "cluster", "once")
         self._channel = backend.key("schedctl", "cluster", "wake")
@@ -92,6 +94,7 @@ class RedisStore:
             self.job_key(claim.job, "running"),
             self.job_key(claim.job, "hist"),
             self.job_key(claim.job, "hidx"),
+            self.job_key(claim.job, "active"),
         ]
         args = [
             str(claim.fire_ms),
@@ -122,6 +125,16 @@ class RedisStore:
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         ok = await self._renew(self.client, [self.job_key(job, "running")], [fire_id, lease_ms])
         return bool(ok)
+
+    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
+        """Renew the run lease of a fire this node is running (see ``reap.lua``)."""
+        await self._alive(self.client, [self.job_key(job, "active")], [fire_id, lease_ms])
+
+    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+        """Record as lost the fires of ``job`` whose node stopped renewing the run lease."""
+        keys = [self.job_key(job, "hist"), self.job_key(job, "active")]
+        lost = await self._reap(self.client, keys, [limit])
+        return [_decode(f) for f in lost]
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         ids = await self.client.zrevrange(self.job_key(job, "hidx"), 0, limit - 1)

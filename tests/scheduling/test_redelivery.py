@@ -134,6 +134,36 @@ async def test_fire_whose_node_died_while_running_is_recorded_lost_not_rerun(
     print(f"{fire_id}: node killed mid-run, recorded {rec['status']}: {rec['error']}")
 
 
+async def test_fire_whose_leader_died_running_it_is_recorded_lost_not_rerun(
+    processes: ProcessGroup,
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    make_dist: Any,
+) -> None:
+    env = {"REDIS_URL": redis_url, "NAMESPACE": namespace, "JOBS": "redeliver", **TIMING}
+    env["RUN_ON"] = "leader"
+    (victim,) = processes.python(NODE, 1, env={**env, "VICTIM": "run"})  # alone: it leads
+    held = await confession(redis_client, namespace)
+    fire_id = held["fire_id"]
+    processes.python(NODE, 2, env=env)
+    victim.kill()  # SIGKILL the leader mid-run: a new leader takes over and reaps
+    observer = await observer_dist(make_dist, redis_url)
+
+    async def lost() -> bool:
+        rec = await record(observer, fire_id)
+        return rec is not None and rec["status"] == "lost"
+
+    await wait_for(lost, 20, f"{fire_id} to be recorded lost")
+    stop_all(processes)
+    recorded = await runs(redis_client, namespace)
+    assert_no_fire_ran_twice(recorded)
+    assert [r["pid"] for r in recorded if r["fire_id"] == fire_id] == [victim.pid]
+    rec = await record(observer, fire_id)
+    assert rec is not None and rec["node"] == held["node"] and rec["status"] == "lost", rec
+    print(f"{fire_id}: leader killed mid-run, recorded {rec['status']}: {rec['error']}")
+
+
 async def any_node(sched_dist: Any, started: list[str], redeliver_after: float = 0.2) -> Dist:
     """One node (it leads) with a triggered run_on="any" job; quick redelivery."""
     config = SchedulerConfig(redeliver_after=redeliver_after, max_deliveries=3)

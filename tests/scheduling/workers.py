@@ -3,10 +3,11 @@
 Every run appends ``{fire_id, job, pid, fence}`` to the Redis list ``<namespace>:runs``,
 so the test can prove each fire ran exactly once across processes.
 
-``JOBS=redeliver`` runs one ``run_on="any"`` job; with ``VICTIM=receive`` this node
-freezes itself (SIGSTOP) on its first delivery, before the compare-and-set that
-starts the fire, and with ``VICTIM=run`` its first run hangs; either way it first
-writes ``{fire_id, node, pid}`` to ``<namespace>:victim`` for the test.
+``JOBS=redeliver`` runs one ``run_on="any"`` job (``RUN_ON=leader``: a leader job);
+with ``VICTIM=receive`` this node freezes itself (SIGSTOP) on its first delivery,
+before the compare-and-set that starts the fire, and with ``VICTIM=run`` its first
+run hangs; either way it first writes ``{fire_id, node, pid}`` to
+``<namespace>:victim`` for the test.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -73,7 +75,9 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
             entry = {"fire_id": fire_id, "node": dist.runtime.node_id, "pid": os.getpid()}
             await client.set(f"{namespace}:victim", json.dumps(entry))
 
-        @dist.every(seconds=0.5, run_on="any")
+        run_on: Any = os.environ.get("RUN_ON", "any")
+
+        @dist.every(seconds=0.5, run_on=run_on)
         async def anywhere(ctx: JobContext) -> None:
             await record(ctx)
             if victim == "run" and not hooked:
