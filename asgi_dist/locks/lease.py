@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,9 @@ from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
 __all__ = ["Held", "Watchdog", "acquire_lease", "new_token", "shielded"]
 
 log = logging.getLogger("asgi_dist.locks")
+
+# How often the body of a lost lease is cancelled again until it exits.
+_CHASE_EVERY = 0.05
 
 # The shortest sleep between two attempts of one waiter: a holder reported as
 # expiring "now" must not turn the wait into a busy loop.
@@ -104,6 +108,9 @@ class Held:
         self._watchdog = watchdog
         self._body: asyncio.Task[Any] | None = None
         self._cancelled_body = False
+        # How many times the watchdog cancelled the body: each must be undone
+        # (Task.uncancel) before we can tell our cancellation from another's.
+        self._cancels = 0
         self._on_end: list[Callable[[Held], None]] = []
         if watchdog is not None:
             watchdog.add(self)
@@ -173,10 +180,40 @@ class Held:
         self.lost.set()
         self._end()
         log.warning("%s %r (fence %d) lost: %s", self.kind, self.name, self.fence, reason)
+        self.cancel_body()
+
+    def cancel_body(self) -> bool:
+        """Cancel the body of a lost lease (again); False once it has exited.
+
+        The watchdog calls it on every tick until the body leaves: a client
+        library that swallows a cancellation landing inside its own call
+        (redis-py 8 does, for some) must not let the body run on unfenced.
+        """
         body = self._body
-        if body is not None and not body.done():
-            self._cancelled_body = True
-            body.cancel(f"asgi_dist: {self.kind} {self.name!r} lost: {reason}")
+        if body is None or body.done() or not self.lost.is_set():
+            return False
+        self._cancelled_body = True
+        self._cancels += 1
+        body.cancel(f"asgi_dist: {self.kind} {self.name!r} lost: {self.lost_reason}")
+        if self._watchdog is not None:
+            self._watchdog.chase(self)
+        return True
+
+    def detach_body(self) -> bool:
+        """Stop cancelling the body and undo our cancellations.
+
+        True when the body was cancelled because the lease was lost and nobody
+        else has asked for its cancellation: the ``CancelledError`` it sees is
+        ours, to be turned into :class:`~asgi_dist.LockLost`.
+        """
+        body, self._body = self._body, None
+        if not self._cancelled_body or body is None:
+            return False
+        cancels, self._cancels = self._cancels, 0
+        pending = body.cancelling()
+        for _ in range(min(cancels, pending)):
+            pending = body.uncancel()
+        return pending == 0
 
     def _end(self) -> None:
         if self._watchdog is not None:
@@ -209,22 +246,26 @@ class Held:
         if self.depth > 1 and not self.lost.is_set():
             self.depth -= 1
             return
-        body, self._body = self._body, None
-        if self._cancelled_body and body is not None:
+        if self._cancelled_body and self._body is not None:
+            body = self._body
             if not isinstance(exc, asyncio.CancelledError):
                 # The body ended before our cancellation landed: consume it here
                 # so it does not hit the caller's next await.
+                self._body = None  # stop the watchdog re-cancelling meanwhile
                 try:
-                    await asyncio.sleep(0)
+                    if body.cancelling():
+                        await asyncio.sleep(0)
                 except asyncio.CancelledError:
                     pass
-            if body.uncancel() == 0:
+                self._body = body
+            if self.detach_body():
                 raise LockLost(
                     f"{self.kind} {self.name!r} (fence {self.fence}) was lost while held "
                     f"({self.lost_reason}); the body was cancelled. Keep critical sections "
                     "shorter than the ttl, or check the fence where the work is written"
                 ) from exc
             return  # someone else cancelled us too: let CancelledError propagate
+        self._body = None
         if self.lost.is_set():
             if exc is None:
                 raise LockLost(
@@ -264,6 +305,8 @@ class Watchdog:
     def __init__(self, spawn: Callable[[str, Callable[[], Any]], asyncio.Task[Any]]) -> None:
         self._spawn = spawn
         self._held: set[Held] = set()
+        # Bodies of lost leases still running: cancelled again every tick.
+        self._chased: set[Held] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
         self.ticks = 0
@@ -277,6 +320,13 @@ class Watchdog:
     def discard(self, held: Held) -> None:
         self._held.discard(held)
 
+    def chase(self, held: Held) -> None:
+        if held not in self._chased:
+            self._chased.add(held)
+            self._changed.set()
+            if self._task is None or self._task.done():
+                self._task = self._spawn("lock-watchdog", self._run)
+
     @property
     def held(self) -> frozenset[Held]:
         return frozenset(self._held)
@@ -285,10 +335,15 @@ class Watchdog:
         loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
-            if not self._held:
+            if not self._held and not self._chased:
                 await self._changed.wait()
                 continue
-            wake = min(min(h.next_renewal, h.renewed_at + h.renew_deadline) for h in self._held)
+            wake = min(
+                (min(h.next_renewal, h.renewed_at + h.renew_deadline) for h in self._held),
+                default=math.inf,
+            )
+            if self._chased:
+                wake = min(wake, loop.time() + _CHASE_EVERY)
             delay = wake - loop.time()
             if delay > 0:
                 try:
@@ -306,6 +361,9 @@ class Watchdog:
 
     async def _tick(self, now: float) -> None:
         self.ticks += 1
+        for held in list(self._chased):
+            if not held.cancel_body():
+                self._chased.discard(held)
         for held in list(self._held):
             if now - held.renewed_at >= held.renew_deadline:
                 held.mark_lost(

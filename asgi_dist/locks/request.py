@@ -9,6 +9,7 @@ trip happens unless a lock is acquired.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from asgi_dist._types import Message
 from asgi_dist.backends import BackendName
 from asgi_dist.context import RequestContext, current_request
-from asgi_dist.errors import ConfigError, LockNotOwned, NoRequestContext
+from asgi_dist.errors import ConfigError, LockLost, LockNotOwned, NoRequestContext
 from asgi_dist.locks.lease import Held
 
 if TYPE_CHECKING:
@@ -61,11 +62,36 @@ class RequestLocks:
         """
         lock = self._service.lock(name, ttl=ttl, fair=fair, backend=backend)
         held = await lock.acquire(timeout=timeout)
+        # Like the body of ``async with``: if the lease is lost, the request's
+        # task is cancelled (again each watchdog tick until it stops) rather
+        # than left to finish work the lock no longer protects.
+        held.bind_body(asyncio.current_task())
         self._held.append(held)
         return held
 
+    def lost_cancellation(self) -> LockLost | None:
+        """The :class:`~asgi_dist.LockLost` behind the request's cancellation, if any.
+
+        Call it where the request's ``CancelledError`` is caught: it stops the
+        re-cancelling and returns the error to answer with when the only
+        cancellation pending was ours (else None: someone else cancelled the
+        request too, and the ``CancelledError`` must propagate).
+        """
+        lost = [h for h in self._held if h.lost.is_set()]
+        ours = [h.detach_body() for h in self._held]
+        if not lost or not any(ours):
+            return None
+        h = lost[0]
+        return LockLost(
+            f"{h.kind} {h.name!r} (fence {h.fence}) was lost during the request "
+            f"({h.lost_reason}); the request was cancelled. Retry it"
+        )
+
     async def release_all(self) -> None:
         held, self._held = self._held, []
+        for h in held:
+            # The request is over: never cancel its task after this point.
+            h.detach_body()
         for h in reversed(held):
             try:
                 await h.release()
@@ -148,8 +174,15 @@ def locked(
                 )
             name = template.format_map({f: params[f] for f in fields})
             if ctx is not None and ctx.locks is not None:
-                await ctx.locks.acquire(name, timeout=timeout, ttl=ttl, fair=fair, backend=backend)
-                return await endpoint(*args, **kwargs)
+                locks = ctx.locks
+                await locks.acquire(name, timeout=timeout, ttl=ttl, fair=fair, backend=backend)
+                try:
+                    return await endpoint(*args, **kwargs)
+                except asyncio.CancelledError as exc:
+                    lost = locks.lost_cancellation()
+                    if lost is None:
+                        raise
+                    raise lost from exc
             # Outside DistMiddleware (a test calling the function): hold it
             # for the call only.
             async with service.lock(name, ttl=ttl, timeout=timeout, fair=fair, backend=backend):

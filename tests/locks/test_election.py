@@ -240,3 +240,48 @@ async def test_run_campaigns_again_after_a_lost_term(
     await asyncio.wait_for(election.run(body), 20)
     assert len(fences) == 2 and fences[1] > fences[0]
     assert not election.is_leader
+
+
+async def test_an_idle_follower_attempts_about_once_per_lease_period(
+    make_dist, redis_server
+) -> None:
+    """A follower sleeps on the pub/sub wake-up bounded by the leader's lease.
+
+    The leader is simulated from outside (a lease hash kept alive with PEXPIRE),
+    so every EVALSHA the private server counts is the follower's attempt.
+    """
+    ttl = 1.0
+    dist: Dist = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    redis = dist.locks.runtime.redis
+    assert redis is not None
+    lease = redis.key("election", "idle", "lease")
+    await admin.hset(lease, mapping={"token": "outsider@elsewhere", "fence": 1})
+    await admin.pexpire(lease, int(ttl * 1000))
+    election = dist.election("idle", ttl=ttl, renew_deadline=0.6, retry=0.15)
+    follower = asyncio.create_task(election.campaign())
+
+    async def attempts() -> int:
+        stats = await admin.info("commandstats")
+        return sum(stats.get(k, {}).get("calls", 0) for k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+    periods = 3
+    try:
+        await asyncio.sleep(0.3)
+        before = await attempts()
+        for _ in range(round(periods * ttl / 0.15)):
+            await admin.pexpire(lease, int(ttl * 1000))  # the leader renewing every retry
+            await asyncio.sleep(0.15)
+        sent = await attempts() - before
+        assert not follower.done()
+        # Polling every retry would be ~20; waiting on the lease ~1 per period.
+        assert sent <= 2 * periods, f"{sent} attempts in {periods} lease periods"
+        # The resignation's publish still wakes it at once (the lease had ~1 s left).
+        await admin.delete(lease)
+        await admin.publish(redis.key("election", "idle", "wake"), "released:outsider")
+        term = await asyncio.wait_for(follower, 0.9)
+        assert term.owner == dist.node_id
+        await term.release()
+    finally:
+        follower.cancel()
+        await admin.aclose()
