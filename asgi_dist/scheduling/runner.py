@@ -25,7 +25,7 @@ log = logging.getLogger("asgi_dist.scheduling")
 
 # Final statuses: a child waiting on a parent stops waiting at any of them.
 _TERMINAL = {"succeeded", "failed", "missed", "skipped", "paused", "cancelled"}
-_TERMINAL |= {"abandoned", "lost"}  # run_on="any": never started, or its node died
+_TERMINAL |= {"abandoned", "lost"}  # never started by any node, or its node died
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
 async def _renew_leases(
     store: SchedulerStore, fire: Fire, lease_ms: int, runner: asyncio.Task[Any]
 ) -> None:
-    """Keep the job's running lease (overlap) and the fire's run lease (run_on="any");
-    if the running lease now names another fire (replace), cancel this run."""
+    """Keep the job's running lease (overlap) and the fire's run lease (Redis: proof that
+    its node lives); if the running lease now names another fire (replace), cancel this run."""
     leased = fire.leased
     while leased or fire.keepalive is not None:
         await asyncio.sleep(lease_ms / 3000)
