@@ -36,7 +36,7 @@ async def test_a_write_sets_a_signed_httponly_lax_cookie_and_the_next_request_re
         assert set_cookie(r) is None  # read-only: nothing written, no cookie
 
 
-async def test_no_write_no_cookie_and_no_session_is_stored(dist: Any) -> None:
+async def test_a_request_that_writes_nothing_gets_no_cookie(dist: Any) -> None:
     async with client(dist) as c:
         r = await c.get("/get/color")
         assert r.json()["value"] is None
@@ -70,7 +70,7 @@ async def test_an_absurdly_long_cookie_is_ignored(dist: Any) -> None:
         assert r.status_code == 200 and r.json()["data"] == {}
 
 
-async def test_only_changed_keys_are_written_and_in_place_list_changes_persist(dist: Any) -> None:
+async def test_in_place_changes_of_a_stored_list_persist(dist: Any) -> None:
     async with client(dist) as c:
         await c.post("/append/one")
         await c.post("/append-in-place/two")
