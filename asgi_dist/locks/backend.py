@@ -61,10 +61,16 @@ class LeaseBackend(Protocol):
     """
 
     name: str
-    # Longest sleep between attempts of a waiter when no wake-up comes (the
-    # store has no push channel for some releases, e.g. another process on
-    # PostgreSQL); None when every release pushes a wake-up.
-    poll_interval: float | None
+
+    @property
+    def poll_interval(self) -> float | None:
+        """Longest sleep between attempts of a waiter when no wake-up comes.
+
+        Set while the store's push channel misses some releases (PostgreSQL
+        without a working LISTEN, Redlock); None when every release pushes a
+        wake-up and a waiter may sleep until the holder's lease ends.
+        """
+        ...
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt: ...
 
@@ -111,6 +117,11 @@ class LocalWakeups:
     def wake(self, kind: str, name: str) -> None:
         for watch in self._watchers.get((kind, name), ()):
             watch.event.set()
+
+    def wake_all(self) -> None:
+        for watchers in self._watchers.values():
+            for watch in watchers:
+                watch.event.set()
 
     @property
     def watched(self) -> int:

@@ -5,19 +5,32 @@ it works behind PgBouncer in transaction pooling mode.  Expiry compares with
 the database's ``now()``; the fence is the row's counter, incremented by the
 same statement that grants the lease and kept when it is released.
 
-Releases in this process wake local waiters at once; waiters in other
-processes notice within ``poll_interval`` (LISTEN/NOTIFY would need a session
-connection, which PgBouncer transaction pooling does not give).
+Releases wake waiters through LISTEN/NOTIFY: the release statement itself
+calls ``pg_notify`` (delivered at commit), and each Dist keeps one connection
+listening on the namespace's channel, demultiplexed to its waiters by the
+payload.  Where notifications do not arrive (PgBouncer transaction pooling
+gives no session to LISTEN on; the probe at start finds out) or while the
+listening connection is down, waiters fall back to polling every
+``poll_interval``, bounded by the holder's remaining lease.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import secrets
 from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
 
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch
 
-__all__ = ["MIGRATIONS", "PostgresLeases", "PostgresPermitLeases"]
+__all__ = ["MIGRATIONS", "PostgresLeases", "PostgresPermitLeases", "PostgresWakeups"]
+
+log = logging.getLogger("asgi_dist.locks")
 
 MIGRATIONS = [
     """
@@ -45,15 +58,110 @@ MIGRATIONS = [
 ]
 
 
+class PostgresWakeups:
+    """One LISTEN connection per Dist, shared by its PostgreSQL lease backends.
+
+    ``listening`` is True only while notifications are known to arrive: LISTEN
+    was acknowledged *and* a probe notification came back through it.
+    """
+
+    def __init__(self, postgres: PostgresBackend, *, probe_timeout: float = 1.0) -> None:
+        self._pg = postgres
+        self.channel = postgres.table("lease_released")
+        self.local = LocalWakeups()
+        self.listening = False
+        self._probe_timeout = probe_timeout
+        self._conn: Any = None
+        self._starting: asyncio.Task[None] | None = None
+        self._probe = f"probe:{secrets.token_hex(8)}"
+        self._probed = asyncio.Event()
+        self._gave_up = False
+        self._closed = False
+
+    def payload(self, kind: str, name: str) -> str:
+        return json.dumps([kind, name])
+
+    async def ensure(self) -> None:
+        """Listen (once; again after the connection was lost) before a waiter's attempt."""
+        if self.listening or self._gave_up or self._closed:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._listen())
+        try:
+            await asyncio.shield(self._starting)
+        except Exception:
+            log.debug("could not LISTEN for lease releases; polling", exc_info=True)
+
+    async def _listen(self) -> None:
+        conn = await self._pg.pool.acquire()
+        try:
+            await conn.add_listener(self.channel, self._on_notify)
+            conn.add_termination_listener(self._on_lost)
+            self._probed.clear()
+            await self._pg.pool.execute("SELECT pg_notify($1, $2)", self.channel, self._probe)
+            try:
+                async with asyncio.timeout(self._probe_timeout):
+                    await self._probed.wait()
+            except TimeoutError:
+                # Typically PgBouncer in transaction mode: the notification went
+                # to whichever client held the server connection.  Poll instead.
+                log.info("lease release notifications do not arrive here; waiters poll")
+                self._gave_up = True
+                await self._pg.pool.release(conn)
+                return
+        except BaseException:
+            await self._pg.pool.release(conn)
+            raise
+        self._conn = conn
+        self.listening = True
+        # Releases may have been missed while nobody listened.
+        self.local.wake_all()
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == self._probe:
+            self._probed.set()
+            return
+        try:
+            kind, name = json.loads(payload)
+        except (ValueError, TypeError):
+            return
+        self.local.wake(str(kind), str(name))
+
+    def _on_lost(self, conn: Any) -> None:
+        if conn is self._conn:
+            self._conn = None
+            self.listening = False
+            self.local.wake_all()  # re-check now; polling until listening again
+
+    async def close(self) -> None:
+        self._closed = True
+        self.listening = False
+        conn, self._conn = self._conn, None
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        if conn is not None:
+            try:
+                await conn.remove_listener(self.channel, self._on_notify)
+                await self._pg.pool.release(conn)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                log.debug("closing the LISTEN connection failed", exc_info=True)
+
+
 class PostgresLeases:
     """:class:`~asgi_dist.locks.backend.LeaseBackend` on PostgreSQL."""
 
     name = "postgres"
 
-    def __init__(self, postgres: PostgresBackend, poll_interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        postgres: PostgresBackend,
+        poll_interval: float = 0.25,
+        wakeups: PostgresWakeups | None = None,
+    ) -> None:
         self._pg = postgres
-        self.poll_interval: float | None = poll_interval
-        self._wakeups = LocalWakeups()
+        self._poll_interval = poll_interval
+        self._notify = wakeups if wakeups is not None else PostgresWakeups(postgres)
+        self._wakeups = self._notify.local
         table = postgres.table("leases")
         # A free row (released or expired) is taken by the same statement that
         # bumps its fence; a held row is left alone and reports its remaining time.
@@ -73,9 +181,11 @@ class PostgresLeases:
                    (SELECT extract(epoch FROM expires_at - now())::float8
                       FROM {table} WHERE kind = $1 AND name = $2) AS remaining
         """
+        # The notification is sent when the statement commits, only if it released.
         self._release_sql = f"""
             UPDATE {table} SET token = NULL
             WHERE kind = $1 AND name = $2 AND token = $3 AND expires_at > now()
+            RETURNING pg_notify($4, $5)
         """
         self._renew_sql = f"""
             UPDATE {table} SET expires_at = now() + make_interval(secs => $4)
@@ -84,6 +194,11 @@ class PostgresLeases:
         self._holder_sql = f"""
             SELECT token FROM {table} WHERE kind = $1 AND name = $2 AND expires_at > now()
         """
+
+    @property
+    def poll_interval(self) -> float | None:
+        # Listening: waiters sleep until a notification or the holder's expiry.
+        return None if self._notify.listening else self._poll_interval
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
         row = await self._pg.pool.fetchrow(self._acquire_sql, kind, name, token, float(ttl))
@@ -94,7 +209,14 @@ class PostgresLeases:
         return Attempt(False, 0, -1.0 if remaining is None else float(remaining))
 
     async def release(self, kind: str, name: str, token: str) -> bool:
-        status: str = await self._pg.pool.execute(self._release_sql, kind, name, token)
+        status: str = await self._pg.pool.execute(
+            self._release_sql,
+            kind,
+            name,
+            token,
+            self._notify.channel,
+            self._notify.payload(kind, name),
+        )
         released = status.endswith(" 1")
         if released:
             self._wakeups.wake(kind, name)
@@ -118,7 +240,13 @@ class PostgresLeases:
         return None if value is None else str(value)
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
-        return self._wakeups.watch(kind, name)
+        watch = self._wakeups.watch(kind, name)
+        try:
+            await self._notify.ensure()  # listening before the next attempt
+        except BaseException:
+            watch.close()
+            raise
+        return watch
 
 
 class PostgresPermitLeases(PostgresLeases):
@@ -130,8 +258,14 @@ class PostgresPermitLeases(PostgresLeases):
     PgBouncer's transaction pooling is fine.
     """
 
-    def __init__(self, postgres: PostgresBackend, mode: str, limit: int = 0) -> None:
-        super().__init__(postgres)
+    def __init__(
+        self,
+        postgres: PostgresBackend,
+        mode: str,
+        limit: int = 0,
+        wakeups: PostgresWakeups | None = None,
+    ) -> None:
+        super().__init__(postgres, wakeups=wakeups)
         self.mode = mode
         self.limit = limit
         self._leases = postgres.table("leases")
@@ -208,10 +342,12 @@ class PostgresPermitLeases(PostgresLeases):
     async def release(self, kind: str, name: str, token: str) -> bool:
         live = await self._pg.pool.fetchval(
             f"DELETE FROM {self._permits} WHERE kind = $1 AND name = $2 AND token = $3"
-            " RETURNING role <> 'intent' AND expires_at > now()",
+            " RETURNING role <> 'intent' AND expires_at > now(), pg_notify($4, $5)",
             kind,
             name,
             token,
+            self._notify.channel,
+            self._notify.payload(kind, name),
         )
         if live is not None:
             self._wakeups.wake(kind, name)

@@ -21,7 +21,12 @@ from asgi_dist.locks.election import Election, Term, election_timings
 from asgi_dist.locks.lease import Held, Watchdog
 from asgi_dist.locks.lock import Lock, validate_timing
 from asgi_dist.locks.memory import MemoryLeases, MemoryRWLeases, MemorySemaphoreLeases
-from asgi_dist.locks.postgres import MIGRATIONS, PostgresLeases, PostgresPermitLeases
+from asgi_dist.locks.postgres import (
+    MIGRATIONS,
+    PostgresLeases,
+    PostgresPermitLeases,
+    PostgresWakeups,
+)
 from asgi_dist.locks.redis import FAIR, PLAIN, READ, SEMAPHORE, WRITE, RedisLeases
 from asgi_dist.locks.redlock import RedlockLeases
 from asgi_dist.locks.request import LockHook, locked
@@ -46,6 +51,8 @@ class LockService:
         self._reentrant: dict[tuple[int, str], Held] = {}
         self._redlocks: list[RedlockLeases] = []
         self._terms: dict[tuple[int, str], set[Term]] = {}
+        # One LISTEN connection for every PostgreSQL lease backend of this Dist.
+        self._pg_wakeups: PostgresWakeups | None = None
 
     # lifecycle -------------------------------------------------------------------
 
@@ -77,6 +84,9 @@ class LockService:
                 await asyncio.wait_for(give_back(), 5.0)
             except TimeoutError:
                 log.warning("could not release %d leases at stop; they expire by ttl", len(held))
+        wakeups, self._pg_wakeups = self._pg_wakeups, None
+        if wakeups is not None:
+            await wakeups.close()
         redlocks, self._redlocks = self._redlocks, []
         for leases in redlocks:
             await leases.close()
@@ -107,7 +117,9 @@ class LockService:
             redis = runtime.require_redis("backend='redis'")
             found = RedisLeases(redis, lambda: runtime.pubsub, FAIR if fair else PLAIN)
         elif chosen == "postgres":
-            found = PostgresLeases(runtime.require_postgres("backend='postgres'"))
+            found = PostgresLeases(
+                runtime.require_postgres("backend='postgres'"), wakeups=self._postgres_wakeups()
+            )
         elif chosen == "memory":
             found = MemoryLeases(runtime.memory)
         elif chosen == "zookeeper":
@@ -118,6 +130,12 @@ class LockService:
             raise ConfigError(f"backend={name!r} is unknown: use one of {', '.join(_BACKENDS)}")
         self._backends[cache_key] = found
         return found
+
+    def _postgres_wakeups(self) -> PostgresWakeups:
+        if self._pg_wakeups is None:
+            postgres = self.runtime.require_postgres("backend='postgres'")
+            self._pg_wakeups = PostgresWakeups(postgres)
+        return self._pg_wakeups
 
     # factories -------------------------------------------------------------------
 
@@ -266,7 +284,7 @@ class LockService:
             found = RedisLeases(redis, lambda: runtime.pubsub, variant, extra=extra)
         elif chosen == "postgres":
             postgres = runtime.require_postgres(f"backend='postgres' ({mode})")
-            found = PostgresPermitLeases(postgres, mode, limit)
+            found = PostgresPermitLeases(postgres, mode, limit, self._postgres_wakeups())
         elif mode == "semaphore":
             found = MemorySemaphoreLeases(runtime.memory, limit)
         else:
