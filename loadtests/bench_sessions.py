@@ -1,10 +1,10 @@
 """Session layers compared: requests/s, p50/p99 and store round trips per request.
 
     pip install starsessions      # the peer, for this comparison only
-    python loadtests/sessions_bench.py [--seconds 4] [--connections 16]
+    python loadtests/bench_sessions.py [--seconds 4] [--connections 16]
 
 One run on one machine.  Each layer is served by one uvicorn process (the same
-Starlette app, ``sessions_bench_app.py``) and loaded over loopback by a small
+Starlette app, ``bench_sessions_app.py``) and loaded over loopback by a small
 keep-alive HTTP/1.1 client in this process, on two endpoints: ``GET /read``
 (reads one key) and ``POST /write`` (reads one key, writes one).  Layers: bare app,
 Starlette's cookie ``SessionMiddleware``, starsessions with its Redis store,
@@ -144,7 +144,7 @@ async def round_trips(kind: str, redis_url: str) -> dict[str, float] | None:
             return await super().execute_command(*args, **options)
 
     client = Counting.from_url(redis_url)
-    from loadtests.sessions_bench_app import SECRET, endpoints
+    from loadtests.bench_sessions_app import SECRET, endpoints
 
     dist = None
     if kind == "starsessions":
@@ -199,7 +199,7 @@ async def round_trips(kind: str, redis_url: str) -> dict[str, float] | None:
 def serve(kind: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "loadtests.sessions_bench_app:app", "--host",
+        [sys.executable, "-m", "uvicorn", "loadtests.bench_sessions_app:app", "--host",
          "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
         cwd=ROOT, env={**os.environ, **env, "BENCH_KIND": kind,
                        "PYTHONPATH": str(ROOT)},

@@ -1,4 +1,4 @@
-"""The app that ``sessions_bench.py`` serves, once per session layer (BENCH_KIND).
+"""The app that ``bench_sessions.py`` serves, once per session layer (BENCH_KIND).
 
 Endpoints: ``POST /init`` creates the session (sets ``k``), ``GET /read`` reads ``k``
 (read-only), ``POST /write`` reads ``k`` and writes ``n`` (modify).
