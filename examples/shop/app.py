@@ -33,8 +33,8 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from asgi_dist import Dist, DistMiddleware, get_locks, get_tx
-from asgi_dist.integrations.fastapi import SessionDep
+from asgi_dist import Dist, DistMiddleware, get_tx
+from asgi_dist.integrations.fastapi import LocksDep, SessionDep
 from asgi_dist.transactions.request import RequestTransaction
 
 dist = Dist.from_env()
@@ -186,13 +186,15 @@ def _sold_out(sku: str) -> JSONResponse:
 
 
 @app.post("/buy/{sku}", status_code=201, response_model=None)
-async def buy(sku: str, session: SessionDep, tx: TxDep) -> dict[str, Any] | JSONResponse:
+async def buy(
+    sku: str, session: SessionDep, locks: LocksDep, tx: TxDep
+) -> dict[str, Any] | JSONResponse:
     user = _user(session)
     if sku not in SKUS:
         raise HTTPException(404, f"unknown sku {sku!r}")
     # Held until the response has been sent, i.e. after the commit: the next buyer
     # reads the stock this one wrote.  A busy lock past the timeout answers 409.
-    held = await get_locks().acquire(f"sku:{sku}", timeout=5.0)
+    held = await locks.acquire(f"sku:{sku}", timeout=5.0)
     order_id = str(uuid.uuid4())
     if tx is None:
         if memory.stock[sku] <= 0:
