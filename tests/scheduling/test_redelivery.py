@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from asgi_dist import Dist
 from asgi_dist.scheduling import JobContext, SchedulerConfig
+from asgi_dist.scheduling.store_redis import RedisStore
 from tests.helpers.processes import ProcessGroup, Worker
 from tests.scheduling.test_cluster import NODE, observer_dist, runs, stop_all, wait_for
 from tests.scheduling.test_jobs import NEVER, leading, settle
@@ -278,3 +279,30 @@ async def test_leader_forgets_dead_consumers_but_never_one_holding_a_fire(
     assert await dispatcher.prune_consumers(0) == 1
     names = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "nodes")}
     assert "gone" not in names and "holder" in names, names
+
+
+async def test_run_on_any_and_its_recovery_work_on_redis_cluster(
+    sched_dist: Any, cluster_url: str
+) -> None:
+    started: list[str] = []
+    config = SchedulerConfig(redeliver_after=0.2)
+    dist = await sched_dist(start=False, redis=cluster_url, postgres=None, scheduler=config)
+
+    @dist.cron(NEVER, run_on="any")
+    async def anywhere(ctx: JobContext) -> None:
+        started.append(ctx.fire_id)
+
+    await dist.start()
+    await leading(dist)
+    fire_id = await dist.scheduler.trigger("anywhere")
+    record = await settle(dist, "anywhere", fire_id)
+    assert record["status"] == "succeeded" and record["delivery"] == 1, record
+    assert started == [fire_id]
+    # Every recovery script runs on the job's (or the stream's) one slot.
+    dispatcher = dist.scheduler._dispatcher
+    assert dispatcher is not None
+    assert await dispatcher.redeliver(0, 3) == 0
+    assert await dispatcher.prune_consumers(3_600_000) == 0
+    store = dist.scheduler.store
+    assert isinstance(store, RedisStore)
+    assert await store.reap_lost("anywhere") == []
