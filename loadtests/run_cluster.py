@@ -153,6 +153,34 @@ async def drop_namespace(namespace: str) -> None:
         await conn.close()
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the Markdown tables of loadtests/README.md."""
+    lines = [
+        f"{report['mode']} mode: {report['processes']} processes, {report['users']} users, "
+        f"{report['duration_s']} s, {report['cpu_count']} CPUs"
+        + (f", SIGKILL of {report['killed']} halfway" if report["killed"] else ""),
+        "",
+        "| endpoint | requests | failures | req/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["stats"]:
+        lines.append(
+            f"| {r['name']} | {r['requests']} | {r['failures']} | {r['rps']:.1f} "
+            f"| {r['p50']} | {r['p95']} | {r['p99']} |"
+        )
+    inv = report["invariants"]
+    lines += [
+        "",
+        f"orders {inv['orders']}, expiry fires {inv['expiry_fires']}, "
+        f"fail-overs {report['failovers']}",
+        "",
+        "| invariant | result |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {'PASS' if ok else 'FAIL'} |" for name, ok in report["checks"].items()]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=60)
@@ -161,6 +189,7 @@ def main() -> int:
     parser.add_argument("--kill", action="store_true", help="SIGKILL one process halfway")
     parser.add_argument("--skus", default="sku-1:150,sku-2:150,sku-3:150")
     parser.add_argument("--report", type=Path, help="write the report as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     args = parser.parse_args()
     duration = min(max(args.duration, 5), 600)
     users = min(max(args.users, 1), 1000)
@@ -261,6 +290,8 @@ def main() -> int:
               f" expired {sku['expired']}")  # fmt: skip
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    if args.markdown:
+        print(markdown(report))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2, default=str))
