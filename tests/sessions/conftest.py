@@ -1,8 +1,14 @@
-"""Session test fixtures: an app per Dist, an HTTP client on it, and a round-trip counter."""
+"""Session test fixtures: an app per Dist, an HTTP client on it, a round-trip counter,
+and a private PostgreSQL cluster the outage tests may stop and restart."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +18,10 @@ import redis.asyncio as aioredis
 from asgi_dist import Dist
 from asgi_dist.scheduling import SchedulerConfig
 from asgi_dist.sessions import SessionConfig
+from tests.helpers.servers import free_port, wait_port
 from tests.sessions.app import build
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 class CountingRedis(aioredis.Redis):
@@ -61,3 +70,70 @@ def set_cookie(response: httpx.Response) -> str | None:
     values = response.headers.get_list("set-cookie")
     assert len(values) <= 1, values
     return values[0] if values else None
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster (initdb in a temp dir, trust auth, a free loopback port),
+    run as the ``postgres`` user: ``stop()`` and ``start()`` it; the shared server is never
+    touched."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"asgi-dist-pg-{self.port}-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        shutil.chown(self.dir, "postgres", "postgres")
+        self._as_postgres(
+            PG_BIN / "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
+            "--no-sync", "--no-instructions",
+        )  # fmt: skip
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *args: str | Path, timeout: float = 60) -> None:
+        command = ["runuser", "-u", "postgres", "--", *(str(a) for a in args)]
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            output = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{command[4:6]} failed ({done.returncode}): {output}\n{tail}")
+
+    def start(self) -> PostgresServer:
+        # The socket directory is ours too: nothing shared under /var/run/postgresql.
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -k {self.dir} "
+            "-c fsync=off -c shared_buffers=16MB -c max_connections=30"
+        )
+        self._as_postgres(
+            PG_BIN / "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
+            "-w", "-t", "30", "start",
+        )  # fmt: skip
+        wait_port(self.port, 10)
+        return self
+
+    def stop(self) -> None:
+        """A fast shutdown: every connection is terminated, new ones are refused."""
+        if (self.data / "postmaster.pid").exists():
+            self._as_postgres(PG_BIN / "pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL this test may stop and restart."""
+    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
+        pytest.skip(f"needs PostgreSQL 15 binaries in {PG_BIN} and runuser")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the private PostgreSQL as the postgres user")
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()

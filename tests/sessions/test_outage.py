@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from tests.helpers.servers import RedisServer
-from tests.sessions.conftest import client
+from tests.sessions.conftest import PostgresServer, client
 
 
 async def test_redis_stopped_mid_run_gives_503_then_recovers(
@@ -73,3 +73,24 @@ async def test_a_save_that_fails_turns_the_response_into_503_not_a_silent_succes
         r = await asyncio.wait_for(pending, 10)
         assert r.status_code == 503 and r.text != "saved?"
         assert "set-cookie" not in r.headers
+
+
+async def test_postgres_stopped_mid_run_gives_503_then_recovers_with_the_session_intact(
+    session_dist: Callable[..., Any], postgres_server: PostgresServer
+) -> None:
+    dist = await session_dist("postgres", postgres=postgres_server.dsn, store_timeout=2.0)
+    async with client(dist) as c:
+        assert (await c.post("/set/k/v")).status_code == 200
+        postgres_server.stop()
+        for call in (c.get("/get/k"), c.post("/set/k/w")):
+            r = await asyncio.wait_for(call, 10)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            assert "Traceback" not in r.text
+        # A request without a cookie needs no store: it is served during the outage.
+        async with client(dist) as fresh:
+            assert (await fresh.get("/get/k")).status_code == 200
+        postgres_server.start()  # same data directory: the session survived
+        r = await c.get("/get/k")
+        assert r.status_code == 200 and r.json()["value"] == "v"
+        assert (await c.post("/set/k/again")).status_code == 200
+        assert (await c.get("/get/k")).json()["value"] == "again"
