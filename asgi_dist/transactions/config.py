@@ -28,7 +28,8 @@ class TransactionConfig:
         retention: published outbox rows are purged after this long.
         inbox_retention: consumer inbox rows (the dedup memory) are purged after this long;
             keep it longer than any redelivery can take.
-        purge_interval: how often each process runs the purge (``SKIP LOCKED``, safe in parallel).
+        purge_interval: how often the purge job runs (one node per fire; each process when
+            its scheduler is off).
         max_payload: bound on the JSON payload of one message, in bytes.
         reclaim_after: a pending message whose consumer stopped heartbeating for this long
             is claimed by another consumer of the group (``XAUTOCLAIM``).
@@ -39,7 +40,7 @@ class TransactionConfig:
         check_interval: delay between later check-backs (RocketMQ: 60 s).
         max_checks: check-backs before an undecided message is discarded (RocketMQ: 15).
         check_timeout: bound on one ``check()`` call; it is also the claim of the check.
-        check_poll_interval: how often each process looks for due check-backs.
+        check_poll_interval: how often the check-back job looks for due half messages.
         acquire_timeout: bound on taking a PostgreSQL connection for a request transaction.
     """
 

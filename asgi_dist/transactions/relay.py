@@ -24,7 +24,7 @@ import asyncpg
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
 from asgi_dist.transactions.config import TransactionConfig
 
-__all__ = ["Relay", "purge_loop"]
+__all__ = ["Relay", "purge_loop", "purge_once"]
 
 log = logging.getLogger("asgi_dist.transactions")
 
@@ -267,13 +267,12 @@ async def _closed(conn: asyncpg.Connection) -> None:
     await closed.wait()
 
 
-async def purge_loop(
-    postgres: PostgresBackend, config: TransactionConfig, stopping: asyncio.Event
-) -> None:
-    """Delete published outbox rows and inbox rows past their retention, in every process.
+async def purge_once(postgres: PostgresBackend, config: TransactionConfig) -> int:
+    """Delete published outbox rows and inbox rows past their retention; returns how many.
 
-    Each round deletes bounded batches chosen with ``SKIP LOCKED``, so processes
-    purging together neither block nor repeat each other.
+    Batches are bounded and chosen with ``SKIP LOCKED``, so purges that overlap
+    (the per-process fallback, or a fire running late) neither block nor repeat
+    each other; rows left over wait for the next purge.
     """
     outbox, inbox = postgres.table("outbox"), postgres.table("inbox")
     statements = [
@@ -289,13 +288,30 @@ async def purge_loop(
             config.inbox_retention,
         ),
     ]
+    purged = 0
+    for sql, retention in statements:
+        for _ in range(100):  # bounded: the next purge continues
+            status = await postgres.pool.execute(sql, retention)
+            deleted = int(status.split()[-1])
+            purged += deleted
+            if deleted < 5000:
+                break
+    return purged
+
+
+async def purge_loop(
+    postgres: PostgresBackend, config: TransactionConfig, stopping: asyncio.Event
+) -> None:
+    """:func:`purge_once` every ``purge_interval`` in this process.
+
+    The fallback for a process whose scheduler is off; otherwise the purge is the
+    scheduler job ``asgi_dist.outbox.purge``, run by one node per fire.
+    """
     while not stopping.is_set():
         await wait_event(stopping, config.purge_interval * random.uniform(0.5, 1.0))
-        for sql, retention in statements:
-            try:
-                for _ in range(100):  # bounded: the next round continues
-                    status = await postgres.pool.execute(sql, retention)
-                    if int(status.split()[-1]) < 5000:
-                        break
-            except Exception as exc:
-                log.warning("outbox/inbox purge failed: %s; retrying next round", exc)
+        if stopping.is_set():
+            return
+        try:
+            await purge_once(postgres, config)
+        except Exception as exc:
+            log.warning("outbox/inbox purge failed: %s; retrying next round", exc)

@@ -1,13 +1,19 @@
 """TransactionService: the transaction capability of one Dist.
 
-It owns the outbox, the request hook behind ``get_tx()``, and, in every process,
-the background workers: the relay, the consumers registered with
-``@dist.consumer``, the check-back of transactional messages and the purge.
+It owns the outbox, the request hook behind ``get_tx()``, and the background
+workers.  The relay and the consumers run in every process (they share the work).
+The check-back of transactional messages and the purge of old rows are cluster
+jobs registered with the scheduler (DESIGN: transactions registers its background
+workers through scheduling), so one node runs each fire; a process whose
+scheduler is off (``SchedulerConfig(enabled=False)``) runs them as its own loops,
+which is safe because both claim rows with ``SKIP LOCKED`` and check-back decides
+under a fence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,19 +21,27 @@ from typing import Any
 from asgi_dist.backends import Runtime
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError
-from asgi_dist.scheduling import Scheduler
+from asgi_dist.scheduling import JobContext, Scheduler
 from asgi_dist.transactions.checkback import Check, CheckBack, TransactionalMessage
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.consumer import Consumer, ConsumerSpec, Handler
 from asgi_dist.transactions.message import validate_topic
-from asgi_dist.transactions.relay import Relay, purge_loop
+from asgi_dist.transactions.relay import Relay, purge_loop, purge_once
 from asgi_dist.transactions.request import TransactionHook
 from asgi_dist.transactions.schema import MIGRATIONS
 from asgi_dist.transactions.transaction import Outbox
 
-__all__ = ["TransactionConfig", "TransactionService"]
+__all__ = ["CHECKBACK_JOB", "PURGE_JOB", "TransactionConfig", "TransactionService"]
 
 log = logging.getLogger("asgi_dist.transactions")
+
+# Internal scheduler jobs (the job-name rules allow dots; the prefix keeps them
+# apart from the app's own jobs).
+CHECKBACK_JOB = "asgi_dist.outbox.checkback"
+PURGE_JOB = "asgi_dist.outbox.purge"
+# Batches of due half messages one check-back fire handles at most (20 per batch);
+# the next fire continues, so one fire cannot run unbounded.
+_CHECK_BATCHES = 50
 
 
 class TransactionService:
@@ -38,8 +52,6 @@ class TransactionService:
             raise ConfigError(f"transactions={config!r} must be a TransactionConfig")
         self.runtime = runtime
         self.config = config
-        # Kept for the DESIGN's wiring; these workers run per process (runtime.spawn)
-        # and are safe in parallel, so they need no leader.
         self.scheduler = scheduler
         self.specs: list[ConsumerSpec] = []
         self.consumers: list[Consumer] = []
@@ -49,6 +61,41 @@ class TransactionService:
         self._pending_checks: list[Check] = []
         self._started = False
         self._stopping = asyncio.Event()
+        # Fire ids of the check-back job run in this process (newest last): lets an
+        # operator or a test see which node ran which fire.
+        self.checkback_fires: collections.deque[str] = collections.deque(maxlen=1000)
+        self.scheduled = self._schedule_jobs()
+
+    def _schedule_jobs(self) -> bool:
+        """Register check-back and purge as scheduler jobs; False if the scheduler is off.
+
+        Here, not in register(): a Dist may be started again, and the scheduler
+        refuses a job registered twice or after it started.
+        """
+        if not self.active or not self.scheduler.config.enabled:
+            return False
+        every, config = self.scheduler.every, self.config
+        # overlap="forbid": a slow fire (a check() near check_timeout, a large
+        # purge) makes the next one skip instead of racing it.
+        every(config.check_poll_interval, name=CHECKBACK_JOB, overlap="forbid")(self._checkback_job)
+        every(config.purge_interval, name=PURGE_JOB, overlap="forbid")(self._purge_job)
+        return True
+
+    async def _checkback_job(self, ctx: JobContext) -> None:
+        checkback = self._checkback
+        if checkback is None or self._stopping.is_set():
+            return
+        self.checkback_fires.append(ctx.fire_id)
+        # Errors propagate: the scheduler records the fire failed; the next fire retries.
+        for _ in range(_CHECK_BATCHES):
+            if not await checkback.check_once():
+                break
+
+    async def _purge_job(self, ctx: JobContext) -> None:
+        postgres = self.runtime.postgres
+        if postgres is None or self._stopping.is_set():
+            return
+        await purge_once(postgres, self.config)
 
     @property
     def active(self) -> bool:
@@ -100,10 +147,11 @@ class TransactionService:
                 self.runtime.spawn("outbox-relay", self.relay.run)
             for spec in self.specs:
                 self._spawn_consumer(spec)
-        self.runtime.spawn("transactions-checkback", self._checkback.run)
-        self.runtime.spawn(
-            "transactions-purge", lambda: purge_loop(postgres, self.config, self._stopping)
-        )
+        if not self.scheduled:
+            self.runtime.spawn("transactions-checkback", self._checkback.run)
+            self.runtime.spawn(
+                "transactions-purge", lambda: purge_loop(postgres, self.config, self._stopping)
+            )
         self._started = True
 
     async def stop(self) -> None:

@@ -37,6 +37,9 @@ async def pg_proxy(postgres_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
 def fast_dist(make_dist: Callable[..., Any]) -> Callable[..., Any]:
     async def factory(**overrides: Any) -> Any:
         overrides.setdefault("transactions", FAST)
+        # Check-back and purge are scheduler jobs run by the leader: a killed leader
+        # must be replaced within a test's budget.
+        overrides.setdefault("leader_ttl", 2.0)
         return await make_dist(**overrides)
 
     return factory

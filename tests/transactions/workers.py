@@ -28,6 +28,7 @@ def make_dist(**overrides: Any) -> Dist:
     overrides.setdefault(
         "transactions", replace(FAST, relay_batch=int(os.environ.get("RELAY_BATCH", "500")))
     )
+    overrides.setdefault("leader_ttl", 2.0)  # a killed leader is replaced quickly
     return Dist.from_env(sessions=False, **overrides)
 
 
@@ -92,12 +93,40 @@ async def half_message(mode: str) -> None:
             await asyncio.sleep(60)  # killed here
 
 
+async def checker(index: str) -> None:
+    """Answers check-backs (payments.check); every 0.1 s writes which check-back fires it
+    ran and what it resolved, until killed."""
+    import json
+
+    from tests.transactions import payments
+
+    payments.configure(os.environ["ASGI_DIST_POSTGRES_DSN"], os.environ["ASGI_DIST_NAMESPACE"])
+    dist = make_dist()
+    dist.transactions.register_check(payments.check)
+    async with dist:
+        checkback = dist.transactions._checkback
+        assert checkback is not None and dist.transactions.scheduled
+        state = STATE / f"checker-{index}.json"
+        for _ in range(1200):  # 2 minutes at most
+            report = {
+                "node": dist.node_id,
+                "fires": list(dist.transactions.checkback_fires),
+                "resolved": checkback.resolved,
+            }
+            tmp = state.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report))
+            tmp.replace(state)  # readers never see a half-written report
+            await asyncio.sleep(0.1)
+
+
 def main() -> None:
     index, role, *args = sys.argv[1:]
     if role == "relay":
         asyncio.run(relay(index))
     elif role == "consumer":
         asyncio.run(consumer(index, *args))
+    elif role == "checker":
+        asyncio.run(checker(index))
     else:
         asyncio.run(half_message(*args))
 
