@@ -5,8 +5,9 @@ commits a *half* row in the outbox, which the relay ignores; the body does the
 local work; a normal exit makes the row ready (the relay publishes it), an
 exception deletes it.  If the process dies in between, the row stays half, and
 check-back (the scheduler job ``asgi_dist.outbox.checkback``, one node per fire)
-claims it once ``check_after`` has passed, asks ``check(message)`` whether the local work committed, and commits,
-rolls back, or asks again ``check_interval`` later, at most ``max_checks`` times.
+claims it once ``check_after`` has passed, asks ``check(message)`` whether the
+local work committed, and commits, rolls back, or asks again ``check_interval``
+later, at most ``max_checks`` times.
 
 A check-back claim is a lease (``next_check_at`` pushed ``check_timeout`` ahead)
 with a fence (``check_fence``): a check that outlives its lease cannot decide.

@@ -22,7 +22,7 @@ from asgi_dist._types import Message, Scope
 from asgi_dist.backends import PostgresBackend
 from asgi_dist.context import RequestContext
 from asgi_dist.errors import ConfigError, TransactionError
-from asgi_dist.transactions.transaction import Outbox, Transaction, outages
+from asgi_dist.transactions.transaction import Outbox, Transaction, raise_outage
 
 __all__ = ["RequestTransaction", "TransactionHook", "TransactionOptions", "transactional"]
 
@@ -128,7 +128,8 @@ class RequestTransaction(Transaction):
         self._acquire_timeout = acquire_timeout
         self._transaction: Any = None
         self._options = DEFAULT_OPTIONS
-        self._begin_lock = asyncio.Lock()
+        # Made on first use: most requests never begin, and none begins twice.
+        self._begin_lock: asyncio.Lock | None = None
         self._state: Literal["idle", "open", "committed", "rolled back"] = "idle"
 
     @property
@@ -154,6 +155,8 @@ class RequestTransaction(Transaction):
         if self._state == "open":
             assert self._connection is not None
             return self._connection
+        if self._begin_lock is None:  # no await since the check: no other task can race
+            self._begin_lock = asyncio.Lock()
         async with self._begin_lock:  # two tasks of one request must not BEGIN twice
             if self._state == "idle":
                 await self._begin()
@@ -168,7 +171,9 @@ class RequestTransaction(Transaction):
     async def _begin(self) -> None:
         options = self._options = options_for(self._scope)
         pool = self._postgres.pool
-        with outages():
+        # Outages are mapped inline, not with outages(): this runs on every request
+        # that uses the database, and a generator context manager costs measurably.
+        try:
             if pool.get_idle_size():
                 conn = await pool.acquire()  # an idle connection: nothing to wait for
             else:
@@ -176,16 +181,19 @@ class RequestTransaction(Transaction):
                 # whose wait_for would cost a task per request.
                 async with asyncio.timeout(self._acquire_timeout):
                     conn = await pool.acquire()
+        except Exception as exc:
+            raise_outage(exc)
         try:
             transaction = conn.transaction(
                 isolation=options.isolation,
                 readonly=options.readonly,
                 deferrable=options.deferrable,
             )
-            with outages():
-                await transaction.start()
-        except BaseException:
+            await transaction.start()
+        except BaseException as exc:
             await _release(pool, conn)
+            if isinstance(exc, Exception):
+                raise_outage(exc)
             raise
         self._connection = conn
         self._transaction = transaction
