@@ -77,12 +77,16 @@ class SessionCookie:
             result = (session_id, True, int(version or 0))
         else:
             return None, False, 0
-        # Only cookies that verified are remembered, by their whole text (signature
-        # included), so a forged one can never hit; a hot session skips the HMAC.
+        self._remember(raw, result)
+        return result
+
+    def _remember(self, raw: str, result: tuple[str, bool, int]) -> None:
+        # Only cookies that verified (or that we signed) are remembered, by their whole
+        # text, signature included, so a forged one can never hit; a hot session skips
+        # the HMAC.
         if len(self._verified) >= _VERIFIED_CACHE:
             self._verified.clear()
         self._verified[raw] = result
-        return result
 
     def _find(self, scope: Scope) -> str | None:
         prefix = self._name_bytes + b"="
@@ -105,6 +109,9 @@ class SessionCookie:
 
     def set_header(self, session_id: str, scope: Scope, version: int = 0) -> tuple[bytes, bytes]:
         value = self._newest.sign(f"{session_id}:{version}" if version else session_id).decode()
+        # The client sends this text back on its next request: no need to verify it then
+        # (with the near cache every write re-sends the cookie with a new version).
+        self._remember(value, (session_id, False, version))
         header = f"{self.name}={value}; {self._attrs}{self._max_age}"
         if self._secure(scope):
             header += "; Secure"

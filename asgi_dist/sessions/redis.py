@@ -31,6 +31,7 @@ __all__ = ["RedisSessionStore"]
 
 _PACKAGE = "asgi_dist.sessions"
 _META = {"created", "access", "uid", "moved", "ver"}
+_KEY_CACHE = 10_000  # session keys remembered (ids are random: the cache cannot be steered)
 T = TypeVar("T")
 
 
@@ -64,6 +65,7 @@ class RedisSessionStore:
         self._regenerate = backend.script(_PACKAGE, "regenerate")
         self._delete = backend.script(_PACKAGE, "delete")
         self._user_script = backend.script(_PACKAGE, "user_sessions")
+        self._keys: dict[SessionKey, str] = {}
 
     async def start(self) -> None:
         return None
@@ -72,7 +74,13 @@ class RedisSessionStore:
         return None
 
     def _key(self, key: SessionKey) -> str:
-        return self.backend.key("session", key.shard, key.digest)
+        # Every request of a hot session needs its key: built (and validated) once.
+        name = self._keys.get(key)
+        if name is None:
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            name = self._keys[key] = self.backend.key("session", key.shard, key.digest)
+        return name
 
     def _index(self, user_id: str) -> str:
         return self.backend.key("session_user", user_digest(user_id))
@@ -83,12 +91,12 @@ class RedisSessionStore:
             return await call
 
     async def load(self, key: SessionKey) -> StoredSession | None:
-        reply = await self._bounded(
-            self._load(self.backend.client, [self._key(key)], self._load_args)
-        )
+        # The hot path: the store_timeout bound inline, one coroutine frame fewer.
+        async with asyncio.timeout(self.config.store_timeout):
+            reply = await self._load(self.backend.client, [self._key(key)], self._load_args)
         if not reply:
             return None
-        pttl, flat = json.loads(reply)
+        pttl, flat = json.loads(reply.decode() if isinstance(reply, bytes) else reply)
         fields: dict[str, str] = {}
         meta: dict[str, str] = {}
         for i in range(0, len(flat), 2):
@@ -153,7 +161,8 @@ class RedisSessionStore:
         return version
 
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
-        version = int(await self._bounded(self._save_call("update", key, delta)))
+        async with asyncio.timeout(self.config.store_timeout):
+            version = int(await self._save_call("update", key, delta))
         if version > 0:
             await self._cluster_index(key, delta)
         return version
