@@ -504,15 +504,15 @@ class Scheduler:
             check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
 
     def _start_recovery(self) -> asyncio.Task[None] | None:
-        """While leading (Redis store): record the fires whose node died before they
-        finished, and hand out again the run_on="any" fires that no node started.
-        Followers do neither."""
+        """While leading: record the fires whose node died before they finished, and
+        hand out again the run_on="any" fires that no node started.  Followers do
+        neither; the memory store has no other node to lose."""
         store = self.store
-        if not isinstance(store, RedisStore):
+        if isinstance(store, MemoryStore):
             return None
         return asyncio.create_task(self._recover_forever(store), name="scheduler-recovery")
 
-    async def _recover_forever(self, store: RedisStore) -> None:
+    async def _recover_forever(self, store: SchedulerStore) -> None:
         config, dispatcher = self.config, self._dispatcher
         redeliver = dispatcher is not None and any(j.options.run_on == "any" for j in self.registry)
         # Half the bounds: a stuck entry waits at most 1.5 x redeliver_after, a dead
@@ -732,9 +732,9 @@ class Scheduler:
         self, job: Job, fire_id: str, lease_ms: int
     ) -> Callable[[], Awaitable[None]] | None:
         """Renews the run lease taken at the claim (or at the start of a handed-over
-        fire); Redis only, and not for broadcast shards (one fire, many runs)."""
+        fire); not for broadcast shards (one fire, many runs)."""
         store = self.store
-        if not isinstance(store, RedisStore) or job.options.broadcast:
+        if isinstance(store, MemoryStore) or job.options.broadcast:
             return None
 
         async def keepalive() -> None:

@@ -2,7 +2,8 @@
 
 A store keeps, per job: the next fire of its sequence, the schedule signature,
 the paused flag, the highest leader fence that claimed for it, one claim per
-fire, the running lease (overlap) and a capped history.  Cluster-wide it keeps
+fire, the running lease (overlap), a run lease per unfinished fire (so that a
+fire whose node died is recorded ``lost``) and a capped history.  Cluster-wide it keeps
 the queue of manual triggers and of one-off fires.
 
 The one step that makes the scheduler correct is :meth:`SchedulerStore.claim`:
@@ -93,6 +94,15 @@ class SchedulerStore(Protocol):
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         """Extend the running lease while it still names ``fire_id``."""
+        ...
+
+    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
+        """Renew the run lease a claimed fire holds while its node runs it."""
+        ...
+
+    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+        """Record as ``lost`` the claimed or running fires of ``job`` whose run lease
+        expired (their node died or froze); returns their fire ids."""
         ...
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:

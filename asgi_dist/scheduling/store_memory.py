@@ -115,6 +115,12 @@ class MemoryStore:
         s.running = (fire_id, time.monotonic() + lease_ms / 1000)
         return True
 
+    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
+        return None  # one process: a fire cannot outlive the node that runs it
+
+    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+        return []
+
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         records = sorted(self._job(job).history.values(), key=lambda r: r.get("fire_ms", 0))
         return [dict(r) for r in reversed(records)][:limit]

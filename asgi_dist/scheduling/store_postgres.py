@@ -47,6 +47,12 @@ MIGRATIONS = [
     );
     CREATE INDEX {ns}_sched_queue_due ON {ns}_sched_queue (kind, due_ms);
     """,
+    # v2: the run lease of an unfinished fire; when it lapses, the fire is lost.
+    """
+    ALTER TABLE {ns}_sched_fires ADD COLUMN run_until timestamptz;
+    CREATE INDEX {ns}_sched_fires_run ON {ns}_sched_fires (job, run_until)
+        WHERE run_until IS NOT NULL;
+    """,
 ]
 
 _NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
@@ -132,15 +138,20 @@ class PostgresStore:
             elif claim.overlap in ("forbid", "replace"):
                 running_fire = claim.fire_id
             record["status"], record["claimed_at"] = status, now
+            # A claimed fire holds a run lease that its runner renews; if the node
+            # dies first, the leader records the fire as lost (see reap_lost).
+            run_lease = claim.lease_ms if status == "claimed" else None
             inserted = await conn.fetchval(
-                f"INSERT INTO {self.fires} (job, fire_id, fire_ms, claim_until, record)"
-                f" VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond', $5::jsonb)"
+                f"INSERT INTO {self.fires} (job, fire_id, fire_ms, claim_until, record, run_until)"
+                f" VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond', $5::jsonb,"
+                f"  now() + $6::bigint * interval '1 millisecond')"
                 f" ON CONFLICT DO NOTHING RETURNING 1",
                 claim.job,
                 claim.fire_id,
                 claim.fire_ms,
                 claim.claim_ttl_ms,
                 json.dumps(record),
+                run_lease,
             )
             next_ms = claim.new_next if claim.advance else row["next_ms"]
             if inserted is None:
@@ -196,6 +207,32 @@ class PostgresStore:
             lease_ms,
         )
         return updated is not None
+
+    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
+        await self.pool.execute(
+            f"UPDATE {self.fires} SET run_until = now() + $3 * interval '1 millisecond'"
+            f" WHERE job = $1 AND fire_id = $2 AND run_until IS NOT NULL",
+            job,
+            fire_id,
+            lease_ms,
+        )
+
+    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+        rows = await self.pool.fetch(
+            f"WITH due AS (SELECT fire_id, record->>'status' AS before FROM {self.fires}"
+            f"  WHERE job = $1 AND run_until < now() LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            f" UPDATE {self.fires} f SET run_until = NULL, record = CASE"
+            f"  WHEN due.before IN ('claimed', 'running') THEN f.record || jsonb_build_object("
+            f"   'status', 'lost', 'lost_at', {_NOW_MS}, 'error', 'node '"
+            f"   || coalesce(f.record->>'node', '?') || ' stopped renewing the run lease of this '"
+            f"   || due.before || ' fire (died or froze); the fire is not started again')"
+            f"  ELSE f.record END"
+            f" FROM due WHERE f.job = $1 AND f.fire_id = due.fire_id"
+            f" RETURNING f.fire_id, due.before",
+            job,
+            limit,
+        )
+        return [r["fire_id"] for r in rows if r["before"] in ("claimed", "running")]
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(

@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from asgi_dist import Dist
@@ -135,21 +136,27 @@ async def test_fire_whose_node_died_while_running_is_recorded_lost_not_rerun(
     print(f"{fire_id}: node killed mid-run, recorded {rec['status']}: {rec['error']}")
 
 
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
 async def test_fire_whose_leader_died_running_it_is_recorded_lost_not_rerun(
+    backend: str,
     processes: ProcessGroup,
     redis_url: str,
     namespace: str,
     redis_client: aioredis.Redis,
     make_dist: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     env = {"REDIS_URL": redis_url, "NAMESPACE": namespace, "JOBS": "redeliver", **TIMING}
     env["RUN_ON"] = "leader"
+    postgres = None
+    if backend == "postgres":  # election, claims, run leases and history in PostgreSQL
+        postgres = env["POSTGRES_DSN"] = request.getfixturevalue("postgres_dsn")
     (victim,) = processes.python(NODE, 1, env={**env, "VICTIM": "run"})  # alone: it leads
     held = await confession(redis_client, namespace)
     fire_id = held["fire_id"]
     processes.python(NODE, 2, env=env)
     victim.kill()  # SIGKILL the leader mid-run: a new leader takes over and reaps
-    observer = await observer_dist(make_dist, redis_url)
+    observer = await observer_dist(make_dist, redis_url, postgres)
 
     async def lost() -> bool:
         rec = await record(observer, fire_id)
