@@ -1,6 +1,6 @@
 """Scheduler benchmark (not a test): lateness, failover, idle cost, duplicates vs APScheduler 3.
 
-    python loadtests/scheduling_bench.py [--seconds 8] [--ttl 2]
+    python loadtests/bench_scheduler.py [--seconds 8] [--ttl 2]
 
 Everything runs against a private redis-server on a free port (so command counts
 are ours alone) with real OS processes.  Prints a Markdown table:
