@@ -129,7 +129,8 @@ async def latency(dsn: str, rate: int, seconds: float) -> list[float]:
 class Overhead:
     tx_us: float  # median per-request time of the get_tx() rounds
     raw_us: float  # ... of the hand-written rounds
-    ratios: list[float]  # tx/raw of each adjacent pair of rounds
+    ratios: list[float]  # tx/raw of each adjacent pair of rounds (wall time)
+    cpu_ratios: list[float]  # ... of this process's CPU time (the server's latency left out)
 
 
 async def request_overhead(dsn: str, requests: int, per_round: int) -> Overhead:
@@ -179,11 +180,11 @@ async def request_overhead(dsn: str, requests: int, per_round: int) -> Overhead:
         await app(scope, receive, send)
         assert status == 200, status
 
-    async def one_round(path: str) -> float:
-        started = time.perf_counter()
+    async def one_round(path: str) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(per_round):
             await call(path)
-        return (time.perf_counter() - started) / per_round
+        return (time.perf_counter() - started) / per_round, time.process_time() - cpu
 
     for path in ("/tx", "/raw"):  # warm up
         for _ in range(500):
@@ -191,17 +192,21 @@ async def request_overhead(dsn: str, requests: int, per_round: int) -> Overhead:
     # Short interleaved rounds, each pair giving one ratio: a burst of load from other
     # processes on this shared machine hits a few pairs, not one side.
     times: dict[str, list[float]] = {"/tx": [], "/raw": []}
-    ratios = []
+    ratios, cpu_ratios = [], []
     for i in range(max(1, requests // per_round // 2)):
         order = ("/tx", "/raw") if i % 2 else ("/raw", "/tx")  # neither always first
         pair = {path: await one_round(path) for path in order}
-        for path, seconds in pair.items():
+        for path, (seconds, _) in pair.items():
             times[path].append(seconds)
-        ratios.append(pair["/tx"] / pair["/raw"])
+        ratios.append(pair["/tx"][0] / pair["/raw"][0])
+        cpu_ratios.append(pair["/tx"][1] / max(pair["/raw"][1], 1e-9))
     await pool.execute(f"DROP TABLE {table}")
     await dist.stop()
     return Overhead(
-        statistics.median(times["/tx"]) * 1e6, statistics.median(times["/raw"]) * 1e6, ratios
+        statistics.median(times["/tx"]) * 1e6,
+        statistics.median(times["/raw"]) * 1e6,
+        ratios,
+        cpu_ratios,
     )
 
 
@@ -237,6 +242,10 @@ async def main() -> None:
               f"quartiles {pct(r, 25):.3f}-{pct(r, 75):.3f}, "
               f"p10-p90 {pct(r, 10):.3f}-{pct(r, 90):.3f} "
               f"({len(r)} pairs of {args.per_round} requests)")  # fmt: skip
+        c = o.cpu_ratios
+        print(f"request, client CPU time: paired ratio median {statistics.median(c):.3f}, "
+              f"quartiles {pct(c, 25):.3f}-{pct(c, 75):.3f}, "
+              f"p10-p90 {pct(c, 10):.3f}-{pct(c, 90):.3f}")  # fmt: skip
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
