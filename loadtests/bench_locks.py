@@ -206,11 +206,12 @@ async def main():
                 await lock.acquire()
                 release = lock.release
             got = time.time()
-            prev = await log.getset(name + ":last", "%s %f" % (os.getpid(), got))
+            # The previous holder left the moment it started its release.
+            prev = await log.get(name + ":last")
             n += 1
             row = "%s %f %s" % (os.getpid(), got, (prev or b"").decode())
             await log.rpush(name + ":handoffs", row)
-            await log.set(name + ":released", time.time())
+            await log.set(name + ":last", "%s %f" % (os.getpid(), time.time()))
             await release()
         await log.incrby(name + ":count", n)
     await log.aclose()
@@ -241,8 +242,8 @@ async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> 
         result.acquisitions = int(await client.get(f"{name}:count") or 0)
     finally:
         await client.aclose()
-    # The hand-off is measured from the previous holder's acquisition record to
-    # ours minus its (tiny) critical section; wall clocks of one host agree.
+    # The hand-off is measured from the previous holder's release start to our
+    # acquisition, as with tasks; wall clocks of one host agree.
     by_pid: dict[str, int] = {}
     for row in rows:
         by_pid[row[0]] = by_pid.get(row[0], 0) + 1

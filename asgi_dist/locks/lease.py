@@ -163,7 +163,16 @@ class Held:
             )
         self.released = True
         self._end()
-        owned = await shielded(lambda: self.backend.release(self.kind, self.name, self.token))
+        target = _handoff_target(self.backend, self.kind, self.name)
+        try:
+            if target is not None:
+                owned = await shielded(lambda: target.offer(self))
+            else:
+                owned = await shielded(
+                    lambda: self.backend.release(self.kind, self.name, self.token)
+                )
+        finally:
+            _holder_left(self)
         if not owned:
             self.lost_reason = "the lease had expired before release()"
             self.lost.set()
@@ -178,6 +187,7 @@ class Held:
             return
         self.lost_reason = reason
         self.lost.set()
+        _holder_left(self)
         self._end()
         log.warning("%s %r (fence %d) lost: %s", self.kind, self.name, self.fence, reason)
         self.cancel_body()
@@ -414,24 +424,42 @@ class _Gate:
     a round trip to learn it.
     """
 
-    __slots__ = ("busy", "users", "waiters")
+    __slots__ = (
+        "busy",
+        "holder",
+        "local_handoffs",
+        "release_rtt",
+        "target",
+        "users",
+        "waiters",
+    )
 
     def __init__(self) -> None:
         self.busy = False
         self.users = 0
-        self.waiters: deque[tuple[asyncio.Future[float | None], Watch]] = deque()
+        self.target: _Target | None = None
+        self.local_handoffs = 0
+        # (token, ttl) of the lease a waiter of this gate won, until released:
+        # the gate outlives its waiters meanwhile, so the next local acquirer
+        # queues here (and is handed the lease) instead of asking the store.
+        self.holder: tuple[str, float] | None = None
+        # The last hand-off's duration: a local waiter's courtesy is based on it.
+        self.release_rtt = 0.001
+        self.waiters: deque[tuple[asyncio.Future[float | None], _Target]] = deque()
 
-    async def enter(self, bound: float | None, watch: Watch) -> float | None:
+    async def enter(self, bound: float | None, target: _Target) -> float | None:
         """Wait for the turn (raises TimeoutError after ``bound`` seconds).
 
         Returns the ttl of the lease the previous turn-holder just acquired,
-        or None when nothing is known about the lease.
+        or None when nothing is known about the lease.  ``target`` is who a
+        local release may hand the lease to once the turn is ours.
         """
         if not self.busy and not self.waiters:
             self.busy = True
-            return None
+            self.target = target
+            return None if self.holder is None else self.holder[1]
         turn: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
-        entry = (turn, watch)
+        entry = (turn, target)
         self.waiters.append(entry)
         try:
             async with asyncio.timeout(bound):
@@ -445,19 +473,103 @@ class _Gate:
 
     def leave(self, acquired_ttl: float | None) -> None:
         while self.waiters:
-            turn, watch = self.waiters.popleft()
+            turn, target = self.waiters.popleft()
             if not turn.done():
                 if acquired_ttl is not None:
                     # Releases seen while queued are stale now that this process
                     # holds the lease again; only the next release counts.  Cleared
                     # here, synchronously with the grant, so none can slip between.
-                    watch.event.clear()
+                    target.event.clear()
+                # Registered now, not when the waiter resumes: the new holder
+                # may release before that.
+                self.target = target
                 turn.set_result(acquired_ttl)  # the turn moves on; busy stays True
                 return
+        self.target = None
         self.busy = False
 
 
 _gates: dict[tuple[int, str, str], _Gate] = {}
+
+# Lock cohorting (Dice, Marathe, Shavit, 2012): a release hands the lease to the
+# waiter of the same process whose turn it is, in the release's own round trip;
+# after this many in a row it releases to everyone instead if a waiter of
+# another process may be listening, so that one gets its chance.
+_MAX_LOCAL_HANDOFFS = 4
+
+
+class _Target:
+    """The in-turn waiter of a gate, to which a local release may hand the lease."""
+
+    __slots__ = ("courtesy", "event", "gate", "granted", "pending", "token", "ttl")
+
+    def __init__(self, gate: _Gate, token: str, ttl: float, event: asyncio.Event) -> None:
+        self.gate = gate
+        self.token = token
+        self.ttl = ttl
+        self.event = event
+        self.granted: int | None = None
+        # After a release to everyone: how long this waiter lets the waiters of
+        # other processes try first.
+        self.courtesy = 0.0
+        # The hand-off in flight, awaited by a waiter that gives up meanwhile.
+        self.pending: asyncio.Future[Any] | None = None
+
+    async def offer(self, held: Held) -> bool:
+        """Release ``held`` to this waiter (or to everyone); True if ``held`` still owned it."""
+        backend: Any = held.backend
+        gate = self.gate
+        gate.target = None  # one offer per waiter
+        loop = asyncio.get_running_loop()
+        self.pending = loop.create_future()
+        sent = loop.time()
+        try:
+            outcome = await backend.release_to(
+                held.kind,
+                held.name,
+                held.token,
+                self.token,
+                self.ttl,
+                yield_to_others=gate.local_handoffs >= _MAX_LOCAL_HANDOFFS,
+            )
+            gate.release_rtt = loop.time() - sent
+            if outcome is True:
+                # Released to everyone: the other processes' waiters hear it
+                # through pub/sub, while ours is woken at once and would win
+                # every race; it lets them try first for about two round trips.
+                gate.local_handoffs = 0
+                self.courtesy = 2 * gate.release_rtt
+            elif outcome is not False:
+                gate.local_handoffs += 1
+                self.granted = int(outcome)
+            self.pending.set_result(self.granted)
+            return outcome is not False
+        except BaseException as exc:
+            self.pending.set_exception(exc)
+            self.pending.exception()  # retrieved: the waiter may be gone
+            raise
+        finally:
+            # Also when it failed: the waiter must look again, not sleep a ttl.
+            self.event.set()
+
+
+def _holder_left(held: Held) -> None:
+    """The lease a gate's waiter won ended (released or lost): forget it."""
+    key = (id(getattr(held.backend, "gate_scope", held.backend)), held.kind, held.name)
+    gate = _gates.get(key)
+    if gate is None or gate.holder is None or gate.holder[0] != held.token:
+        return  # a later holder's: leave it
+    gate.holder = None
+    if gate.users == 0:
+        del _gates[key]
+
+
+def _handoff_target(backend: LeaseBackend, kind: str, name: str) -> _Target | None:
+    """The waiter of this process a release may hand the lease to, if any."""
+    if not getattr(backend, "hands_off", False):
+        return None
+    gate = _gates.get((id(getattr(backend, "gate_scope", backend)), kind, name))
+    return None if gate is None else gate.target
 
 
 def _timed_out(kind: str, name: str, timeout: float | None, attempt: Attempt) -> LockTimeout:
@@ -489,12 +601,13 @@ async def acquire_lease(
     watch: Watch | None = None
     attempt: Attempt | None = None
     gate: _Gate | None = None
+    target: _Target | None = None
     in_turn = False
     # Backends sharing one store in this process (memory) share the turnstile.
     gate_key = (id(getattr(backend, "gate_scope", backend)), kind, name)
     try:
         waiting = _gates.get(gate_key)
-        if waiting is not None and waiting.busy and timeout != 0:
+        if waiting is not None and (waiting.busy or waiting.holder) and timeout != 0:
             # Tasks of this process already wait for it: queue behind them
             # instead of barging in (a releasing task would otherwise win its
             # own lock back every time).
@@ -520,9 +633,10 @@ async def acquire_lease(
             if gate is None:
                 gate = _gates[gate_key] = _Gate()
             gate.users += 1
+            target = _Target(gate, token, ttl, watch.event)
             try:
                 bound = None if deadline is None else max(0.0, deadline - loop.time())
-                held_here = await gate.enter(bound, watch)
+                held_here = await gate.enter(bound, target)
             except TimeoutError:
                 raise _timed_out(kind, name, timeout, attempt) from None
             in_turn = True
@@ -551,10 +665,15 @@ async def acquire_lease(
                     except TimeoutError:
                         pass
             retry_now = False
+            if target is not None and target.courtesy and target.granted is None:
+                courtesy, target.courtesy = target.courtesy, 0.0
+                await asyncio.sleep(courtesy)
             watch.event.clear()
             # A direct hand-off (fair mode) names us and carries the fence: the
             # lease is already ours, no round trip needed to learn it.
             granted: int | None = getattr(watch, "granted", None)
+            if target is not None and target.granted is not None:
+                granted = target.granted
             if granted is not None:
                 attempt = Attempt(True, granted, ttl, attempt.queued)
                 break
@@ -563,12 +682,21 @@ async def acquire_lease(
     finally:
         if watch is not None:
             watch.close()
+        if target is not None:
+            if gate is not None and gate.target is target:
+                gate.target = None  # no hand-off to a waiter that left
+            if target.pending is not None and not (attempt is not None and attempt.acquired):
+                # Giving up while a release was handing us the lease: wait for
+                # its outcome, and give back a lease it granted.
+                await _abandon(backend, kind, name, token, target.pending)
         if gate is not None:
             if in_turn:
                 won = attempt is not None and attempt.acquired
+                if won and attempt is not None:
+                    gate.holder = (token, attempt.remaining)
                 gate.leave(attempt.remaining if won and attempt is not None else None)
             gate.users -= 1
-            if gate.users == 0 and _gates.get(gate_key) is gate:
+            if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:
                 del _gates[gate_key]
         if attempt is not None and attempt.queued and not attempt.acquired:
             # A waiter that gives up (timeout, cancellation) leaves its queue
@@ -578,6 +706,23 @@ async def acquire_lease(
                 await shielded(lambda: backend.release(kind, name, token))
             except Exception:
                 log.debug("could not dequeue from %s %r", kind, name, exc_info=True)
+
+
+async def _abandon(
+    backend: LeaseBackend, kind: str, name: str, token: str, pending: asyncio.Future[Any]
+) -> None:
+    async def settle() -> None:
+        try:
+            granted = await pending
+        except Exception:
+            return
+        if granted is not None:
+            await backend.release(kind, name, token)
+
+    try:
+        await shielded(settle)
+    except Exception:
+        log.debug("could not give back a lease handed to a waiter that left", exc_info=True)
 
 
 async def _attempt(backend: LeaseBackend, kind: str, name: str, token: str, ttl: float) -> Attempt:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from asgi_dist.backends.pubsub import PubSubHub, Subscription
 from asgi_dist.backends.redis import RedisBackend, Script
@@ -145,6 +146,8 @@ class RedisLeases:
         self._local: dict[tuple[str, str], set[_PubSubWatch]] = {}
         # Tags this backend's releases so its waiters skip their echo.
         self._origin = secrets.token_hex(6)
+        # On a cluster a channel's subscribers are spread over the nodes.
+        self._partial_numsub = isinstance(redis.client, RedisCluster)
         self._acquire = redis.script(_PACKAGE, variant.acquire)
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
@@ -181,6 +184,35 @@ class RedisLeases:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
         return released
+
+    @property
+    def hands_off(self) -> bool:
+        """Whether :meth:`release_to` is supported (the plain lock)."""
+        return self.variant is PLAIN
+
+    async def release_to(
+        self,
+        kind: str,
+        name: str,
+        token: str,
+        next_token: str,
+        next_ttl: float,
+        *,
+        yield_to_others: bool = False,
+    ) -> int | bool:
+        """Release straight to ``next_token`` (a waiter of this process).
+
+        With ``yield_to_others`` the release goes to everyone instead when a
+        waiter of another process may be listening.  Returns the new fence when
+        handed on, True when released to everyone, False if ``token`` no
+        longer held the lease.
+        """
+        mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
+        args = [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
+        reply = await self._release(self.redis.client, self.keys(kind, name), args)
+        if isinstance(reply, list):
+            return int(reply[1])
+        return bool(reply)
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
         lease = self.keys(kind, name)[self.variant.renew_key]
