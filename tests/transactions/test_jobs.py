@@ -162,3 +162,24 @@ async def test_check_back_of_a_dead_process_runs_on_one_node_per_fire(
         for fire_id in report["fires"]:
             if fire_id in by_fire:  # the history keeps the newest 1000
                 assert by_fire[fire_id] == report["node"]
+
+
+async def test_check_back_runs_as_a_job_on_the_postgres_scheduler(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection, orders: str
+) -> None:
+    dist: Dist = await fast_dist(redis=None, sessions=False)  # the scheduler's store: PostgreSQL
+    assert dist.transactions.scheduled
+    message = dist.transactional_message(
+        "payments.done", {"order": 6}, check=payments.check, check_after=0.2
+    )
+    await message.__aenter__()  # never exited, as by a dead process
+    await pg.execute(payments.insert_order(), 6)
+    table = f"{dist.namespace}_outbox"
+
+    async def committed() -> bool:
+        return await count(pg, f"SELECT count(*) FROM {table} WHERE state = 0") == 1
+
+    await eventually(committed, 10, "check-back committed the half message")
+    history = await dist.scheduler.history(CHECKBACK_JOB, 100)
+    ran_here = set(dist.transactions.checkback_fires)
+    assert any(h["fire_id"] in ran_here and h["status"] == "succeeded" for h in history)
