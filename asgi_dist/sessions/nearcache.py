@@ -76,6 +76,7 @@ class NearCache:
         self._tags = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())
         # tag -> (handle, state after the write, tick of the writer's own drop)
         self._echoes: OrderedDict[str, tuple[str, StoredSession, int]] = OrderedDict()
+        self._echo_of: dict[str, str] = {}  # handle -> tag of its pending echo
         self.hits = 0
         self.misses = 0
 
@@ -101,10 +102,13 @@ class NearCache:
             # Reconnected: invalidations may have been missed.
             self._entries.clear()
             self._echoes.clear()
+            self._echo_of.clear()
             self._floor = self._tick
             return
         handle, _, tag = payload.decode().partition(" ")
         echo = self._echoes.pop(tag, None) if tag else None
+        if self._echo_of.get(handle) == tag:
+            del self._echo_of[handle]
         if echo is None:
             self.drop(handle)
             return
@@ -131,8 +135,15 @@ class NearCache:
         self.drop(handle)
         if consistent and self._subscription is not None:
             self._echoes[tag] = (handle, stored, self._tick)
+            self._echo_of[handle] = tag
             if len(self._echoes) > _PENDING_ECHOES:
-                self._echoes.popitem(last=False)
+                old_tag, (old_handle, _, _) = self._echoes.popitem(last=False)
+                if self._echo_of.get(old_handle) == old_tag:
+                    del self._echo_of[old_handle]
+
+    def echo_pending(self, handle: str) -> bool:
+        """This process wrote ``handle`` and waits for the write's echo to keep its copy."""
+        return handle in self._echo_of
 
     def created(self, handle: str, stored: StoredSession) -> None:
         """A session this process just created: nobody else knows its id yet."""
