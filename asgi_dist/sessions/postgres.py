@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from asgi_dist.backends import Runtime
 from asgi_dist.backends.postgres import PostgresBackend
@@ -27,7 +26,6 @@ from asgi_dist.sessions.store import (
 __all__ = ["MIGRATIONS", "PostgresSessionStore"]
 
 log = logging.getLogger("asgi_dist.sessions")
-T = TypeVar("T")
 
 MIGRATIONS = [
     """
@@ -130,24 +128,37 @@ class PostgresSessionStore:
             await asyncio.sleep(_SWEEP_EVERY)
             try:
                 for _ in range(100):
-                    status = await self._bounded(self.backend.pool.execute(self._sweep_sql))
+                    status = await self._call("execute", self._sweep_sql)
                     if status != f"DELETE {_SWEEP_BATCH}":
                         break
             except Exception as exc:
                 log.warning("session sweep failed (%s); retrying in %gs", exc, _SWEEP_EVERY)
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
-        async with asyncio.timeout(self.config.store_timeout):
-            return await call
+    async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """``pool.<method>(query, *args)`` bounded by store_timeout."""
+        pool = self.backend.pool
+        conn = None
+        try:
+            async with asyncio.timeout(self.config.store_timeout):
+                conn = await pool.acquire()
+                return await getattr(conn, method)(query, *args)
+        except (TimeoutError, asyncio.CancelledError):
+            if conn is not None:
+                # asyncpg would cancel the statement on the server and reset the
+                # connection before releasing it: against a paused server that holds
+                # the request as long as the pause.  Drop the connection instead.
+                conn.terminate()
+            raise
+        finally:
+            if conn is not None:
+                await pool.release(conn)
 
     def _timeouts(self) -> tuple[float, float]:
         return self._idle, self._absolute
 
     async def load(self, key: SessionKey) -> StoredSession | None:
-        row = await self._bounded(
-            self.backend.pool.fetchrow(
-                self._load_sql, key.handle, *self._timeouts(), self.config.refresh_interval
-            )
+        row = await self._call(
+            "fetchrow", self._load_sql, key.handle, *self._timeouts(), self.config.refresh_interval
         )
         if row is None:
             return None
@@ -167,50 +178,47 @@ class PostgresSessionStore:
         return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
 
     async def create(self, key: SessionKey, delta: SessionDelta) -> int:
-        done = await self._bounded(
-            self.backend.pool.fetchval(
-                self._create_sql,
-                key.handle,
-                *self._timeouts(),
-                self._object(delta.set),
-                delta.user_id,
-            )
+        done = await self._call(
+            "fetchval",
+            self._create_sql,
+            key.handle,
+            *self._timeouts(),
+            self._object(delta.set),
+            delta.user_id,
         )
         return 1 if done == 1 else 0
 
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
-        done = await self._bounded(
-            self.backend.pool.fetchval(
-                self._save_sql,
-                key.handle,
-                *self._timeouts(),
-                delta.delete,
-                self._object(delta.set),
-                delta.user_changed,
-                delta.user_id,
-            )
+        done = await self._call(
+            "fetchval",
+            self._save_sql,
+            key.handle,
+            *self._timeouts(),
+            delta.delete,
+            self._object(delta.set),
+            delta.user_changed,
+            delta.user_id,
         )
         return 1 if done == 1 else 0  # no versions here: the near cache is Redis only
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
-        done = await self._bounded(
-            self.backend.pool.fetchval(
-                self._regenerate_sql,
-                old.handle,
-                *self._timeouts(),
-                float(self.config.regenerate_grace),
-                new.handle,
-            )
+        done = await self._call(
+            "fetchval",
+            self._regenerate_sql,
+            old.handle,
+            *self._timeouts(),
+            float(self.config.regenerate_grace),
+            new.handle,
         )
         return bool(done == 1)
 
     async def delete(self, key: SessionKey, user_id: str | None) -> None:
-        await self._bounded(self.backend.pool.execute(self._delete_sql, key.handle))
+        await self._call("execute", self._delete_sql, key.handle)
 
     async def list_user(self, user_id: str) -> list[SessionInfo]:
-        rows = await self._bounded(self.backend.pool.fetch(self._list_sql, user_id))
+        rows = await self._call("fetch", self._list_sql, user_id)
         return [SessionInfo(r["key"], user_id, r["created"], r["accessed"]) for r in rows]
 
     async def invalidate_user(self, user_id: str) -> list[str]:
-        rows = await self._bounded(self.backend.pool.fetch(self._invalidate_user_sql, user_id))
+        rows = await self._call("fetch", self._invalidate_user_sql, user_id)
         return [r["key"] for r in rows if r["live"]]

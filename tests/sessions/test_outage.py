@@ -94,3 +94,19 @@ async def test_postgres_stopped_mid_run_gives_503_then_recovers_with_the_session
         assert r.status_code == 200 and r.json()["value"] == "v"
         assert (await c.post("/set/k/again")).status_code == 200
         assert (await c.get("/get/k")).json()["value"] == "again"
+
+
+async def test_a_paused_postgres_gives_503_after_store_timeout_instead_of_hanging(
+    session_dist: Callable[..., Any], postgres_server: PostgresServer
+) -> None:
+    dist = await session_dist("postgres", postgres=postgres_server.dsn, store_timeout=0.5)
+    async with client(dist) as c:
+        assert (await c.post("/set/k/v")).status_code == 200
+        postgres_server.pause()
+        try:
+            r = await asyncio.wait_for(c.get("/get/k"), 10)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        finally:
+            postgres_server.resume()
+        r = await asyncio.wait_for(c.get("/get/k"), 10)
+        assert r.status_code == 200 and r.json()["value"] == "v"
