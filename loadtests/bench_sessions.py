@@ -240,8 +240,9 @@ async def main() -> None:
     try:
         # Layers alternate within each round and the best round counts, so that a
         # burst of other load on a shared machine does not decide a ratio.
+        # The order flips every round too, so that no layer always runs first or last.
         for round_no in range(args.rounds):
-            for kind in kinds:
+            for kind in kinds if round_no % 2 == 0 else kinds[::-1]:
                 env = {
                     "BENCH_REDIS_URL": redis_url,
                     "BENCH_POSTGRES_DSN": pg_dsn,
@@ -253,6 +254,7 @@ async def main() -> None:
                     for endpoint, method, path in (("read", "GET", "/read"),
                                                    ("write", "POST", "/write")):  # fmt: skip
                         run = await load(port, method, path, args.seconds, args.connections)
+                        best.setdefault("rounds", {}).setdefault(endpoint, []).append(run["rps"])
                         if run["rps"] > best.get(endpoint, {"rps": -1.0})["rps"]:
                             best[endpoint] = run
                 finally:
@@ -271,9 +273,11 @@ async def main() -> None:
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    load1, load5, _ = os.getloadavg()
     print(
         f"\n{args.connections} connections, {args.seconds:g} s per endpoint, one uvicorn "
-        f"process, best of {args.rounds} rounds\n"
+        f"process, best of {args.rounds} rounds; {os.cpu_count()} CPUs, load average "
+        f"{load1:.1f} (1 min) / {load5:.1f} (5 min) at the end\n"
     )
     print("| layer | read req/s | p50 ms | p99 ms | modify req/s | p50 ms | p99 ms "
           "| store trips no-cookie/read/modify |")  # fmt: skip
@@ -301,6 +305,33 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
     if "starlette" in results and "asgi_dist_near" in results:
         ratio = results["asgi_dist_near"]["read"]["rps"] / results["starlette"]["read"]["rps"]
         print(f"read-only, asgi_dist near cache vs Starlette cookie sessions: {ratio:.2f}x")
+    spread(results)
+
+
+def spread(results: dict[str, dict[str, Any]]) -> None:
+    """Per-round ratios (each layer against its peer measured in the same round), so that
+    the spread a shared machine causes is visible next to the best-round table."""
+    pairs = [
+        ("asgi_dist_redis", "starsessions", "read"),
+        ("asgi_dist_redis", "starsessions", "write"),
+        ("asgi_dist_near", "starsessions", "read"),
+        ("asgi_dist_near", "starsessions", "write"),
+        ("asgi_dist_near", "starlette", "read"),
+        ("asgi_dist_pg", "starsessions", "read"),
+        ("asgi_dist_pg", "starsessions", "write"),
+    ]
+    print("\nper-round ratios (median, min-max):")
+    for kind, peer, endpoint in pairs:
+        if kind not in results or peer not in results:
+            continue
+        ours, theirs = results[kind]["rounds"][endpoint], results[peer]["rounds"][endpoint]
+        ratios = sorted(a / b for a, b in zip(ours, theirs, strict=False))
+        median = ratios[len(ratios) // 2]
+        print(
+            f"  {kind} / {peer} {endpoint}: {median:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}x; "
+            + " ".join(f"{r:.2f}" for r in ratios)
+            + ")"
+        )
 
 
 if __name__ == "__main__":
