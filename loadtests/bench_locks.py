@@ -198,8 +198,8 @@ async def main():
         stop_at = float(go)
         n = 0
         while time.time() < stop_at:
-            if kind == "asgi_dist":
-                held = await dist.lock(name, ttl=30).acquire()
+            if kind.startswith("asgi_dist"):
+                held = await dist.lock(name, ttl=30, fair=kind == "asgi_dist_fair").acquire()
                 release = held.release
             else:
                 lock = log.lock(name, timeout=30, sleep=float(kind.split("=")[1]))
@@ -320,6 +320,7 @@ async def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for label, kind in (
             ("asgi_dist", "asgi_dist"),
+            ("asgi_dist fair=True", "asgi_dist_fair"),
             ("redis-py sleep=0.1", "sleep=0.1"),
             ("redis-py sleep=0.001", "sleep=0.001"),
         ):
