@@ -139,9 +139,9 @@ class Election:
             self.name,
             token=token,
             ttl=self.ttl,
-            # No max_wait: a follower sleeps until a resignation wakes it or
-            # the leader's lease would have expired (one attempt per lease
-            # period while the leader renews), not every ``retry``.
+            # A follower sleeps until a resignation wakes it or the leader's
+            # lease would have expired (one attempt per lease period while the
+            # leader renews), not every ``retry``.
             timeout=timeout,
         )
         term = Term(

@@ -589,12 +589,12 @@ async def acquire_lease(
     token: str,
     ttl: float,
     timeout: float | None,  # noqa: ASYNC109 (bounds waiting, not one call)
-    max_wait: float | None = None,
 ) -> Attempt:
     """Attempt, then wait for a wake-up and retry, until granted or ``timeout``.
 
-    ``timeout=None`` waits forever, ``0`` tries once.  ``max_wait`` bounds each
-    sleep (elections use their ``retry``).  Raises :class:`LockTimeout`.
+    ``timeout=None`` waits forever, ``0`` tries once; each sleep lasts until a
+    wake-up or the holder's remaining lease (or the backend's poll interval
+    while it lacks push).  Raises :class:`LockTimeout`.
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -651,8 +651,6 @@ async def acquire_lease(
                 raise _timed_out(kind, name, timeout, attempt)
             if not retry_now:
                 wait = attempt.remaining if attempt.remaining > 0 else _MIN_WAIT
-                if max_wait is not None:
-                    wait = min(wait, max_wait)
                 if backend.poll_interval is not None:
                     wait = min(wait, backend.poll_interval)
                 if deadline is not None:

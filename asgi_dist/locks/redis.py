@@ -8,7 +8,9 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
     {ns:kind:name}:wake    pub/sub channel a release publishes to
 
 acquire, release and renew are one round trip each; renewals of every lease a
-process holds are pipelined into one round trip per tick (per shard).
+process holds are pipelined into one round trip per tick (per shard).  A
+release may hand the lease on in the same round trip: to a waiter of this
+process (``release_to``, lock cohorting) or, in fair mode, to the queue's head.
 """
 
 from __future__ import annotations
