@@ -76,6 +76,20 @@ async def test_a_read_only_request_on_a_near_cached_session_makes_no_round_trip(
     assert near.hits >= 6
 
 
+async def test_writes_in_a_row_through_one_near_cached_process_make_one_round_trip_each(
+    session_dist: Callable[..., Any], counting_redis: CountingRedis
+) -> None:
+    # No wait between the writes: the next request finds the previous write's echo
+    # pending and lets it arrive instead of loading the session again.
+    dist = await session_dist("redis", redis=counting_redis, near_cache=True)
+    async with client(dist) as c:
+        assert await _trips(counting_redis, c.post("/set/k/v0")) == 1  # create
+        assert (await c.get("/get/k")).json()["value"] == "v0"  # warm: script, subscription
+        trips = [await _trips(counting_redis, c.post(f"/set/k/v{n}")) for n in range(1, 6)]
+        assert trips == [1, 1, 1, 1, 1]  # the save only
+        assert (await c.get("/get/k")).json()["value"] == "v5"
+
+
 class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
     """A real connection that counts the statements sent to the sessions table (other
     capabilities of the Dist, such as the outbox relay, share the pool)."""
