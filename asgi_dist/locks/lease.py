@@ -560,6 +560,10 @@ def _holder_left(held: Held) -> None:
     if gate is None or gate.holder is None or gate.holder[0] != held.token:
         return  # a later holder's: leave it
     gate.holder = None
+    if gate.target is not None:
+        # Our waiter sleeps on this holder's lease; if it was lost rather than
+        # released, nothing else would wake it before that lease's end.
+        gate.target.event.set()
     if gate.users == 0:
         del _gates[key]
 
