@@ -64,7 +64,15 @@ class LockTimeout(LockError):
 
 
 class LockLost(LockError):
-    """The lease of a held lock expired or was taken over before it was released."""
+    """The lease of a held lock expired or was taken over before it was released.
+
+    ``outage`` is true when the lease ran out because its backend could not be
+    reached to renew it (the middleware then answers 503, else 409).
+    """
+
+    def __init__(self, message: str, *, outage: bool = False) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 
 class LockNotOwned(LockError):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from asgi_dist._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_dist.backends import as_backend_unavailable
 from asgi_dist.context import RequestContext, RequestHook, reset_current, set_current
-from asgi_dist.errors import BackendUnavailable, LockTimeout, TransactionError
+from asgi_dist.errors import BackendUnavailable, LockLost, LockTimeout, TransactionError
 
 if TYPE_CHECKING:
     from asgi_dist.dist import Dist
@@ -32,7 +33,12 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, str], str] | None
     if isinstance(exc, LockTimeout):
         retry = max(1, math.ceil(exc.retry_after))
         return 409, {"retry-after": str(retry)}, f"Conflict: {exc}"
+    if isinstance(exc, LockLost) and not exc.outage:
+        # Another holder took over mid-request: the work was cancelled, retry it.
+        return 409, {"retry-after": "1"}, f"Conflict: {exc}"
     outage = as_backend_unavailable(exc)
+    if outage is None and isinstance(exc, LockLost):
+        outage = BackendUnavailable(str(exc))
     if outage is not None:
         retry = max(1, math.ceil(outage.retry_after))
         # The body names the cause, not the server's address.
@@ -160,7 +166,15 @@ class DistMiddleware:
             for hook in self._request_hooks():
                 await hook.on_request(ctx)
                 entered.append(hook)
-            await self.app(scope, receive, hooked_send)
+            try:
+                await self.app(scope, receive, hooked_send)
+            except asyncio.CancelledError:
+                # A request lock whose lease was lost cancels the request's task;
+                # that cancellation becomes its LockLost.  Anyone else's propagates.
+                lost = ctx.locks.lost_cancellation() if ctx.locks is not None else None
+                if lost is None:
+                    raise
+                raise lost from None
         except Exception as exc:
             error = exc
             answer = error_response(exc)

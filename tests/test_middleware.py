@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -197,3 +198,37 @@ def test_app_add_middleware_form_runs_lifespan_once() -> None:
         assert dist.started
     assert dist.start_count == 1
     assert not dist.started
+
+
+async def test_a_request_whose_lock_is_taken_over_is_cancelled_and_answers_409(
+    make_dist: Any, redis_client: Any
+) -> None:
+    dist: Dist = await make_dist()
+    reached_end: list[bool] = []
+
+    async def slow(request: Request) -> PlainTextResponse:
+        # A short ttl so that the watchdog's renewal (every ttl/3) comes quickly.
+        await get_locks().acquire("order:1", timeout=1.0, ttl=1.5)
+        # Someone else takes the lock over (as after a pause past the lease).
+        keys = await redis_client.keys(f"{{{dist.namespace}:lock:order:1}}*")
+        await redis_client.delete(*keys)
+        await asyncio.sleep(10)  # the watchdog's next renewal finds the lease gone
+        reached_end.append(True)
+        return PlainTextResponse("done")
+
+    async with _client(dist.wrap(Starlette(routes=[Route("/", slow)]))) as client:
+        response = await asyncio.wait_for(client.get("/"), 15)
+    assert response.status_code == 409
+    assert response.headers["retry-after"] == "1"
+    assert "was lost during the request" in response.text
+    assert reached_end == []
+
+
+def test_a_lock_lost_to_an_outage_is_a_503_and_to_another_holder_a_409() -> None:
+    from asgi_dist import LockLost
+    from asgi_dist.middleware import error_response
+
+    taken = error_response(LockLost("lock 'a' was taken over"))
+    outage = error_response(LockLost("no renewal succeeded for 10s", outage=True))
+    assert taken is not None and taken[0] == 409
+    assert outage is not None and outage[0] == 503 and "retry-after" in outage[1]

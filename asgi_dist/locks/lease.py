@@ -100,6 +100,7 @@ class Held:
         self.depth = 1
         self.owner_task: asyncio.Task[Any] | None = asyncio.current_task()
         self.lost_reason = ""
+        self.lost_in_outage = False
         loop = asyncio.get_running_loop()
         # The last time (local monotonic) a renewal that succeeded was *sent*:
         # the server's expiry is at least this plus ttl.
@@ -181,11 +182,12 @@ class Held:
                 "the critical section outlived its ttl; renewals were not possible"
             )
 
-    def mark_lost(self, reason: str) -> None:
+    def mark_lost(self, reason: str, *, outage: bool = False) -> None:
         """The lease is gone: tell the holder, cancel the body, stop renewing."""
         if self.lost.is_set() or self.released:
             return
         self.lost_reason = reason
+        self.lost_in_outage = outage
         self.lost.set()
         _holder_left(self)
         self._end()
@@ -272,7 +274,8 @@ class Held:
                 raise LockLost(
                     f"{self.kind} {self.name!r} (fence {self.fence}) was lost while held "
                     f"({self.lost_reason}); the body was cancelled. Keep critical sections "
-                    "shorter than the ttl, or check the fence where the work is written"
+                    "shorter than the ttl, or check the fence where the work is written",
+                    outage=self.lost_in_outage,
                 ) from exc
             return  # someone else cancelled us too: let CancelledError propagate
         self._body = None
@@ -280,7 +283,8 @@ class Held:
             if exc is None:
                 raise LockLost(
                     f"{self.kind} {self.name!r} (fence {self.fence}) was lost while held: "
-                    f"{self.lost_reason}"
+                    f"{self.lost_reason}",
+                    outage=self.lost_in_outage,
                 )
             return
         try:
@@ -377,7 +381,8 @@ class Watchdog:
         for held in list(self._held):
             if now - held.renewed_at >= held.renew_deadline:
                 held.mark_lost(
-                    f"no renewal succeeded for {held.renew_deadline:g}s (backend unreachable?)"
+                    f"no renewal succeeded for {held.renew_deadline:g}s (backend unreachable?)",
+                    outage=True,
                 )
         # Coalesce: a lease due within half its period rides along with this
         # tick, so leases taken at different moments share one round trip.

@@ -84,7 +84,8 @@ class RequestLocks:
         h = lost[0]
         return LockLost(
             f"{h.kind} {h.name!r} (fence {h.fence}) was lost during the request "
-            f"({h.lost_reason}); the request was cancelled. Retry it"
+            f"({h.lost_reason}); the request was cancelled. Retry it",
+            outage=h.lost_in_outage,
         )
 
     async def release_all(self) -> None:

@@ -112,4 +112,6 @@ async def test_request_scoped_lock_loss_cancels_the_request_task(dist: Dist) -> 
     assert progress["held"].lost.is_set()
     # Cancelled again after each swallowed cancellation; never finished.
     assert progress["swallowed"] == 2 and "finished" not in progress
-    assert request.cancelled()
+    # The middleware turns that cancellation into the request's LockLost: a 409.
+    response = request.result()
+    assert response.status_code == 409 and "was lost during the request" in response.text
