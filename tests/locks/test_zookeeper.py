@@ -381,7 +381,7 @@ async def test_a_lease_lost_to_a_dropped_connection_leaves_no_znode_behind(
     async def reaped() -> bool:
         return not leases._orphans
 
-    await _until(reaped, "the reaper done", 5)
+    await _until(reaped, "the reaper done", 20)
     again = await lock.acquire(timeout=0)
     assert again.fence > held.fence
     await again.release()
