@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
@@ -41,6 +41,7 @@ log = logging.getLogger("asgi_dist.redis")
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
 MAX_NAME_LENGTH = 512
+MAX_CONNECTIONS = 512  # per process, for one server
 _SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster", "unix")
 
 
@@ -100,7 +101,13 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
         "health_check_interval": 30,
     }
     if parts.scheme in ("redis", "rediss", "unix"):
-        return Redis.from_url(url, **timeouts)
+        # redis-py's default pool fails at once ("Too many connections") past 100
+        # concurrent commands; a burst of requests should queue briefly instead and
+        # only then fail (503), so the pool blocks up to connect_timeout for a slot.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=connect_timeout, **timeouts
+        )
+        return Redis.from_pool(pool)  # the client owns (and closes) its pool
     username, password = _password(parts.netloc)
     if parts.scheme == "redis+cluster":
         nodes = [ClusterNode(h, p) for h, p in _hosts(parts.netloc, 6379)]
