@@ -135,15 +135,24 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
              "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True, check=True, timeout=30,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while "cluster_state:ok" not in nodes[0].cli("cluster", "info"):
+        # Every node must be ok and agree on the slot map before the first command:
+        # a node that still answers CLUSTERDOWN or MOVED makes clients retry.
+        deadline = time.monotonic() + 30
+        while not _cluster_settled(nodes):
             if time.monotonic() > deadline:
-                raise TimeoutError("the private Redis Cluster did not reach cluster_state:ok")
+                raise TimeoutError("the private Redis Cluster did not settle (cluster_state:ok)")
             time.sleep(0.1)
         yield nodes
     finally:
         for node in nodes:
             node.close()
+
+
+def _cluster_settled(nodes: list[RedisServer]) -> bool:
+    if not all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes):
+        return False
+    maps = {n.cli("cluster", "slots") for n in nodes}
+    return len(maps) == 1
 
 
 @contextlib.contextmanager
