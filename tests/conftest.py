@@ -72,9 +72,41 @@ def postgres_dsn() -> Iterator[str]:
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
+_namespaces: set[str] = set()
+
+
 @pytest.fixture
 def namespace() -> str:
-    return f"t_{secrets.token_hex(6)}"
+    ns = f"t_{secrets.token_hex(6)}"
+    _namespaces.add(ns)
+    return ns
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_redis() -> Iterator[None]:
+    """Remove this run's keys from the shared Redis when the run ends (its database
+    on the shared PostgreSQL is dropped by ``postgres_dsn``)."""
+    yield
+    if not _namespaces:
+        return
+
+    async def clean() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        try:
+            ours = []
+            for pattern in ("{t_*", "t_*"):
+                async for key in client.scan_iter(pattern, count=1000):
+                    if key.decode(errors="replace").lstrip("{")[:14] in _namespaces:
+                        ours.append(key)
+            for i in range(0, len(ours), 500):
+                await client.unlink(*ours[i : i + 500])
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(clean())
+    except Exception as exc:  # cleanup must never fail the run
+        print(f"could not clean the test keys from {REDIS_URL}: {exc}")
 
 
 @pytest.fixture
