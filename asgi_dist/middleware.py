@@ -215,6 +215,7 @@ def _install_exception_handlers(app: Any) -> None:
     for cls in (
         BackendUnavailable,
         LockTimeout,
+        LockLost,
         redis_errors.ConnectionError,
         redis_errors.TimeoutError,
     ):

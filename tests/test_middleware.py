@@ -21,6 +21,7 @@ from asgi_dist import (
     BackendUnavailable,
     Dist,
     DistMiddleware,
+    LockLost,
     LockTimeout,
     NoRequestContext,
     TransactionError,
@@ -142,6 +143,8 @@ def _raising_app(exc: Exception) -> Starlette:
     [
         (BackendUnavailable("Redis at 127.0.0.1:6379 is unavailable", retry_after=2), 503),
         (LockTimeout("lock 'sku:1' is busy", name="sku:1", retry_after=3), 409),
+        (LockLost("lock 'sku:1' was taken over during the request"), 409),
+        (LockLost("no renewal succeeded for 10s", outage=True), 503),
     ],
 )
 async def test_errors_become_503_and_409_with_retry_after(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
-from asgi_dist.errors import BackendUnavailable, LockTimeout
+from asgi_dist.errors import BackendUnavailable, LockLost, LockTimeout
 from asgi_dist.middleware import DistMiddleware, error_response
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ def init_app(app: Quart, dist: Dist) -> Quart:
     for cls in (
         BackendUnavailable,
         LockTimeout,
+        LockLost,
         redis_errors.ConnectionError,
         redis_errors.TimeoutError,
     ):
