@@ -225,13 +225,3 @@ async def test_a_request_whose_lock_is_taken_over_is_cancelled_and_answers_409(
     assert response.headers["retry-after"] == "1"
     assert "was lost during the request" in response.text
     assert reached_end == []
-
-
-def test_a_lock_lost_to_an_outage_is_a_503_and_to_another_holder_a_409() -> None:
-    from asgi_dist import LockLost
-    from asgi_dist.middleware import error_response
-
-    taken = error_response(LockLost("lock 'a' was taken over"))
-    outage = error_response(LockLost("no renewal succeeded for 10s", outage=True))
-    assert taken is not None and taken[0] == 409
-    assert outage is not None and outage[0] == 503 and "retry-after" in outage[1]
