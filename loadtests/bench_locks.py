@@ -9,12 +9,22 @@ hand-off latency (release -> next holder's acquire returns) p50/p99 and
 throughput with 2, 8 and 32 contending tasks and with 4 processes; fairness
 spread; Redis commands per second per waiting client.  Every number is also
 given as a ratio to the PING round trip or to the peer.
+
+Further peers, for comparison only (not dependencies of asgi_dist):
+
+    pip install pottery python-redis-lock
+
+pottery's ``AIORedlock`` (its asyncio API, one Redis master) runs as tasks like
+ours; python-redis-lock has no asyncio API, so its contenders are OS threads
+of this process, each with its own ``redis_lock.Lock`` on a shared sync client.
+A peer that is not importable is skipped with the reason printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import secrets
 import shutil
@@ -23,13 +33,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
+import redis.connection
 from redis.asyncio.connection import Connection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +65,26 @@ async def _counting_send(self: Connection, *args: Any, **kwargs: Any) -> None:
 
 
 Connection.send_packed_command = _counting_send  # type: ignore[method-assign,assignment]
+
+# The same count for the sync client python-redis-lock uses (threads: the GIL
+# makes the increment good enough for a count of round trips).
+_sync_send = redis.connection.Connection.send_packed_command
+
+
+def _counting_sync_send(self: redis.connection.Connection, *args: Any, **kwargs: Any) -> None:
+    SENT["n"] += 1
+    _sync_send(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+redis.connection.Connection.send_packed_command = _counting_sync_send  # type: ignore[method-assign,assignment]
+
+
+def optional_peer(module: str) -> tuple[Any, str]:
+    """The peer's module, or None and the reason it is skipped."""
+    try:
+        return importlib.import_module(module), ""
+    except ImportError as exc:
+        return None, f"{module} not importable ({exc}); pip install pottery python-redis-lock"
 
 
 def _free_port() -> int:
@@ -109,6 +142,28 @@ def redis_py_acquirer(client: aioredis.Redis, name: str, sleep: float) -> Acquir
     return acquire
 
 
+def pottery_acquirer(pottery: Any, client: aioredis.Redis, name: str) -> Acquire:
+    async def acquire() -> Callable[[], Awaitable[None]]:
+        # One AIORedlock per acquisition: it keeps its token on the object.
+        lock = pottery.AIORedlock(key=name, masters={client}, auto_release_time=30)
+        await lock.acquire()
+        return lock.release  # type: ignore[no-any-return]
+
+    return acquire
+
+
+SyncAcquire = Callable[[], Callable[[], None]]
+
+
+def redis_lock_acquirer(redis_lock: Any, client: redis.Redis, name: str) -> SyncAcquire:
+    def acquire() -> Callable[[], None]:
+        lock = redis_lock.Lock(client, name, expire=30)
+        lock.acquire()
+        return lock.release  # type: ignore[no-any-return]
+
+    return acquire
+
+
 @dataclass
 class Contention:
     handoffs: list[float] = field(default_factory=list)
@@ -147,6 +202,49 @@ async def contend(make: Callable[[int], Acquire], tasks: int, seconds: float) ->
     await asyncio.wait_for(asyncio.gather(*(contender(i) for i in range(tasks))), seconds + 60)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def contend_threads(make: Callable[[int], SyncAcquire], threads: int, seconds: float) -> Contention:
+    """``contend`` for a sync lock: ``threads`` OS threads loop acquire -> release."""
+    result = Contention(per_task=[0] * threads)
+    state: dict[str, Any] = {"released_at": None, "by": None}
+    stop_at = time.perf_counter() + seconds
+    # Only the holder writes ``state`` and the counters, as in ``contend``; the
+    # list appends are atomic under the GIL.
+
+    def contender(i: int) -> None:
+        acquire = make(i)
+        while time.perf_counter() < stop_at:
+            asked = time.perf_counter()
+            release = acquire()
+            now = time.perf_counter()
+            result.waits.append(now - asked)
+            if state["released_at"] is not None and state["by"] != i:
+                result.handoffs.append(now - state["released_at"])
+            result.per_task[i] += 1
+            result.acquisitions += 1
+            state["by"] = i
+            state["released_at"] = time.perf_counter()
+            release()
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=contender, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(seconds + 60)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def uncontended_sync(acquire: SyncAcquire, n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        release = acquire()
+        release()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
 
 
 async def uncontended(acquire: Acquire, n: int) -> float:
@@ -267,6 +365,9 @@ async def main() -> None:
     if url is None:
         url, proc, workdir = start_private_redis()
     client = aioredis.Redis.from_url(url)
+    sync_client = redis.Redis.from_url(url)
+    pottery, pottery_why = optional_peer("pottery")
+    redis_lock, redis_lock_why = optional_peer("redis_lock")
     dist = Dist(
         redis=url, namespace="bench", sessions=False, scheduler=SchedulerConfig(enabled=False)
     )
@@ -280,6 +381,9 @@ async def main() -> None:
         rtt = statistics.median(pings)
         print(f"# Lock benchmark (same run, same Redis: {url})\n")
         print(f"PING round trip (median of 500): {rtt * 1e6:.0f} µs\n")
+        for why in (pottery_why, redis_lock_why):
+            if why:
+                print(f"Skipped: {why}\n")
 
         print("## Uncontended acquire + release (median of 500 cycles)\n")
         print("| lock | cycle | cycle / RTT | round trips per cycle |")
@@ -291,6 +395,21 @@ async def main() -> None:
             before = SENT["n"]
             cycle = await uncontended(acq, 500)
             per_cycle = (SENT["n"] - before) / 500
+            print(f"| {label} | {cycle * 1e6:.0f} µs | {cycle / rtt:.1f} | {per_cycle:.1f} |")
+        if pottery is not None:
+            before = SENT["n"]
+            cycle = await uncontended(pottery_acquirer(pottery, client, "u3"), 500)
+            per_cycle = (SENT["n"] - before) / 500
+            label = "pottery AIORedlock (asyncio)"
+            print(f"| {label} | {cycle * 1e6:.0f} µs | {cycle / rtt:.1f} | {per_cycle:.1f} |")
+        if redis_lock is not None:
+            before = SENT["n"]
+            # In a thread, so that the loop (and asgi_dist's heartbeat) keeps running.
+            cycle = await asyncio.to_thread(
+                uncontended_sync, redis_lock_acquirer(redis_lock, sync_client, "u4"), 500
+            )
+            per_cycle = (SENT["n"] - before) / 500
+            label = "python-redis-lock (sync, 1 thread)"
             print(f"| {label} | {cycle * 1e6:.0f} µs | {cycle / rtt:.1f} | {per_cycle:.1f} |")
         print()
 
@@ -307,10 +426,22 @@ async def main() -> None:
                 ("redis-py sleep=0.1", _theirs(client, f"p{n}", 0.1)),
                 ("redis-py sleep=0.001", _theirs(client, f"q{n}", 0.001)),
             ]
+            if pottery is not None:
+                peers.append(("pottery AIORedlock", _pottery(pottery, client, f"r{n}")))
             for label, make in peers:
                 r = await contend(make, n, args.seconds)
                 rows[(label, n)] = r
                 _row(label, f"{n} tasks", r, rtt)
+            if redis_lock is not None:
+                label = "python-redis-lock"
+                r = await asyncio.to_thread(
+                    contend_threads,
+                    _redis_lock(redis_lock, sync_client, f"s{n}"),
+                    n,
+                    args.seconds,
+                )
+                rows[(label, n)] = r
+                _row(label, f"{n} threads", r, rtt)
         print()
         print(f"## Contended hand-off, 4 processes ({args.seconds:g} s per row)\n")
         print(
@@ -350,6 +481,15 @@ async def main() -> None:
                 f"default; throughput {a.throughput / f.throughput:.2f}x redis-py sleep=0.001, "
                 f"{a.throughput / d.throughput:.2f}x redis-py default"
             )
+            for peer in ("pottery AIORedlock", "python-redis-lock"):
+                if (peer, n) in rows:
+                    o = rows[(peer, n)]
+                    p50 = pct(o.handoffs, 0.5) / pct(a.handoffs, 0.5)
+                    p99 = pct(o.handoffs, 0.99) / pct(a.handoffs, 0.99)
+                    print(
+                        f"  - vs {peer}: hand-off p50 {p50:.1f}x and p99 {p99:.1f}x lower; "
+                        f"throughput {a.throughput / o.throughput:.2f}x"
+                    )
         print()
 
         admin = client
@@ -377,6 +517,7 @@ async def main() -> None:
     finally:
         await dist.stop()
         await client.aclose()
+        sync_client.close()
         if proc is not None:
             proc.kill()
             proc.wait(5)
@@ -389,6 +530,14 @@ def _ours(dist: Dist, name: str) -> Callable[[int], Acquire]:
 
 def _theirs(client: aioredis.Redis, name: str, sleep: float) -> Callable[[int], Acquire]:
     return lambda i: redis_py_acquirer(client, name, sleep)
+
+
+def _pottery(pottery: Any, client: aioredis.Redis, name: str) -> Callable[[int], Acquire]:
+    return lambda i: pottery_acquirer(pottery, client, name)
+
+
+def _redis_lock(redis_lock: Any, client: redis.Redis, name: str) -> Callable[[int], SyncAcquire]:
+    return lambda i: redis_lock_acquirer(redis_lock, client, name)
 
 
 def _row(label: str, what: str, r: Contention, rtt: float) -> None:
