@@ -23,14 +23,18 @@ from urllib.parse import unquote, urlsplit
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
+from asgi_dist.backends.resp import MultiplexedRedis
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
 __all__ = [
     "RedisBackend",
     "RedisClient",
     "Script",
+    "ScriptClient",
+    "create_multiplexed",
     "create_redis_client",
     "describe_redis_url",
     "validate_name",
@@ -39,6 +43,8 @@ __all__ = [
 log = logging.getLogger("asgi_dist.redis")
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
+# What scripts run on: redis-py, or the multiplexed connection of the hot paths.
+ScriptClient: TypeAlias = "Redis | RedisCluster | MultiplexedRedis"
 
 MAX_NAME_LENGTH = 512
 MAX_CONNECTIONS = 512  # per process, for one server
@@ -85,6 +91,24 @@ def describe_redis_url(url: str) -> str:
     parts = urlsplit(url)
     hosts = ",".join(f"{h}:{p}" for h, p in _hosts(parts.netloc, 6379))
     return f"{parts.scheme}://{hosts}"
+
+
+_MULTIPLEXABLE = {"host", "port", "db", "username", "password", "path", "connection_class"}
+
+
+def create_multiplexed(url: str, *, connect_timeout: float = 5.0) -> MultiplexedRedis | None:
+    """The hot paths' connection for a plain ``redis://`` or ``unix://`` URL, else None.
+
+    TLS, Sentinel, Cluster and URL options it does not know stay on redis-py alone.
+    """
+    if urlsplit(url).scheme not in ("redis", "unix"):
+        return None
+    connection: dict[str, Any] = dict(parse_url(url))
+    if not set(connection) <= _MULTIPLEXABLE:
+        return None
+    return MultiplexedRedis(
+        connection, where=describe_redis_url(url), connect_timeout=connect_timeout
+    )
 
 
 def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClient:
@@ -150,7 +174,7 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(
-        self, client: RedisClient, keys: Sequence[Any], args: Sequence[Any] = ()
+        self, client: ScriptClient, keys: Sequence[Any], args: Sequence[Any] = ()
     ) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
@@ -173,11 +197,15 @@ class RedisBackend:
         if isinstance(target, str):
             self.where = describe_redis_url(target)
             self.client: RedisClient = create_redis_client(target, connect_timeout=connect_timeout)
+            self.multiplexed = create_multiplexed(target, connect_timeout=connect_timeout)
             self._owns_client = True
         else:
             self.where = _describe_client(target)
             self.client = target
+            self.multiplexed = None  # a client the app built: all traffic goes through it
             self._owns_client = False
+        # Per-request scripts (sessions, locks) run here; everything else on self.client.
+        self.commands: ScriptClient = self.multiplexed or self.client
         self.is_cluster = isinstance(self.client, RedisCluster)
         self._scripts: dict[tuple[str, str], Script] = {}
 
@@ -203,6 +231,10 @@ class RedisBackend:
     async def start(self) -> None:
         try:
             await asyncio.wait_for(self.client.ping(), self.connect_timeout)
+            if self.multiplexed is not None:
+                await asyncio.wait_for(
+                    self.multiplexed.execute_command("PING"), self.connect_timeout
+                )
         except (TimeoutError, OSError, redis_errors.RedisError) as exc:
             await self.stop()
             raise BackendUnavailable(
@@ -213,6 +245,8 @@ class RedisBackend:
         log.debug("connected to Redis at %s", self.where)
 
     async def stop(self) -> None:
+        if self.multiplexed is not None:
+            await self.multiplexed.aclose()
         if self._owns_client:
             try:
                 await self.client.aclose()

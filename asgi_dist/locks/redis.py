@@ -174,14 +174,15 @@ class RedisLeases:
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
         args = [token, _ms(ttl), _ms(self.waiter_ttl), self.channel(kind, name), *self._extra]
-        got, value, remaining = await self._acquire(self.redis.client, self.keys(kind, name), args)
+        keys = self.keys(kind, name)
+        got, value, remaining = await self._acquire(self.redis.commands, keys, args)
         return Attempt(bool(got), int(value), int(remaining) / 1000.0, self.variant.queued)
 
     async def release(self, kind: str, name: str, token: str) -> bool:
         keys = self.keys(kind, name)
         channel = self.channel(kind, name)
         args = [token, channel, self._origin]
-        released = bool(await self._release(self.redis.client, keys, args))
+        released = bool(await self._release(self.redis.commands, keys, args))
         if released and not self.variant.queued:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
@@ -211,14 +212,14 @@ class RedisLeases:
         """
         mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
         args = [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
-        reply = await self._release(self.redis.client, self.keys(kind, name), args)
+        reply = await self._release(self.redis.commands, self.keys(kind, name), args)
         if isinstance(reply, list):
             return int(reply[1])
         return bool(reply)
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
         lease = self.keys(kind, name)[self.variant.renew_key]
-        return bool(await self._renew(self.redis.client, [lease], [token, _ms(ttl)]))
+        return bool(await self._renew(self.redis.commands, [lease], [token, _ms(ttl)]))
 
     async def renew_many(self, leases: Sequence[Renewal]) -> list[bool | BaseException]:
         if not leases:

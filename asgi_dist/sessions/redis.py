@@ -93,7 +93,7 @@ class RedisSessionStore:
     async def load(self, key: SessionKey) -> StoredSession | None:
         # The hot path: the store_timeout bound inline, one coroutine frame fewer.
         async with asyncio.timeout(self.config.store_timeout):
-            reply = await self._load(self.backend.client, [self._key(key)], self._load_args)
+            reply = await self._load(self.backend.commands, [self._key(key)], self._load_args)
         if not reply:
             return None
         pttl, flat = json.loads(reply.decode() if isinstance(reply, bytes) else reply)
@@ -140,7 +140,7 @@ class RedisSessionStore:
             ["." + name for name in delta.delete],
         ]
         # One JSON argument: packing each field as its own argument costs the client more.
-        return self._save(self.backend.client, keys, [_dumps(request)])
+        return self._save(self.backend.commands, keys, [_dumps(request)])
 
     async def _cluster_index(self, key: SessionKey, delta: SessionDelta) -> None:
         # Cluster: the index is in another slot; a second round trip, on login/logout only.
@@ -172,7 +172,7 @@ class RedisSessionStore:
         if user_id is not None and not self.backend.is_cluster:
             keys.append(self._index(user_id))
         args = [self._grace, self._idle, self._absolute, self.channel, old.handle, new.handle]
-        reply = await self._bounded(self._regenerate(self.backend.client, keys, args))
+        reply = await self._bounded(self._regenerate(self.backend.commands, keys, args))
         moved = bool(reply == 1)
         if moved and user_id is not None and self.backend.is_cluster:
             index = self._index(user_id)
@@ -184,7 +184,7 @@ class RedisSessionStore:
         keys = [self._key(key)]
         if user_id is not None and not self.backend.is_cluster:
             keys.append(self._index(user_id))
-        await self._bounded(self._delete(self.backend.client, keys, [self.channel, key.handle]))
+        await self._bounded(self._delete(self.backend.commands, keys, [self.channel, key.handle]))
         if user_id is not None and self.backend.is_cluster:
             await self._bounded(self.backend.client.srem(self._index(user_id), key.handle))
 
@@ -194,7 +194,7 @@ class RedisSessionStore:
         prefix = f"{self.backend.namespace}:session:"
         flat = await self._bounded(
             self._user_script(
-                self.backend.client,
+                self.backend.commands,
                 [self._index(user_id)],
                 [action, prefix, user_id, self.channel],
             )

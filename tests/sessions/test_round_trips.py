@@ -90,6 +90,41 @@ async def test_writes_in_a_row_through_one_near_cached_process_make_one_round_tr
         assert (await c.get("/get/k")).json()["value"] == "v5"
 
 
+async def test_on_a_redis_url_requests_make_0_1_2_round_trips_on_the_multiplexed_connection(
+    session_dist: Callable[..., Any], redis_url: str
+) -> None:
+    # A Dist built from a URL sends its per-request scripts over the multiplexed
+    # connection; its redis-py client must see no per-request traffic at all.
+    dist = await session_dist("redis", redis=redis_url)
+    backend = dist.runtime.redis
+    assert backend is not None and backend.multiplexed is not None
+    mux = backend.multiplexed
+    other = 0
+    send = backend.client.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        nonlocal other
+        other += 1
+        return await send(*args, **options)
+
+    backend.client.execute_command = counted  # type: ignore[method-assign]
+
+    async def trips(call: Any) -> int:
+        before = mux.commands_sent + other
+        assert (await call).status_code == 200
+        return mux.commands_sent + other - before
+
+    async with client(dist) as c:
+        assert await trips(c.get("/get/k")) == 0  # no cookie
+        assert await trips(c.post("/set/k/v")) == 1  # create
+        assert await trips(c.get("/get/k")) == 1  # read-only
+        assert await trips(c.post("/set/k/w")) == 2  # load + delta save
+        c.cookies.clear()
+        c.cookies.set("session", "forged.cookie")
+        assert await trips(c.get("/get/k")) == 0
+    assert other == 0
+
+
 class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
     """A real connection that counts the statements sent to the sessions table (other
     capabilities of the Dist, such as the outbox relay, share the pool)."""

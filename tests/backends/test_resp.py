@@ -1,0 +1,147 @@
+"""The multiplexed connection of the hot paths: replies stay matched to their callers
+through concurrency, cancellation, errors, restarts and pauses, on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from asgi_dist.backends.redis import RedisBackend, create_multiplexed
+from asgi_dist.backends.resp import MultiplexedRedis
+from tests.helpers.servers import RedisServer
+
+
+@pytest.fixture
+async def mux(redis_url: str) -> AsyncIterator[MultiplexedRedis]:
+    client = create_multiplexed(redis_url, connect_timeout=2.0)
+    assert client is not None
+    yield client
+    await client.aclose()
+
+
+async def test_a_thousand_concurrent_commands_each_get_their_own_reply(
+    mux: MultiplexedRedis,
+) -> None:
+    values = [secrets.token_hex(8) for _ in range(1000)]
+    replies = await asyncio.gather(*(mux.execute_command("ECHO", v) for v in values))
+    assert replies == [v.encode() for v in values]
+
+
+async def test_a_cancelled_caller_leaves_the_stream_in_step(
+    mux: MultiplexedRedis, namespace: str
+) -> None:
+    key = f"{namespace}:list"
+    # A command whose reply is still out when its caller goes away ...
+    slow = asyncio.ensure_future(mux.execute_command("BLPOP", key, 0.2))
+    await asyncio.sleep(0.05)
+    slow.cancel()
+    # ... does not shift the next caller's reply by one.
+    assert await mux.execute_command("ECHO", "mine") == b"mine"
+    assert await mux.execute_command("INCR", f"{namespace}:n") == 1
+
+
+async def test_error_replies_raise_redis_py_errors_and_the_connection_stays_usable(
+    mux: MultiplexedRedis, namespace: str
+) -> None:
+    with pytest.raises(redis_errors.NoScriptError):
+        await mux.evalsha("0" * 40, 0)
+    await mux.execute_command("RPUSH", f"{namespace}:s", "text")
+    with pytest.raises(redis_errors.ResponseError, match="WRONGTYPE"):
+        await mux.execute_command("INCR", f"{namespace}:s")
+    assert await mux.eval("return ARGV[1]", 0, "ok") == b"ok"
+
+
+async def test_password_and_database_come_from_the_url() -> None:
+    server = RedisServer("--requirepass", "s3cret").start()
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        mux = create_multiplexed(url)
+        assert mux is not None
+        await mux.execute_command("SET", "k", "in-db-3")
+        check = aioredis.Redis.from_url(url)
+        assert await check.get("k") == b"in-db-3"
+        await check.aclose()
+        await mux.aclose()
+        wrong = create_multiplexed(f"redis://:nope@127.0.0.1:{server.port}/0")
+        assert wrong is not None
+        with pytest.raises(redis_errors.AuthenticationError):
+            await wrong.execute_command("PING")
+        await wrong.aclose()
+    finally:
+        server.close()
+
+
+async def test_a_killed_server_fails_the_waiting_commands_and_a_restart_reconnects() -> None:
+    server = RedisServer().start()
+    try:
+        mux = create_multiplexed(server.url, connect_timeout=2.0)
+        assert mux is not None
+        assert await mux.execute_command("PING") == b"PONG"
+        waiting = asyncio.ensure_future(mux.execute_command("BLPOP", "never", 5))
+        await asyncio.sleep(0.05)
+        server.kill()
+        with pytest.raises(redis_errors.ConnectionError):
+            await asyncio.wait_for(waiting, 5)
+        with pytest.raises(redis_errors.ConnectionError):  # down: refused at once
+            await asyncio.wait_for(mux.execute_command("PING"), 5)
+        server.start()
+        assert await asyncio.wait_for(mux.execute_command("PING"), 5) == b"PONG"
+        await mux.aclose()
+    finally:
+        server.close()
+
+
+async def test_a_paused_server_answers_in_order_once_resumed() -> None:
+    server = RedisServer().start()
+    try:
+        mux = create_multiplexed(server.url, connect_timeout=2.0)
+        assert mux is not None
+        await mux.execute_command("PING")
+        server.pause()
+        timed_out = asyncio.ensure_future(mux.execute_command("ECHO", "first"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(timed_out, 0.2)  # a bounded caller gives up ...
+        later = asyncio.ensure_future(mux.execute_command("ECHO", "second"))
+        server.resume()
+        assert await asyncio.wait_for(later, 5) == b"second"  # ... and nobody is shifted
+        await mux.aclose()
+    finally:
+        server.close()
+
+
+async def test_a_connection_without_replies_past_dead_after_is_replaced() -> None:
+    server = RedisServer().start()
+    try:
+        mux = create_multiplexed(server.url, connect_timeout=2.0)
+        assert mux is not None
+        mux.dead_after = 0.3
+        await mux.execute_command("PING")
+        server.pause()
+        stuck = asyncio.ensure_future(mux.execute_command("PING"))
+        await asyncio.sleep(0.4)
+        # The next command finds the connection overdue: the stuck one fails, and the
+        # new one waits on a fresh connection (answered once the server resumes).
+        fresh = asyncio.ensure_future(mux.execute_command("ECHO", "fresh"))
+        with pytest.raises(redis_errors.ConnectionError, match="no reply"):
+            await asyncio.wait_for(stuck, 5)
+        server.resume()
+        assert await asyncio.wait_for(fresh, 5) == b"fresh"
+        await mux.aclose()
+    finally:
+        server.close()
+
+
+def test_only_plain_urls_are_multiplexed() -> None:
+    assert create_multiplexed("redis://127.0.0.1:6379/0") is not None
+    assert create_multiplexed("unix:///tmp/redis.sock?db=1") is not None
+    assert create_multiplexed("rediss://127.0.0.1:6379/0") is None
+    assert create_multiplexed("redis+sentinel://127.0.0.1:26379/mymaster") is None
+    assert create_multiplexed("redis://127.0.0.1:6379/0?socket_timeout=3") is None
+    given = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    backend = RedisBackend(given, namespace="ns")
+    assert backend.multiplexed is None and backend.commands is given  # the app's own client
