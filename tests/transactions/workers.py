@@ -50,7 +50,10 @@ async def relay(index: str) -> None:
     async with dist:
         assert dist.transactions.relay is not None
         while True:
-            (STATE / f"relay-{index}.count").write_text(str(dist.transactions.relay.relayed))
+            # Written whole and renamed: the test may read it at any moment.
+            partial = STATE / f"relay-{index}.count.tmp"
+            partial.write_text(str(dist.transactions.relay.relayed))
+            partial.replace(STATE / f"relay-{index}.count")
             await asyncio.sleep(0.1)
 
 
