@@ -16,7 +16,7 @@ from asgi_dist.errors import NoRequestContext
 if TYPE_CHECKING:
     from asgi_dist.locks.request import RequestLocks
     from asgi_dist.sessions.session import Session
-    from asgi_dist.transactions.request import RequestTransaction
+    from asgi_dist.transactions.request import RequestTransaction, TransactionHook
 
 __all__ = ["RequestContext", "RequestHook", "get_locks", "get_session", "get_tx"]
 
@@ -24,12 +24,14 @@ __all__ = ["RequestContext", "RequestHook", "get_locks", "get_session", "get_tx"
 class RequestContext:
     """Everything asgi_dist holds for one request or websocket connection."""
 
-    __slots__ = ("locks", "scope", "session", "tx")
+    __slots__ = ("locks", "scope", "session", "transactions", "tx")
 
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.session: Session | None = None
         self.locks: RequestLocks | None = None
+        # Where get_tx() makes the request transaction, on its first call.
+        self.transactions: TransactionHook | None = None
         self.tx: RequestTransaction | None = None
 
 
@@ -93,9 +95,12 @@ def get_locks() -> RequestLocks:
 def get_tx() -> RequestTransaction:
     """The request's PostgreSQL transaction; it begins on first use."""
     ctx = current_request("get_tx()")
-    if ctx.tx is None:
-        raise NoRequestContext(
-            "get_tx() needs PostgreSQL: build the Dist with postgres=... "
-            "(or set ASGI_DIST_POSTGRES_DSN)"
-        )
-    return ctx.tx
+    tx = ctx.tx
+    if tx is None:
+        if ctx.transactions is None:
+            raise NoRequestContext(
+                "get_tx() needs PostgreSQL: build the Dist with postgres=... "
+                "(or set ASGI_DIST_POSTGRES_DSN)"
+            )
+        tx = ctx.tx = ctx.transactions.transaction(ctx.scope)
+    return tx

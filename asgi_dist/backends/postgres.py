@@ -10,6 +10,8 @@ transaction pooling cannot strand the lock).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +24,13 @@ from asgi_dist.errors import BackendUnavailable, ConfigError
 __all__ = ["PostgresBackend", "describe_dsn"]
 
 log = logging.getLogger("asgi_dist.postgres")
+
+# asyncpg >= 0.30 lets a pool replace the reset query it runs on every release.
+_POOL_RESET = "reset" in inspect.signature(asyncpg.create_pool).parameters
+# True around a release whose caller already ran the reset query (release_reset).
+_already_reset: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asgi_dist_already_reset", default=False
+)
 
 
 def describe_dsn(dsn: str) -> str:
@@ -52,6 +61,9 @@ class PostgresBackend:
         self._owns_pool = isinstance(target, str)
         self.where = describe_dsn(target) if isinstance(target, str) else "the given asyncpg pool"
         self._pool_size = (min_size, max_size)
+        # Whether release_reset() saves the pool's reset round trip: only on a pool
+        # we made, with our reset (a pool passed in keeps its own).
+        self.skips_reset = False
         self._migrations: dict[str, list[str]] = {}
 
     @property
@@ -90,6 +102,7 @@ class PostgresBackend:
                         max_size=self._pool_size[1],
                         timeout=self.connect_timeout,
                         command_timeout=60,
+                        **({"reset": _reset} if _POOL_RESET else {}),
                     ),
                     self.connect_timeout,
                 )
@@ -99,7 +112,21 @@ class PostgresBackend:
                     f"{self.connect_timeout:g}s ({type(exc).__name__}: {exc or 'timeout'}); "
                     "start it or fix the DSN (Dist(postgres=...) or ASGI_DIST_POSTGRES_DSN)"
                 ) from exc
+            self.skips_reset = _POOL_RESET
         await self.migrate()
+
+    async def release_reset(self, conn: asyncpg.Connection) -> None:
+        """Give back a connection whose last round trip ran ``conn.get_reset_query()``.
+
+        With :attr:`skips_reset` the pool then sends no reset of its own; otherwise
+        this is ``pool.release(conn)``.
+        """
+        token = _already_reset.set(True)
+        try:
+            # asyncpg releases in a task made here, which copies this context.
+            await self.pool.release(conn)
+        finally:
+            _already_reset.reset(token)
 
     async def stop(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -160,3 +187,15 @@ class PostgresBackend:
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self.pool.fetchval(query, *args)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset: asyncpg's default, unless the releaser already ran it.
+
+    asyncpg has rolled back an open transaction before calling this.
+    """
+    if _already_reset.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)

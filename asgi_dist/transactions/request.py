@@ -117,24 +117,28 @@ def _quart_endpoint() -> Any:
 
 
 class RequestTransaction(Transaction):
-    """What ``get_tx()`` returns: the request's transaction, begun on first use."""
+    """What ``get_tx()`` returns: the request's transaction, begun on first use.
 
-    def __init__(
-        self, outbox: Outbox, postgres: PostgresBackend, scope: Scope, acquire_timeout: float
-    ) -> None:
-        super().__init__(outbox)
-        self._postgres = postgres
+    Made by the first ``get_tx()`` of a request, so a request that never asks
+    for it costs nothing here.
+    """
+
+    def __init__(self, hook: TransactionHook, scope: Scope) -> None:
+        super().__init__(hook.outbox)
+        self._hook = hook
         self._scope = scope
-        self._acquire_timeout = acquire_timeout
         self._transaction: Any = None
         self._options = DEFAULT_OPTIONS
-        # Made on first use: most requests never begin, and none begins twice.
-        self._begin_lock: asyncio.Lock | None = None
-        self._state: Literal["idle", "open", "committed", "rolled back"] = "idle"
+        self._state: Literal["idle", "beginning", "open", "committed", "rolled back"] = "idle"
+        # Set while a second task of the request waits for the first one's BEGIN.
+        self._begun: asyncio.Event | None = None
 
     @property
     def state(self) -> str:
-        """``idle`` (never used), ``open``, ``committed`` or ``rolled back``."""
+        """``idle`` (never used), ``open``, ``committed`` or ``rolled back``.
+
+        ``beginning`` while the first query takes a connection and sends BEGIN.
+        """
         return self._state
 
     @property
@@ -152,25 +156,35 @@ class RequestTransaction(Transaction):
         return await self._conn()
 
     async def _conn(self) -> asyncpg.Connection:
-        if self._state == "open":
-            assert self._connection is not None
-            return self._connection
-        if self._begin_lock is None:  # no await since the check: no other task can race
-            self._begin_lock = asyncio.Lock()
-        async with self._begin_lock:  # two tasks of one request must not BEGIN twice
+        # A state machine rather than an asyncio.Lock: the first query of a request
+        # takes the uncontended path, and only a second task of the same request
+        # that arrives during BEGIN waits (then retries if that BEGIN failed).
+        while self._state != "open":
             if self._state == "idle":
-                await self._begin()
-        if self.state != "open":
-            raise TransactionError(
-                f"the request transaction is already {self._state} (it is decided when the "
-                "response starts): do database work before returning the response"
-            )
+                self._state = "beginning"
+                try:
+                    await self._begin()
+                finally:
+                    if self._state == "beginning":  # failed or cancelled: the next use retries
+                        self._state = "idle"
+                    begun, self._begun = self._begun, None
+                    if begun is not None:
+                        begun.set()
+            elif self._state == "beginning":
+                if self._begun is None:
+                    self._begun = asyncio.Event()
+                await self._begun.wait()
+            else:
+                raise TransactionError(
+                    f"the request transaction is already {self._state} (it is decided when "
+                    "the response starts): do database work before returning the response"
+                )
         assert self._connection is not None
         return self._connection
 
     async def _begin(self) -> None:
         options = self._options = options_for(self._scope)
-        pool = self._postgres.pool
+        pool = self._hook.postgres.pool
         # Outages are mapped inline, not with outages(): this runs on every request
         # that uses the database, and a generator context manager costs measurably.
         try:
@@ -179,11 +193,13 @@ class RequestTransaction(Transaction):
             else:
                 # Bounded wait for a busy pool; asyncio.timeout, not acquire(timeout=),
                 # whose wait_for would cost a task per request.
-                async with asyncio.timeout(self._acquire_timeout):
+                async with asyncio.timeout(self._hook.acquire_timeout):
                     conn = await pool.acquire()
         except Exception as exc:
             raise_outage(exc)
         try:
+            # asyncpg's own transaction object, so that conn.transaction() inside the
+            # request nests as a savepoint and a release rolls back what is left open.
             transaction = conn.transaction(
                 isolation=options.isolation,
                 readonly=options.readonly,
@@ -207,16 +223,15 @@ class RequestTransaction(Transaction):
         """Commit now; raises :class:`TransactionError` if PostgreSQL refuses."""
         if self._state != "open":
             return
+        self._ready = False
         try:
             await self._transaction.commit()
         except Exception as exc:
             self._state = "rolled back"
-            self._ready = False
             raise TransactionError(
                 f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
             ) from exc
         self._state = "committed"
-        self._ready = False
 
     async def rollback(self) -> None:
         if self._state != "open":
@@ -235,14 +250,49 @@ class RequestTransaction(Transaction):
         Raises :class:`TransactionError` if the commit fails.
         """
         try:
-            if self.rolls_back(status):
+            if self._options.rollback_on(status):
                 await self.rollback()
-            else:
+            elif not await self._commit_and_release():
                 await self.commit()
         finally:
-            conn, self._connection = self._connection, None
-            if conn is not None:
-                await _release(self._postgres.pool, conn)
+            await self._give_back()
+
+    async def _commit_and_release(self) -> bool:
+        """COMMIT and the pool's reset in one round trip, then release; False if not possible.
+
+        A hand-written ``async with pool.acquire(), conn.transaction()`` pays two
+        round trips here: COMMIT, then the reset query on release.  The reset goes
+        around the COMMIT as asyncpg would order it (see :func:`_closing_sql`).
+        """
+        postgres = self._hook.postgres
+        conn = self._connection
+        if self._state != "open" or conn is None or not postgres.skips_reset:
+            return False
+        sql = _closing_sql(conn.get_reset_query())
+        if sql is None or not _forget_top_transaction(self._transaction):
+            return False
+        # From here asyncpg no longer tracks the transaction, as in its own commit().
+        self._ready = False
+        try:
+            await conn.execute(sql)
+        except Exception as exc:
+            self._state = "rolled back"
+            # An aborted transaction stays open after the failed statement: end it
+            # here, quietly, rather than let the pool's release complain about it.
+            if conn.is_in_transaction():
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+            raise TransactionError(
+                f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._state = "committed"
+        self._connection = None
+        try:
+            await postgres.release_reset(conn)
+        except Exception as exc:  # a broken connection: the pool replaces it
+            log.debug("releasing a PostgreSQL connection failed: %s", exc)
+            conn.terminate()
+        return True
 
     @property
     def holds_connection(self) -> bool:
@@ -253,9 +303,12 @@ class RequestTransaction(Transaction):
         try:
             await self.rollback()
         finally:
-            conn, self._connection = self._connection, None
-            if conn is not None:
-                await _release(self._postgres.pool, conn)
+            await self._give_back()
+
+    async def _give_back(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            await _release(self._hook.postgres.pool, conn)
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
@@ -266,16 +319,65 @@ async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
+# Statements of asyncpg's reset query that need a healthy transaction and go before
+# the COMMIT: in a transaction aborted by an error the endpoint caught, they fail,
+# so the request answers 500 instead of PostgreSQL turning the COMMIT into a silent
+# ROLLBACK.  The rest go after it, as in asyncpg's reset: a SET LOCAL (e.g.
+# synchronous_commit) still applies to the COMMIT, and a session advisory lock is
+# held until the data it guards is visible.
+_BEFORE_COMMIT = ("CLOSE ALL;", "UNLISTEN *;")
+_AFTER_COMMIT = ("SELECT pg_advisory_unlock_all();", "RESET ALL;")
+_closing: dict[str, str | None] = {}
+
+
+def _closing_sql(reset_query: str) -> str | None:
+    """One simple-protocol message: reset around COMMIT; None for an unknown reset query."""
+    try:
+        return _closing[reset_query]
+    except KeyError:
+        pass
+    statements = [line.strip() for line in reset_query.splitlines() if line.strip()]
+    sql = None
+    if all(st in _BEFORE_COMMIT or st in _AFTER_COMMIT for st in statements):
+        before = [st for st in statements if st in _BEFORE_COMMIT]
+        after = [st for st in statements if st in _AFTER_COMMIT]
+        sql = "\n".join([*before, "COMMIT;", *after])
+    _closing[reset_query] = sql
+    return sql
+
+
+def _forget_top_transaction(transaction: Any) -> bool:
+    """Detach asyncpg's top-level transaction object from its connection.
+
+    asyncpg's own ``commit()`` does this before sending COMMIT; we send COMMIT in
+    a message of our own, so we do it ourselves (asyncpg internals: returns False,
+    and the caller falls back to ``commit()``, if they ever change).
+    """
+    conn = getattr(transaction, "_connection", None)
+    if conn is None or getattr(conn, "_top_xact", None) is not transaction:
+        return False
+    conn._top_xact = None
+    return True
+
+
 class TransactionHook:
-    """Attaches a :class:`RequestTransaction` to every request when PostgreSQL is configured."""
+    """Gives every request a :class:`RequestTransaction` when PostgreSQL is configured.
+
+    Nothing is made per request until ``get_tx()`` asks: the request context only
+    learns where to get one.
+    """
 
     def __init__(self, outbox: Outbox, postgres: PostgresBackend, acquire_timeout: float) -> None:
-        self._outbox = outbox
-        self._postgres = postgres
-        self._acquire_timeout = acquire_timeout
+        self.outbox = outbox
+        self.postgres = postgres
+        self.acquire_timeout = acquire_timeout
+
+    def transaction(self, scope: Scope) -> RequestTransaction:
+        """The request transaction of ``scope`` (called once per request, by ``get_tx()``)."""
+        return RequestTransaction(self, scope)
 
     async def on_request(self, ctx: RequestContext) -> None:
-        ctx.tx = RequestTransaction(self._outbox, self._postgres, ctx.scope, self._acquire_timeout)
+        ctx.transactions = self
 
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         tx = ctx.tx

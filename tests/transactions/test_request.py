@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -286,3 +287,126 @@ async def test_quart_views_get_the_transaction_and_their_options(
         dropped = await http.post("/drop/2")
     assert (kept.status_code, dropped.status_code) == (409, 409)
     assert [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders}")] == [1]
+
+
+def session_state_app(dist: Dist, seen: dict[str, Any]) -> Any:
+    """An endpoint that changes its connection's session state, then answers 200."""
+    orders = f"{dist.namespace}_orders"
+
+    async def dirty(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES (1)")
+        seen["pid"] = await tx.fetchval("SELECT pg_backend_pid()")
+        await tx.execute("SET application_name = 'left-behind'")
+        await tx.execute("SELECT pg_advisory_lock(4242)")
+        await tx.execute("LISTEN left_behind")
+        # What reaches the server from here to the release (reset included).
+        tx.connection.add_query_logger(lambda q: seen["after"].append(q.query))
+        return PlainTextResponse("ok")
+
+    seen["after"] = []
+    return dist.wrap(Starlette(routes=[Route("/dirty", dirty, methods=["POST"])]))
+
+
+async def test_commit_and_reset_share_one_round_trip_and_leave_no_session_state(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    seen: dict[str, Any] = {}
+    async with client(session_state_app(dist, seen)) as http:
+        response = await http.post("/dirty")
+    assert response.status_code == 200
+    assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders") == 1
+    # A hand-written transaction sends COMMIT, then the pool sends its reset query:
+    # here both travel in one message, and the pool sends nothing more.
+    assert len(seen["after"]) == 1, seen["after"]
+    assert "COMMIT;" in seen["after"][0] and "RESET ALL;" in seen["after"][0]
+    # The next user of that connection finds it as the pool's reset leaves it.
+    pool = dist.runtime.require_postgres("test").pool
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT pg_backend_pid()") == seen["pid"]
+        assert await conn.fetchval("SHOW application_name") != "left-behind"
+        assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+    locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1"
+    assert await pg.fetchval(locks, seen["pid"]) == 0
+
+
+async def test_a_pool_passed_in_keeps_its_own_reset_and_still_commits(
+    make_dist: Callable[..., Any], postgres_dsn: str, pg: asyncpg.Connection
+) -> None:
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2)
+    try:
+        dist: Dist = await make_dist(postgres=pool, sessions=False)
+        await pg.execute(f"CREATE TABLE {dist.namespace}_orders (id int PRIMARY KEY)")
+        seen: dict[str, Any] = {}
+        async with client(session_state_app(dist, seen)) as http:
+            response = await http.post("/dirty")
+        assert response.status_code == 200
+        assert seen["after"][0] == "COMMIT;"  # asyncpg's commit, then its pool's reset
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW application_name") != "left-behind"
+        assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders") == 1
+    finally:
+        await dist.stop()
+        await pool.close()
+
+
+async def test_work_lost_to_a_caught_error_answers_500_not_200(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    orders = f"{dist.namespace}_orders"
+
+    async def swallow(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES (3)")
+        with pytest.raises(asyncpg.DataError):
+            await tx.execute("SELECT 1 / $1::int", 0)
+        # PostgreSQL would turn a COMMIT of this aborted transaction into a ROLLBACK.
+        return PlainTextResponse("looks fine")
+
+    app = dist.wrap(Starlette(routes=[Route("/swallow", swallow, methods=["POST"])]))
+    async with client(app) as http:
+        response = await http.post("/swallow")
+        again = await http.post("/swallow")  # the connection went back to the pool clean
+    assert (response.status_code, again.status_code) == (500, 500)
+    assert "nothing was saved" in response.text
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
+
+
+async def test_conn_transaction_inside_the_request_nests_as_a_savepoint(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    orders = f"{dist.namespace}_orders"
+
+    async def nested(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES (1)")
+        with pytest.raises(RuntimeError):
+            async with tx.connection.transaction():
+                await tx.execute(f"INSERT INTO {orders} (id) VALUES (2)")
+                raise RuntimeError("undo the savepoint only")
+        async with tx.connection.transaction():
+            await tx.execute(f"INSERT INTO {orders} (id) VALUES (3)")
+        return PlainTextResponse("ok")
+
+    app = dist.wrap(Starlette(routes=[Route("/nested", nested, methods=["POST"])]))
+    async with client(app) as http:
+        response = await http.post("/nested")
+    assert response.status_code == 200
+    assert [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders} ORDER BY id")] == [1, 3]
+
+
+async def test_two_tasks_of_one_request_share_one_begin(dist: Dist, pg: asyncpg.Connection) -> None:
+    orders = f"{dist.namespace}_orders"
+
+    async def both(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        first, second = await asyncio.gather(tx.begin(), tx.begin())
+        assert first is second
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES (8)")
+        return PlainTextResponse(tx.state)
+
+    app = dist.wrap(Starlette(routes=[Route("/both", both, methods=["POST"])]))
+    async with client(app) as http:
+        response = await http.post("/both")
+    assert (response.status_code, response.text) == (200, "open")
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders} WHERE id = 8") == 1
