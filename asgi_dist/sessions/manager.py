@@ -40,7 +40,7 @@ __all__ = ["SessionManager"]
 
 log = logging.getLogger("asgi_dist.sessions")
 
-_ECHO_TURNS = 4  # event-loop turns a request waits for its process's own write echo
+_ECHO_WAIT = 0.01  # seconds a request waits for its process's own write echo
 
 
 class SessionManager:
@@ -127,13 +127,10 @@ class SessionManager:
             await asyncio.sleep(0)
         elif near.echo_pending(handle):
             # This process wrote the session last and the same script that answered the
-            # save published its echo, so the echo is normally in the socket already: a
-            # few loop turns let the reader put the copy back and save this load's round
-            # trip (a client writing in a loop).  Bounded: past them, load as usual.
-            for _ in range(_ECHO_TURNS):
-                await asyncio.sleep(0)
-                if handle in near:
-                    break
+            # save published its echo, so the echo is normally in the socket already:
+            # waiting for the reader to put the copy back saves this load's round trip
+            # (a client writing in a loop).  Bounded: past it, load as usual.
+            await near.wait_echo(handle, _ECHO_WAIT)
         stamp = near.stamp()
         stored = near.get(handle, min_version)
         if stored is not None:

@@ -77,6 +77,8 @@ class NearCache:
         # tag -> (handle, state after the write, tick of the writer's own drop)
         self._echoes: OrderedDict[str, tuple[str, StoredSession, int]] = OrderedDict()
         self._echo_of: dict[str, str] = {}  # handle -> tag of its pending echo
+        # Requests waiting for a message about a handle (see wait_echo).
+        self._arrivals: dict[str, asyncio.Future[None]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -104,8 +106,16 @@ class NearCache:
             self._echoes.clear()
             self._echo_of.clear()
             self._floor = self._tick
+            arrivals, self._arrivals = self._arrivals, {}
+            for arrival in arrivals.values():
+                if not arrival.done():
+                    arrival.set_result(None)
             return
         handle, _, tag = payload.decode().partition(" ")
+        waiting = self._arrivals.pop(handle, None)
+        if waiting is not None and not waiting.done():
+            # Its waiters resume after this message was applied (below).
+            waiting.set_result(None)
         echo = self._echoes.pop(tag, None) if tag else None
         if self._echo_of.get(handle) == tag:
             del self._echo_of[handle]
@@ -144,6 +154,19 @@ class NearCache:
     def echo_pending(self, handle: str) -> bool:
         """This process wrote ``handle`` and waits for the write's echo to keep its copy."""
         return handle in self._echo_of
+
+    async def wait_echo(self, handle: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait up to ``timeout`` for the next message about ``handle`` (normally the
+        pending echo of this process's write), so that the copy it restores can serve."""
+        arrival = self._arrivals.get(handle)
+        if arrival is None or arrival.done():
+            arrival = self._arrivals[handle] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(arrival)  # shared by every request waiting on it
+        except TimeoutError:
+            if self._arrivals.get(handle) is arrival:
+                del self._arrivals[handle]
 
     def created(self, handle: str, stored: StoredSession) -> None:
         """A session this process just created: nobody else knows its id yet."""

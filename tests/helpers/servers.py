@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,6 +31,21 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too; Redis refuses ports
+    above 55535 with cluster mode on, and the kernel's ephemeral range goes higher."""
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def wait_port(
     port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -47,7 +63,8 @@ class RedisServer:
     """A private ``redis-server``: ``kill()``, ``pause()``, ``resume()``, ``restart()``."""
 
     def __init__(self, *extra: str, port: int | None = None) -> None:
-        self.port = port or free_port()
+        self.cluster = "--cluster-enabled" in extra
+        self.port = port or (free_cluster_port() if self.cluster else free_port())
         self.extra = list(extra)
         self.dir = Path(tempfile.mkdtemp(prefix=f"asgi-dist-redis-{self.port}-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,7 +98,8 @@ class RedisServer:
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     message = f"redis-server on {self.port} did not start:\n{tail}"
                     raise TimeoutError(message) from None
-                self.port = free_port()  # the port was taken between probe and bind
+                # The port was taken between probe and bind.
+                self.port = free_cluster_port() if self.cluster else free_port()
         raise AssertionError("unreachable")
 
     def kill(self) -> None:
