@@ -94,7 +94,7 @@ def get_locks() -> RequestLocks:
 
 def get_tx() -> RequestTransaction:
     """The request's PostgreSQL transaction; it begins on first use."""
-    ctx = current_request("get_tx()")
+    ctx = _current.get(None) or current_request("get_tx()")
     tx = ctx.tx
     if tx is None:
         if ctx.transactions is None:

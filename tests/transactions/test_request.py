@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from asgi_dist import ConfigError, Dist, TransactionError, get_tx
 from asgi_dist.integrations.fastapi import TxDep
-from asgi_dist.transactions import transactional
+from asgi_dist.transactions import TransactionConfig, transactional
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -302,24 +303,26 @@ def session_state_app(dist: Dist, seen: dict[str, Any]) -> Any:
         await tx.execute("LISTEN left_behind")
         # What reaches the server from here to the release (reset included).
         tx.connection.add_query_logger(lambda q: seen["after"].append(q.query))
-        return PlainTextResponse("ok")
+        return PlainTextResponse("ok", status_code=int(request.query_params.get("status", 200)))
 
     seen["after"] = []
     return dist.wrap(Starlette(routes=[Route("/dirty", dirty, methods=["POST"])]))
 
 
-async def test_commit_and_reset_share_one_round_trip_and_leave_no_session_state(
-    dist: Dist, pg: asyncpg.Connection
+@pytest.mark.parametrize(("status", "ending"), [(200, "COMMIT;"), (409, "ROLLBACK;")])
+async def test_the_end_and_the_reset_share_one_round_trip_and_leave_no_session_state(
+    dist: Dist, pg: asyncpg.Connection, status: int, ending: str
 ) -> None:
     seen: dict[str, Any] = {}
     async with client(session_state_app(dist, seen)) as http:
-        response = await http.post("/dirty")
-    assert response.status_code == 200
-    assert await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders") == 1
+        response = await http.post(f"/dirty?status={status}")
+    assert response.status_code == status
+    saved = await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_orders")
+    assert saved == (1 if status == 200 else 0)
     # A hand-written transaction sends COMMIT, then the pool sends its reset query:
     # here both travel in one message, and the pool sends nothing more.
     assert len(seen["after"]) == 1, seen["after"]
-    assert "COMMIT;" in seen["after"][0] and "RESET ALL;" in seen["after"][0]
+    assert ending in seen["after"][0] and "RESET ALL;" in seen["after"][0]
     # The next user of that connection finds it as the pool's reset leaves it.
     pool = dist.runtime.require_postgres("test").pool
     async with pool.acquire() as conn:
@@ -410,3 +413,32 @@ async def test_two_tasks_of_one_request_share_one_begin(dist: Dist, pg: asyncpg.
         response = await http.post("/both")
     assert (response.status_code, response.text) == (200, "open")
     assert await pg.fetchval(f"SELECT count(*) FROM {orders} WHERE id = 8") == 1
+
+
+async def test_a_request_waits_for_a_busy_pool_at_most_acquire_timeout_then_answers_503(
+    make_dist: Callable[..., Any],
+) -> None:
+    dist: Dist = await make_dist(
+        sessions=False, transactions=TransactionConfig(acquire_timeout=0.3)
+    )
+    pool = dist.runtime.require_postgres("test").pool
+    held = []
+    try:
+        with contextlib.suppress(TimeoutError):
+            for _ in range(pool.get_max_size()):
+                held.append(await pool.acquire(timeout=0.5))
+
+        async def query(request: Request) -> PlainTextResponse:
+            await get_tx().execute("SELECT 1")
+            return PlainTextResponse("ok")
+
+        app = dist.wrap(Starlette(routes=[Route("/q", query)]))
+        async with client(app) as http:
+            busy = await http.get("/q")  # after acquire_timeout, not never
+            await pool.release(held.pop())
+            free = await http.get("/q")
+    finally:
+        for conn in held:
+            await pool.release(conn)
+    assert busy.status_code == 503 and "retry-after" in busy.headers
+    assert free.status_code == 200
