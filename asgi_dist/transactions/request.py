@@ -250,28 +250,30 @@ class RequestTransaction(Transaction):
         Raises :class:`TransactionError` if the commit fails.
         """
         try:
-            commit = not self._options.rollback_on(status)
-            if self._state == "open" and self._hook.postgres.skips_reset:
-                await self._end_with_reset(commit)
-            elif commit:
-                await self.commit()
-            else:
-                await self.rollback()
+            if self._state == "open":
+                await self._end(commit=not self._options.rollback_on(status))
         finally:
             if self._connection is not None:
                 await self._give_back()
 
-    async def _end_with_reset(self, commit: bool) -> None:
-        """COMMIT (or ROLLBACK) and the pool's reset query in one round trip, then release.
+    async def _end(self, commit: bool) -> None:
+        """COMMIT or ROLLBACK in a message of our own, then release the connection.
 
-        A hand-written ``async with pool.acquire() as conn, conn.transaction()`` pays
-        two round trips here: COMMIT, then the pool's reset on release.  Falls back
-        to asyncpg's commit()/rollback() if the reset query is not one we know.
+        On a pool we made, the message also carries the pool's reset query, which a
+        hand-written ``async with pool.acquire() as conn, conn.transaction()`` sends
+        in a second round trip on release.  Our own COMMIT also shows PostgreSQL's
+        answer: ``ROLLBACK`` for a transaction an earlier (caught) error aborted,
+        which asyncpg's ``commit()`` would let pass as success.
         """
         conn = self._connection
         assert conn is not None
-        reset = conn.get_reset_query()
-        sql = _closing_sql(reset) if commit else f"ROLLBACK;\n{reset}"
+        postgres = self._hook.postgres
+        with_reset = postgres.skips_reset
+        if with_reset:
+            reset = conn.get_reset_query()
+            sql = _closing_sql(reset) if commit else f"ROLLBACK;\n{reset}"
+        else:
+            sql = "COMMIT;" if commit else "ROLLBACK;"
         if sql is None or not _forget_top_transaction(self._transaction):
             await (self.commit() if commit else self.rollback())
             return
@@ -279,13 +281,19 @@ class RequestTransaction(Transaction):
         self._ready = False
         self._state = "rolled back"  # until PostgreSQL confirms the COMMIT
         try:
-            await conn.execute(sql)
+            if await conn.execute(sql) == "ROLLBACK" and commit:
+                raise TransactionError(
+                    "PostgreSQL rolled the request transaction back: a statement in it "
+                    "failed earlier (an error, even a caught one, aborts the transaction)"
+                )
         except Exception as exc:
             # An aborted transaction stays open after its failed statement: end it
             # quietly here rather than have the pool's release complain about it.
             with contextlib.suppress(Exception):
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
+            if isinstance(exc, TransactionError):
+                raise
             if commit:
                 raise TransactionError(
                     f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
@@ -296,7 +304,10 @@ class RequestTransaction(Transaction):
             self._state = "committed"
         self._connection = None
         try:
-            await self._hook.postgres.release_reset(conn)
+            if with_reset:
+                await postgres.release_reset(conn)
+            else:
+                await postgres.pool.release(conn)
         except Exception as exc:  # a broken connection: the pool replaces it
             log.debug("releasing a PostgreSQL connection failed: %s", exc)
             conn.terminate()

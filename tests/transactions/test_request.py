@@ -353,26 +353,37 @@ async def test_a_pool_passed_in_keeps_its_own_reset_and_still_commits(
         await pool.close()
 
 
+@pytest.mark.parametrize("pool_passed_in", [False, True])
 async def test_work_lost_to_a_caught_error_answers_500_not_200(
-    dist: Dist, pg: asyncpg.Connection
+    make_dist: Callable[..., Any], postgres_dsn: str, pg: asyncpg.Connection, pool_passed_in: bool
 ) -> None:
-    orders = f"{dist.namespace}_orders"
+    pool = (
+        await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2) if pool_passed_in else None
+    )
+    try:
+        dist: Dist = await make_dist(postgres=pool or postgres_dsn, sessions=False)
+        orders = f"{dist.namespace}_orders"
+        await pg.execute(f"CREATE TABLE {orders} (id int PRIMARY KEY)")
 
-    async def swallow(request: Request) -> PlainTextResponse:
-        tx = get_tx()
-        await tx.execute(f"INSERT INTO {orders} (id) VALUES (3)")
-        with pytest.raises(asyncpg.DataError):
-            await tx.execute("SELECT 1 / $1::int", 0)
-        # PostgreSQL would turn a COMMIT of this aborted transaction into a ROLLBACK.
-        return PlainTextResponse("looks fine")
+        async def swallow(request: Request) -> PlainTextResponse:
+            tx = get_tx()
+            await tx.execute(f"INSERT INTO {orders} (id) VALUES (3)")
+            with pytest.raises(asyncpg.DataError):
+                await tx.execute("SELECT 1 / $1::int", 0)
+            # PostgreSQL answers a COMMIT of this aborted transaction with ROLLBACK.
+            return PlainTextResponse("looks fine")
 
-    app = dist.wrap(Starlette(routes=[Route("/swallow", swallow, methods=["POST"])]))
-    async with client(app) as http:
-        response = await http.post("/swallow")
-        again = await http.post("/swallow")  # the connection went back to the pool clean
-    assert (response.status_code, again.status_code) == (500, 500)
-    assert "nothing was saved" in response.text
-    assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
+        app = dist.wrap(Starlette(routes=[Route("/swallow", swallow, methods=["POST"])]))
+        async with client(app) as http:
+            response = await http.post("/swallow")
+            again = await http.post("/swallow")  # its connection went back clean
+        assert (response.status_code, again.status_code) == (500, 500)
+        assert "nothing was saved" in response.text
+        assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
+    finally:
+        if pool is not None:
+            await dist.stop()
+            await pool.close()
 
 
 async def test_conn_transaction_inside_the_request_nests_as_a_savepoint(
