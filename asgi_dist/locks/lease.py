@@ -612,6 +612,10 @@ async def acquire_lease(
     gate: _Gate | None = None
     target: _Target | None = None
     in_turn = False
+    # Attempts of a caller that will wait queue its process for a wake-up (a
+    # try-once caller does not); a process whose last waiter leaves dequeues.
+    register = timeout != 0 and getattr(backend, "registers_waiters", False)
+    registered = False
     # Backends sharing one store in this process (memory) share the turnstile.
     gate_key = (id(getattr(backend, "gate_scope", backend)), kind, name)
     try:
@@ -622,7 +626,8 @@ async def acquire_lease(
             # own lock back every time).
             attempt = Attempt(False, 0, -1.0)
         else:
-            attempt = await _attempt(backend, kind, name, token, ttl)
+            registered = register
+            attempt = await _attempt(backend, kind, name, token, ttl, register)
         if attempt.acquired:
             return attempt
         if deadline is not None and loop.time() >= deadline:
@@ -684,7 +689,8 @@ async def acquire_lease(
             if granted is not None:
                 attempt = Attempt(True, granted, ttl, attempt.queued)
                 break
-            attempt = await _attempt(backend, kind, name, token, ttl)
+            registered = register
+            attempt = await _attempt(backend, kind, name, token, ttl, register)
         return attempt
     finally:
         if watch is not None:
@@ -705,6 +711,16 @@ async def acquire_lease(
             gate.users -= 1
             if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:
                 del _gates[gate_key]
+        won = attempt is not None and attempt.acquired
+        if registered and not won:
+            waiting = _gates.get(gate_key)
+            if waiting is None or waiting.users == 0:
+                # The process's last waiter leaves: take it off the wake-up queue
+                # (shielded), passing on a wake-up a release may have sent it.
+                try:
+                    await shielded(lambda: backend.leave(kind, name))  # type: ignore[attr-defined]
+                except Exception:
+                    log.debug("could not leave the wait for %s %r", kind, name, exc_info=True)
         if attempt is not None and attempt.queued and not attempt.acquired:
             # A waiter that gives up (timeout, cancellation) leaves its queue
             # entry behind; remove it, shielded, and hand on a lease granted
@@ -732,8 +748,12 @@ async def _abandon(
         log.debug("could not give back a lease handed to a waiter that left", exc_info=True)
 
 
-async def _attempt(backend: LeaseBackend, kind: str, name: str, token: str, ttl: float) -> Attempt:
+async def _attempt(
+    backend: LeaseBackend, kind: str, name: str, token: str, ttl: float, register: bool = False
+) -> Attempt:
     try:
+        if register:
+            return await backend.acquire(kind, name, token, ttl, register=True)  # type: ignore[call-arg]
         return await backend.acquire(kind, name, token, ttl)
     except BaseException as exc:
         # The script may have run although its reply was lost (cancelled,

@@ -4,13 +4,16 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
 
     {ns:kind:name}:lease   hash {token, fence}, PEXPIRE ttl (the server's clock)
     {ns:kind:name}:fence   counter, never deleted: fences never repeat
+    {ns:kind:name}:waiters plain locks: the processes waiting, in arrival order
     {ns:kind:name}:queue   fair mode: waiters in arrival order (+ :alive, :ttls)
-    {ns:kind:name}:wake    pub/sub channel a release publishes to
+    {ns:kind:name}:wake    pub/sub channel a release publishes to (plain locks:
+                           ...:wake:<process>, one per waiting process)
 
 acquire, release and renew are one round trip each; renewals of every lease a
 process holds are pipelined into one round trip per tick (per shard).  A
 release may hand the lease on in the same round trip: to a waiter of this
 process (``release_to``, lock cohorting) or, in fair mode, to the queue's head.
+A plain release wakes one waiting process, not all of them.
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ class Variant:
     queued: bool  # a failed attempt leaves an entry (queue position, writer intent)
     renew_key: int = 0
     holder_key: int | None = 0  # the hash whose 'token' names the exclusive holder
+    # Waiting processes queue in a set and a release wakes the first one on its
+    # own channel (the plain lock); otherwise a release wakes every waiter.
+    wakes_one: bool = False
 
 
-PLAIN = Variant("acquire", "release", "renew", ("lease", "fence"), queued=False)
+PLAIN = Variant(
+    "acquire", "release", "renew", ("lease", "fence", "waiters"), queued=False, wakes_one=True
+)
 FAIR = Variant(
     "fair_acquire",
     "fair_release",
@@ -153,10 +161,17 @@ class RedisLeases:
         self._acquire = redis.script(_PACKAGE, variant.acquire)
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
+        self._leave = redis.script(_PACKAGE, "leave")
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._acquire, self._release, self._renew)
+        return (self._acquire, self._release, self._renew, self._leave)
+
+    @property
+    def registers_waiters(self) -> bool:
+        """A waiting attempt queues its process (``acquire(register=True)``), and a
+        process that stops waiting must :meth:`leave`."""
+        return self.variant.wakes_one
 
     def tag(self, kind: str, name: str) -> str:
         return self.redis.key(kind, name)
@@ -172,8 +187,12 @@ class RedisLeases:
         for script in self.scripts:
             await script.load(self.redis.client)
 
-    async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
+    async def acquire(
+        self, kind: str, name: str, token: str, ttl: float, *, register: bool = False
+    ) -> Attempt:
         args = [token, _ms(ttl), _ms(self.waiter_ttl), self.channel(kind, name), *self._extra]
+        if register and self.variant.wakes_one:
+            args.append(self._origin)
         keys = self.keys(kind, name)
         got, value, remaining = await self._acquire(self.redis.commands, keys, args)
         return Attempt(bool(got), int(value), int(remaining) / 1000.0, self.variant.queued)
@@ -217,6 +236,11 @@ class RedisLeases:
             return int(reply[1])
         return bool(reply)
 
+    async def leave(self, kind: str, name: str) -> None:
+        """This process's last waiter gave up: dequeue it, passing on a wake-up it got."""
+        args = [self._origin, self.channel(kind, name)]
+        await self._leave(self.redis.commands, self.keys(kind, name), args)
+
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
         lease = self.keys(kind, name)[self.variant.renew_key]
         return bool(await self._renew(self.redis.commands, [lease], [token, _ms(ttl)]))
@@ -247,8 +271,11 @@ class RedisLeases:
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
         watch = _PubSubWatch(token, self._origin, self._local, (kind, name))
+        channel = self.channel(kind, name)
+        if self.variant.wakes_one:
+            channel = f"{channel}:{self._origin}"  # a release wakes one process by name
         try:
-            watch._sub = await self._hub().subscribe(self.channel(kind, name), watch._on_message)
+            watch._sub = await self._hub().subscribe(channel, watch._on_message)
         except BaseException:
             watch.close()
             raise

@@ -1,21 +1,33 @@
--- Release a lease only if this token still holds it, and wake the waiters.
+-- Release a lease only if this token still holds it, and wake a waiter.
 -- KEYS[1] lease hash   KEYS[2] fence counter (only for a hand-off)
--- ARGV[1] token   ARGV[2] wake-up channel
+-- KEYS[3] optional: waiting processes (origin tag -> time queued), one entry per
+-- process that failed an attempt and sleeps until woken
+-- ARGV[1] token   ARGV[2] wake-up channel (with KEYS[3]: the prefix of each
+-- process's own channel, '<prefix>:<origin>')
 -- ARGV[3] the releasing process's origin tag (its own waiters were woken
--- directly and ignore the echo; optional)
+-- directly and need no message)
 -- ARGV[4], ARGV[5] optional: a waiter's token and ttl ms to hand the lease to
--- ARGV[6] '1': this process had its turn long enough; release to everyone if
--- anyone else may be waiting ('2': always, where the count below is partial)
+-- ARGV[6] '1' or '2': this process had its turn long enough; release to
+-- everyone if another process waits ('2': where only KEYS[3] can tell)
 -- Returns 1 if released, {1, fence} if handed on, 0 if the token no longer
 -- held it (expired or taken).
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
   return 0
 end
-local others = ARGV[6] == '2'
-if ARGV[6] == '1' then
-  -- Subscribers of the wake-up channel: one connection per waiting process
-  -- (ours among them); exact on a single server, not on a cluster.
-  others = redis.call('PUBSUB', 'NUMSUB', ARGV[2])[2] > 1
+local others = false
+if ARGV[6] == '1' or ARGV[6] == '2' then
+  if KEYS[3] then
+    local queued = redis.call('ZCARD', KEYS[3])
+    if redis.call('ZSCORE', KEYS[3], ARGV[3]) then
+      queued = queued - 1
+    end
+    others = queued > 0
+  elseif ARGV[6] == '2' then
+    others = true
+  else
+    -- Subscribers of the shared channel: one connection per waiting process.
+    others = redis.call('PUBSUB', 'NUMSUB', ARGV[2])[2] > 1
+  end
 end
 if ARGV[4] and not others then
   -- Lock cohorting: a waiter of the same process gets the lease in this round
@@ -26,6 +38,22 @@ if ARGV[4] and not others then
   return {1, fence}
 end
 redis.call('DEL', KEYS[1])
--- Waiters subscribed before their last attempt, so this cannot be missed.
-redis.call('PUBLISH', ARGV[2], 'released:' .. (ARGV[3] or ''))
+if not KEYS[3] then
+  -- Waiters subscribed before their last attempt, so this cannot be missed.
+  redis.call('PUBLISH', ARGV[2], 'released:' .. (ARGV[3] or ''))
+  return 1
+end
+-- Wake one process, the longest waiting, not all of them: the others would only
+-- lose the race and go back to sleep (a thundering herd of round trips).  An
+-- entry whose process no longer listens (it left, or died) is skipped; PUBLISH
+-- counts the listeners (on a cluster only this node's, so it may wake more).
+while true do
+  local head = redis.call('ZPOPMIN', KEYS[3])
+  if #head == 0 then
+    break
+  end
+  if head[1] ~= ARGV[3] and redis.call('PUBLISH', ARGV[2] .. ':' .. head[1], 'released') > 0 then
+    break
+  end
+end
 return 1

@@ -79,3 +79,62 @@ async def test_a_waiter_of_another_process_is_not_starved_by_local_hand_offs(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+async def test_a_release_wakes_one_waiting_process_not_every_one(make_dist, redis_server) -> None:
+    # Four Dists stand for four processes: each has its own connections and its
+    # own place in the lock's queue of waiting processes.
+    holder = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    namespace = holder.namespace
+    others = [
+        await make_dist(redis=redis_server.url, postgres=None, sessions=False, namespace=namespace)
+        for _ in range(3)
+    ]
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        held = await holder.lock("hot", ttl=30).acquire()
+        waiting = []
+        for dist in others:  # one after the other: their queue order is known
+            waiting.append(asyncio.create_task(dist.lock("hot", ttl=30).acquire(timeout=30)))
+            await asyncio.sleep(0.2)
+        order = []
+        for _ in range(3):
+            before = await _calls(admin, "evalsha")
+            await held.release()
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.2)  # a second process woken would have attempted by now
+            # The release, and the attempt of the one process it woke: no herd.
+            assert await _calls(admin, "evalsha") - before == 2
+            assert len(done) == 1
+            winner = done.pop()
+            order.append(waiting.index(winner))
+            waiting[waiting.index(winner)] = asyncio.create_task(asyncio.sleep(3600))
+            held = winner.result()
+        assert order == [0, 1, 2]  # the longest-waiting process is woken first
+        await held.release()
+    finally:
+        for task in waiting:
+            task.cancel()
+        await admin.aclose()
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue_of_waiting_processes(
+    make_dist, redis_server
+) -> None:
+    first = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    second = await make_dist(
+        redis=redis_server.url, postgres=None, sessions=False, namespace=first.namespace
+    )
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        held = await first.lock("busy", ttl=30).acquire()
+        queue = f"{{{first.namespace}:lock:busy}}:waiters"
+        waiter = asyncio.create_task(second.lock("busy", ttl=30).acquire(timeout=5))
+        await asyncio.sleep(0.2)
+        assert await admin.zcard(queue) == 1  # queued while it waits
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert await admin.exists(queue) == 0  # and gone once it gave up
+        await held.release()
+    finally:
+        await admin.aclose()
