@@ -453,3 +453,48 @@ async def test_a_request_waits_for_a_busy_pool_at_most_acquire_timeout_then_answ
             await pool.release(conn)
     assert busy.status_code == 503 and "retry-after" in busy.headers
     assert free.status_code == 200
+
+
+async def test_a_cancelled_request_rolls_back_and_returns_its_connection(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    orders = f"{dist.namespace}_orders"
+    held: list[asyncpg.Connection] = []
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (9)")
+        held.append(get_tx().connection)
+        await asyncio.sleep(30)  # the client goes away meanwhile
+        return PlainTextResponse("never")
+
+    app = dist.wrap(Starlette(routes=[Route("/slow", slow)]))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/slow", "raw_path": b"/slow",
+             "query_string": b"", "root_path": "", "headers": [], "client": ("c", 1),
+             "server": ("test", 80)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    request = asyncio.ensure_future(app(scope, receive, send))
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    # The pool got the connection back (its proxy is detached), without the row.
+    for _ in range(100):  # the shielded close may still be on its way
+        try:
+            await held[0].fetchval("SELECT 1")
+        except asyncpg.InterfaceError as exc:  # or "another operation is in progress"
+            if "released back to the pool" in str(exc):
+                break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the cancelled request kept its connection")
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
