@@ -207,7 +207,7 @@ class RequestTransaction(Transaction):
             )
             await transaction.start()
         except BaseException as exc:
-            await _release(pool, conn)
+            await _release(self._hook.postgres, conn)
             if isinstance(exc, Exception):
                 raise_outage(exc)
             raise
@@ -257,13 +257,13 @@ class RequestTransaction(Transaction):
                 await self._give_back()
 
     async def _end(self, commit: bool) -> None:
-        """COMMIT or ROLLBACK in a message of our own, then release the connection.
+        """COMMIT or ROLLBACK in a message of our own.
 
         On a pool we made, the message also carries the pool's reset query, which a
         hand-written ``async with pool.acquire() as conn, conn.transaction()`` sends
-        in a second round trip on release.  Our own COMMIT also shows PostgreSQL's
-        answer: ``ROLLBACK`` for a transaction an earlier (caught) error aborted,
-        which asyncpg's ``commit()`` would let pass as success.
+        in a second round trip on release, and the connection goes back here.  Our
+        own COMMIT also shows PostgreSQL's answer: ``ROLLBACK`` for a transaction an
+        earlier (caught) error aborted, which asyncpg's ``commit()`` would let pass.
         """
         conn = self._connection
         assert conn is not None
@@ -302,15 +302,9 @@ class RequestTransaction(Transaction):
             return  # the connection goes back through the pool's own reset
         if commit:
             self._state = "committed"
-        self._connection = None
-        try:
-            if with_reset:
-                await postgres.release_reset(conn)
-            else:
-                await postgres.pool.release(conn)
-        except Exception as exc:  # a broken connection: the pool replaces it
-            log.debug("releasing a PostgreSQL connection failed: %s", exc)
-            conn.terminate()
+        if with_reset:
+            self._connection = None
+            await _release(postgres, conn, reset_sent=True)
 
     @property
     def holds_connection(self) -> bool:
@@ -326,7 +320,7 @@ class RequestTransaction(Transaction):
     async def _give_back(self) -> None:
         conn, self._connection = self._connection, None
         if conn is not None:
-            await _release(self._hook.postgres.pool, conn)
+            await _release(self._hook.postgres, conn)
 
 
 def _has_free_slot(pool: asyncpg.Pool) -> bool:
@@ -343,9 +337,15 @@ def _has_free_slot(pool: asyncpg.Pool) -> bool:
     return bool(pool.get_idle_size())
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def _release(
+    postgres: PostgresBackend, conn: asyncpg.Connection, *, reset_sent: bool = False
+) -> None:
+    """Give ``conn`` back to the pool (without its reset round trip if ``reset_sent``)."""
     try:
-        await pool.release(conn)
+        if reset_sent:
+            await postgres.release_reset(conn)
+        else:
+            await postgres.pool.release(conn)
     except Exception as exc:  # a broken connection: the pool replaces it
         log.debug("releasing a PostgreSQL connection failed: %s", exc)
         conn.terminate()
