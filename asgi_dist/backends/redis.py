@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -34,6 +34,7 @@ __all__ = [
     "RedisClient",
     "Script",
     "ScriptClient",
+    "complete_from",
     "create_multiplexed",
     "create_redis_client",
     "describe_redis_url",
@@ -181,6 +182,24 @@ class Script:
         except redis_errors.NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
 
+    def send(
+        self, client: MultiplexedRedis, keys: Sequence[Any], args: Sequence[Any] = ()
+    ) -> asyncio.Future[Any]:
+        """Send the call now; its reply reaches the returned future whether or not
+        anyone awaits it, so a cancelled caller cannot stop a release half-way and
+        needs no task of its own to finish it (NOSCRIPT falls back to EVAL)."""
+        outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def fallback(first: asyncio.Future[Any]) -> None:
+            if not first.cancelled() and isinstance(first.exception(), redis_errors.NoScriptError):
+                second = client.eval(self.source, len(keys), *keys, *args)
+                second.add_done_callback(lambda done: complete_from(done, outer))
+            else:
+                complete_from(first, outer)
+
+        client.evalsha(self.sha, len(keys), *keys, *args).add_done_callback(fallback)
+        return outer
+
     async def load(self, client: RedisClient) -> None:
         """Load into every primary (before pipelined EVALSHA, which has no fallback)."""
         await client.script_load(self.source)
@@ -252,6 +271,24 @@ class RedisBackend:
                 await self.client.aclose()
             except Exception:  # closing a broken connection must not mask the real error
                 log.debug("error closing Redis client", exc_info=True)
+
+
+def complete_from(
+    source: asyncio.Future[Any],
+    target: asyncio.Future[Any],
+    convert: Callable[[Any], Any] | None = None,
+) -> None:
+    """Complete ``target`` as ``source`` completed, its result passed through
+    ``convert`` (unless ``target`` is done already)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        result = source.result()
+        target.set_result(result if convert is None else convert(result))
 
 
 def _describe_client(client: RedisClient) -> str:

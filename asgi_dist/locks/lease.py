@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from asgi_dist.backends import as_backend_unavailable
+from asgi_dist.backends.redis import complete_from
 from asgi_dist.errors import LockLost, LockNotOwned, LockTimeout
 from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
 
@@ -167,11 +168,18 @@ class Held:
         target = _handoff_target(self.backend, self.kind, self.name)
         try:
             if target is not None:
-                owned = await shielded(lambda: target.offer(self))
+                owned = await asyncio.shield(target.offer(self))
             else:
-                owned = await shielded(
-                    lambda: self.backend.release(self.kind, self.name, self.token)
-                )
+                # Shielded: a cancelled caller still gives the lease back.  A release
+                # already sent needs no task to finish it (Redis, multiplexed).
+                soon = getattr(self.backend, "release_soon", None)
+                sent = soon(self.kind, self.name, self.token) if soon is not None else None
+                if sent is not None:
+                    owned = await asyncio.shield(sent)
+                else:
+                    owned = await shielded(
+                        lambda: self.backend.release(self.kind, self.name, self.token)
+                    )
         finally:
             _holder_left(self)
         if not owned:
@@ -520,23 +528,39 @@ class _Target:
         # The hand-off in flight, awaited by a waiter that gives up meanwhile.
         self.pending: asyncio.Future[Any] | None = None
 
-    async def offer(self, held: Held) -> bool:
-        """Release ``held`` to this waiter (or to everyone); True if ``held`` still owned it."""
+    def offer(self, held: Held) -> asyncio.Future[bool]:
+        """Release ``held`` to this waiter (or to everyone), already sent.
+
+        The future says whether ``held`` still owned the lease; the release and
+        its bookkeeping complete even if nobody awaits it (a cancelled releaser).
+        """
         backend: Any = held.backend
         gate = self.gate
         gate.target = None  # one offer per waiter
         loop = asyncio.get_running_loop()
-        self.pending = loop.create_future()
+        pending = self.pending = loop.create_future()
         sent = loop.time()
-        try:
-            outcome = await backend.release_to(
-                held.kind,
-                held.name,
-                held.token,
-                self.token,
-                self.ttl,
-                yield_to_others=gate.local_handoffs >= _MAX_LOCAL_HANDOFFS,
+        call = (held.kind, held.name, held.token, self.token, self.ttl)
+        yield_to_others = gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
+        reply = backend.release_to_soon(*call, yield_to_others=yield_to_others)
+        if reply is None:  # no multiplexed connection: a task sees it through
+            reply = asyncio.ensure_future(
+                backend.release_to(*call, yield_to_others=yield_to_others)
             )
+            _background.add(reply)
+            reply.add_done_callback(_background.discard)
+        owned: asyncio.Future[bool] = loop.create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                # The waiter must look again, not sleep a ttl.
+                self.event.set()
+                complete_from(done, pending)
+                if not pending.cancelled():
+                    pending.exception()  # retrieved: the waiter may be gone
+                complete_from(done, owned)
+                return
+            outcome = done.result()
             gate.release_rtt = loop.time() - sent
             if outcome is True:
                 # Released to everyone: the other processes' waiters hear it
@@ -547,15 +571,21 @@ class _Target:
             elif outcome is not False:
                 gate.local_handoffs += 1
                 self.granted = int(outcome)
-            self.pending.set_result(self.granted)
-            return outcome is not False
-        except BaseException as exc:
-            self.pending.set_exception(exc)
-            self.pending.exception()  # retrieved: the waiter may be gone
-            raise
-        finally:
-            # Also when it failed: the waiter must look again, not sleep a ttl.
+            pending.set_result(self.granted)
+            # The waiter is woken before the releaser resumes: the releaser may go
+            # on to queue for the lock again, and that should not delay the hand-off.
             self.event.set()
+            owned.set_result(outcome is not False)
+
+        reply.add_done_callback(settle)
+        owned.add_done_callback(_retrieved)
+        return owned
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    # Read, so that a failure nobody awaited any more is not logged as lost.
+    if not future.cancelled():
+        future.exception()
 
 
 def _holder_left(held: Held) -> None:

@@ -23,12 +23,13 @@ import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_dist.backends.pubsub import PubSubHub, Subscription
-from asgi_dist.backends.redis import RedisBackend, Script
+from asgi_dist.backends.redis import RedisBackend, Script, complete_from
 from asgi_dist.locks.backend import Attempt, Renewal, Watch
 
 __all__ = ["FAIR", "PLAIN", "READ", "SEMAPHORE", "WRITE", "RedisLeases", "Variant"]
@@ -202,9 +203,34 @@ class RedisLeases:
         channel = self.channel(kind, name)
         args = [token, channel, self._origin]
         released = bool(await self._release(self.redis.commands, keys, args))
-        if released and not self.variant.queued:
+        if released:
+            self._released_here(kind, name)
+        return released
+
+    def _released_here(self, kind: str, name: str) -> None:
+        # This process's waiters hear of its releases at once, not via pub/sub.
+        if not self.variant.queued:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
+
+    def release_soon(self, kind: str, name: str, token: str) -> asyncio.Future[bool] | None:
+        """:meth:`release`, already sent: it completes even if nobody awaits it.
+
+        None without the multiplexed connection (use :meth:`release` in a task).
+        """
+        mux = self.redis.multiplexed
+        if mux is None:
+            return None
+        args = [token, self.channel(kind, name), self._origin]
+        reply = self._release.send(mux, self.keys(kind, name), args)
+        released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result():
+                self._released_here(kind, name)
+            complete_from(done, released, bool)
+
+        reply.add_done_callback(settle)
         return released
 
     @property
@@ -229,12 +255,41 @@ class RedisLeases:
         handed on, True when released to everyone, False if ``token`` no
         longer held the lease.
         """
-        mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
-        args = [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
+        args = self._release_to_args(kind, name, token, next_token, next_ttl, yield_to_others)
         reply = await self._release(self.redis.commands, self.keys(kind, name), args)
-        if isinstance(reply, list):
-            return int(reply[1])
-        return bool(reply)
+        return _handed_on(reply)
+
+    def release_to_soon(
+        self,
+        kind: str,
+        name: str,
+        token: str,
+        next_token: str,
+        next_ttl: float,
+        *,
+        yield_to_others: bool = False,
+    ) -> asyncio.Future[int | bool] | None:
+        """:meth:`release_to`, already sent (None without the multiplexed connection)."""
+        mux = self.redis.multiplexed
+        if mux is None:
+            return None
+        args = self._release_to_args(kind, name, token, next_token, next_ttl, yield_to_others)
+        reply = self._release.send(mux, self.keys(kind, name), args)
+        outcome: asyncio.Future[int | bool] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(lambda done: complete_from(done, outcome, _handed_on))
+        return outcome
+
+    def _release_to_args(
+        self,
+        kind: str,
+        name: str,
+        token: str,
+        next_token: str,
+        next_ttl: float,
+        yield_to_others: bool,
+    ) -> list[str | int]:
+        mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
+        return [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
 
     async def leave(self, kind: str, name: str) -> None:
         """This process's last waiter gave up: dequeue it, passing on a wake-up it got."""
@@ -280,6 +335,13 @@ class RedisLeases:
             watch.close()
             raise
         return watch
+
+
+def _handed_on(reply: Any) -> int | bool:
+    """The release script's reply: the new fence when handed on, else released or not."""
+    if isinstance(reply, list):
+        return int(reply[1])
+    return bool(reply)
 
 
 def _ms(seconds: float) -> int:
