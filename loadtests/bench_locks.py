@@ -284,25 +284,31 @@ async def commands_while_waiting(
 # --- processes -------------------------------------------------------------------
 
 PROCESS = """
-import asyncio, os, sys, time
+import asyncio, mmap, os, struct, sys, time
 sys.path.insert(0, os.environ["ROOT"])
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 from asgi_dist import Dist
 from asgi_dist.scheduling import SchedulerConfig
 
+# The last release (pid, time) lives in a file every contender maps: written by
+# the holder only, under the lock, so the critical section holds no Redis command
+# of the benchmark's own (which would dwarf the lock's and favour pollers).
+LAST = struct.Struct("qd")
+
 async def main():
     url, kind, name = os.environ["URL"], os.environ["KIND"], os.environ["NAME"]
+    with open(os.environ["LAST"], "r+b") as f:
+        last = mmap.mmap(f.fileno(), LAST.size)
     log = aioredis.Redis.from_url(url)
     dist = Dist(redis=url, namespace="bench", sessions=False,
                 scheduler=SchedulerConfig(enabled=False))
+    rows, pid = [], os.getpid()
     async with dist:
         # Start together: the parent sets the stop time once everyone is ready.
         await log.incr(name + ":ready")
         while (go := await log.get(name + ":go")) is None:
             await asyncio.sleep(0.01)
         stop_at = float(go)
-        n = 0
         while time.time() < stop_at:
             if kind.startswith("asgi_dist"):
                 held = await dist.lock(name, ttl=30, fair=kind == "asgi_dist_fair").acquire()
@@ -312,14 +318,13 @@ async def main():
                 await lock.acquire()
                 release = lock.release
             got = time.time()
-            # The previous holder left the moment it started its release.
-            prev = await log.get(name + ":last")
-            n += 1
-            row = "%s %f %s" % (os.getpid(), got, (prev or b"").decode())
-            await log.rpush(name + ":handoffs", row)
-            await log.set(name + ":last", "%s %f" % (os.getpid(), time.time()))
+            prev_pid, prev_at = LAST.unpack(last[:LAST.size])
+            rows.append("%d %f %d %f" % (pid, got, prev_pid, prev_at))
+            last[:LAST.size] = LAST.pack(pid, time.time())
             await release()
-        await log.incrby(name + ":count", n)
+        if rows:
+            await log.rpush(name + ":handoffs", *rows)
+        await log.incrby(name + ":count", len(rows))
     await log.aclose()
 
 asyncio.run(main())
@@ -328,7 +333,9 @@ asyncio.run(main())
 
 async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> Contention:
     name = f"bench:{secrets.token_hex(4)}"
-    env = dict(os.environ, ROOT=str(ROOT), URL=url, KIND=kind, NAME=name)
+    with tempfile.NamedTemporaryFile(prefix="bench-last-", delete=False) as last:
+        last.write(bytes(16))
+    env = dict(os.environ, ROOT=str(ROOT), URL=url, KIND=kind, NAME=name, LAST=last.name)
     children = [
         await asyncio.create_subprocess_exec(sys.executable, "-c", PROCESS, env=env)
         for _ in range(procs)
@@ -348,13 +355,14 @@ async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> 
         result.acquisitions = int(await client.get(f"{name}:count") or 0)
     finally:
         await client.aclose()
+        os.unlink(last.name)
     # The hand-off is measured from the previous holder's release start to our
     # acquisition, as with tasks; wall clocks of one host agree.
     by_pid: dict[str, int] = {}
-    for row in rows:
-        by_pid[row[0]] = by_pid.get(row[0], 0) + 1
-        if len(row) == 4 and row[2] != row[0]:
-            result.handoffs.append(float(row[1]) - float(row[3]))
+    for pid, got, prev_pid, prev_at in rows:
+        by_pid[pid] = by_pid.get(pid, 0) + 1
+        if prev_pid not in ("0", pid):
+            result.handoffs.append(float(got) - float(prev_at))
     result.per_task = list(by_pid.values())
     return result
 

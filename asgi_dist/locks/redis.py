@@ -35,6 +35,7 @@ from asgi_dist.locks.backend import Attempt, Renewal, Watch
 __all__ = ["FAIR", "PLAIN", "READ", "SEMAPHORE", "WRITE", "RedisLeases", "Variant"]
 
 _PACKAGE = "asgi_dist.locks"
+_NAME_CACHE = 10_000  # lock names whose keys are remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ WRITE = Variant(
 
 
 class _PubSubWatch:
-    __slots__ = ("_digest", "_key", "_local", "_own_echo", "_sub", "event", "granted")
+    __slots__ = ("_digest", "_key", "_local", "_origin", "_sub", "_token", "event", "granted")
 
     def __init__(
         self,
@@ -96,8 +97,11 @@ class _PubSubWatch:
         self.event = asyncio.Event()
         # Set by a fair hand-off naming us: the fence of the lease we now hold.
         self.granted: int | None = None
-        self._digest = hashlib.sha1(token.encode()).hexdigest().encode()
-        self._own_echo = b"released:" + origin.encode()
+        # Fair hand-offs name their recipient by a digest of its token: made when
+        # the first such message comes (plain locks never need it).
+        self._token = token
+        self._digest: bytes | None = None
+        self._origin = origin
         self._sub: Subscription | None = None
         self._local = local
         self._key = key
@@ -108,10 +112,12 @@ class _PubSubWatch:
             if payload.startswith(b"to:"):
                 # A fair hand-off names its recipient: the rest of the queue sleeps on.
                 digest, _, fence = payload[3:].partition(b":")
+                if self._digest is None:
+                    self._digest = hashlib.sha1(self._token.encode()).hexdigest().encode()
                 if digest != self._digest:
                     return
                 self.granted = int(fence)
-            elif payload == self._own_echo:
+            elif payload[:9] == b"released:" and payload[9:] == self._origin.encode():
                 # Our own process released: its waiters were woken directly,
                 # and a second wake-up would cost each of them a round trip.
                 return
@@ -163,6 +169,7 @@ class RedisLeases:
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
         self._leave = redis.script(_PACKAGE, "leave")
+        self._name_cache: dict[tuple[str, str], tuple[list[str], str]] = {}
 
     @property
     def scripts(self) -> tuple[Script, ...]:
@@ -178,11 +185,21 @@ class RedisLeases:
         return self.redis.key(kind, name)
 
     def keys(self, kind: str, name: str) -> list[str]:
-        tag = self.tag(kind, name)
-        return [f"{tag}:{suffix}" for suffix in self.variant.suffixes]
+        return self._names(kind, name)[0]
 
     def channel(self, kind: str, name: str) -> str:
-        return f"{self.tag(kind, name)}:wake"
+        return self._names(kind, name)[1]
+
+    def _names(self, kind: str, name: str) -> tuple[list[str], str]:
+        # Every acquire and release needs them: built (and validated) once per name.
+        names = self._name_cache.get((kind, name))
+        if names is None:
+            if len(self._name_cache) >= _NAME_CACHE:
+                self._name_cache.clear()
+            tag = self.tag(kind, name)
+            keys = [f"{tag}:{suffix}" for suffix in self.variant.suffixes]
+            names = self._name_cache[(kind, name)] = (keys, f"{tag}:wake")
+        return names
 
     async def load_scripts(self) -> None:
         for script in self.scripts:
