@@ -44,7 +44,9 @@ if holder == false then
   -- The previous holder expired without a release: hand the lease to the
   -- live head directly and wake it; we queue behind it.
   local fence = grant(head, redis.call('HGET', KEYS[5], head))
-  redis.call('PUBLISH', ARGV[4], 'to:' .. redis.sha1hex(head) .. ':' .. fence)
+  local node = string.match(head, '@(.+)$')  -- woken on its node's own channel
+  local channel = node and (ARGV[4] .. ':' .. node) or ARGV[4]
+  redis.call('PUBLISH', channel, 'to:' .. redis.sha1hex(head) .. ':' .. fence)
 end
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) == false then
   redis.call('ZADD', KEYS[3], now_us, ARGV[1])

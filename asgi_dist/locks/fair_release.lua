@@ -1,5 +1,6 @@
 -- Fair release (and abandon): give the lease to the live head of the queue.
--- KEYS as in fair_acquire.lua   ARGV[1] token   ARGV[2] wake-up channel
+-- KEYS as in fair_acquire.lua   ARGV[1] token   ARGV[2] wake-up channel (the
+-- prefix of each node's own channel, see below)
 -- A token that is only queued (a cancelled or timed-out waiter) leaves the queue.
 -- Returns 1 if this token held the lease, else 0.
 local t = redis.call('TIME')
@@ -31,7 +32,11 @@ if head ~= nil then
   -- The payload names the recipient by a digest of its token (a token on a
   -- channel would let any subscriber release the lease) and carries the
   -- fence, so the head needs no further round trip.
-  redis.call('PUBLISH', ARGV[2], 'to:' .. redis.sha1hex(head) .. ':' .. fence)
+  -- On the channel of the head's node ('<channel>:<node>', the part of its
+  -- token after '@'): the other waiting processes are not even woken.
+  local node = string.match(head, '@(.+)$')
+  local channel = node and (ARGV[2] .. ':' .. node) or ARGV[2]
+  redis.call('PUBLISH', channel, 'to:' .. redis.sha1hex(head) .. ':' .. fence)
 else
   redis.call('PUBLISH', ARGV[2], 'released')
 end

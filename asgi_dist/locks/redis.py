@@ -57,6 +57,8 @@ class Variant:
     # Waiting processes queue in a set and a release wakes the first one on its
     # own channel (the plain lock); otherwise a release wakes every waiter.
     wakes_one: bool = False
+    # A hand-off is published on the recipient node's own channel (fair mode).
+    wakes_node: bool = False
 
 
 PLAIN = Variant(
@@ -68,6 +70,7 @@ FAIR = Variant(
     "renew",
     ("lease", "fence", "queue", "alive", "ttls"),
     queued=True,
+    wakes_node=True,
 )
 SEMAPHORE = Variant(
     "sem_acquire",
@@ -346,6 +349,8 @@ class RedisLeases:
         channel = self.channel(kind, name)
         if self.variant.wakes_one:
             channel = f"{channel}:{self._origin}"  # a release wakes one process by name
+        elif self.variant.wakes_node:
+            channel = f"{channel}:{token.partition('@')[2]}"  # hand-offs name our node
         try:
             watch._sub = await self._hub().subscribe(channel, watch._on_message)
         except BaseException:
