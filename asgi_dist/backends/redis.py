@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
-from asgi_dist.backends.resp import MultiplexedRedis
+from asgi_dist.backends.resp import MultiplexedRedis, ReplyCallback
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "RedisClient",
     "Script",
     "ScriptClient",
-    "complete_from",
     "create_multiplexed",
     "create_redis_client",
     "describe_redis_url",
@@ -183,22 +182,24 @@ class Script:
             return await client.eval(self.source, len(keys), *keys, *args)
 
     def send(
-        self, client: MultiplexedRedis, keys: Sequence[Any], args: Sequence[Any] = ()
-    ) -> asyncio.Future[Any]:
-        """Send the call now; its reply reaches the returned future whether or not
-        anyone awaits it, so a cancelled caller cannot stop a release half-way and
-        needs no task of its own to finish it (NOSCRIPT falls back to EVAL)."""
-        outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self,
+        client: MultiplexedRedis,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        callback: ReplyCallback,
+    ) -> None:
+        """Send the call now; ``callback(reply, error)`` runs as its reply is read,
+        whether or not anyone still waits, so a cancelled caller cannot stop a
+        release half-way and nothing needs a task to finish it (NOSCRIPT falls back
+        to EVAL)."""
 
-        def fallback(first: asyncio.Future[Any]) -> None:
-            if not first.cancelled() and isinstance(first.exception(), redis_errors.NoScriptError):
-                second = client.eval(self.source, len(keys), *keys, *args)
-                second.add_done_callback(lambda done: complete_from(done, outer))
+        def first(reply: Any, error: BaseException | None) -> None:
+            if isinstance(error, redis_errors.NoScriptError):
+                client.execute_command_to(callback, "EVAL", self.source, len(keys), *keys, *args)
             else:
-                complete_from(first, outer)
+                callback(reply, error)
 
-        client.evalsha(self.sha, len(keys), *keys, *args).add_done_callback(fallback)
-        return outer
+        client.execute_command_to(first, "EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, client: RedisClient) -> None:
         """Load into every primary (before pipelined EVALSHA, which has no fallback)."""
@@ -271,24 +272,6 @@ class RedisBackend:
                 await self.client.aclose()
             except Exception:  # closing a broken connection must not mask the real error
                 log.debug("error closing Redis client", exc_info=True)
-
-
-def complete_from(
-    source: asyncio.Future[Any],
-    target: asyncio.Future[Any],
-    convert: Callable[[Any], Any] | None = None,
-) -> None:
-    """Complete ``target`` as ``source`` completed, its result passed through
-    ``convert`` (unless ``target`` is done already)."""
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif (exc := source.exception()) is not None:
-        target.set_exception(exc)
-    else:
-        result = source.result()
-        target.set_result(result if convert is None else convert(result))
 
 
 def _describe_client(client: RedisClient) -> str:

@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
 from redis import exceptions as redis_errors
 
-__all__ = ["MultiplexedRedis"]
+__all__ = ["MultiplexedRedis", "ReplyCallback"]
+
+log = logging.getLogger("asgi_dist.redis")
+
+# Called with (reply, None) or (None, error) from the reader itself: no future,
+# no extra event-loop turn between the reply and what it sets in motion.
+ReplyCallback = Callable[[Any, BaseException | None], None]
 
 # Redis error prefixes that redis-py turns into specific exceptions; callers
 # catch those (NOSCRIPT falls back to EVAL, the others are outages).
@@ -54,7 +62,7 @@ class _Protocol(asyncio.Protocol):
         self.where = where
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.waiting: collections.deque[asyncio.Future[Any] | ReplyCallback] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.last_reply = time.monotonic()
@@ -70,23 +78,27 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         future = self.loop.create_future()
+        self.send_to(command, future)
+        return future
+
+    def send_to(self, command: bytes, receiver: asyncio.Future[Any] | ReplyCallback) -> None:
+        """Send ``command``; its reply goes to ``receiver`` (a future or a callback)."""
         if self.closed:
-            future.set_exception(self._lost())
-            return future
+            _deliver(receiver, None, self._lost())
+            return
         if not self.waiting:
             # An idle connection: write at once, the round trip is all there is.
             self.last_reply = time.monotonic()  # nothing was overdue until now
-            self.waiting.append(future)
+            self.waiting.append(receiver)
             assert self.transport is not None
             self.transport.write(command)
-            return future
-        self.waiting.append(future)
+            return
+        self.waiting.append(receiver)
         if not self._out:
             # Under load, the commands of one loop turn leave in one write (and Redis
             # answers them in one), which is most of the saving.
             self.loop.call_soon(self._flush)
         self._out.append(command)
-        return future
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -108,13 +120,11 @@ class _Protocol(asyncio.Protocol):
             if not waiting:  # cannot happen with a well-behaved server
                 self.abort("a reply came that no command asked for")
                 return
-            future = waiting.popleft()
-            if future.done():
-                continue  # the caller was cancelled; its reply is dropped
+            receiver = waiting.popleft()
             if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(_reply_error(reply))
+                _deliver(receiver, None, _reply_error(reply))
             else:
-                future.set_result(reply)
+                _deliver(receiver, reply, None)
 
     def _lost(self, why: str = "connection closed") -> redis_errors.ConnectionError:
         return redis_errors.ConnectionError(f"Redis at {self.where}: {why}")
@@ -130,9 +140,24 @@ class _Protocol(asyncio.Protocol):
     def _fail(self, error: redis_errors.ConnectionError) -> None:
         self.closed = True
         while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            _deliver(self.waiting.popleft(), None, error)
+
+
+def _deliver(
+    receiver: asyncio.Future[Any] | ReplyCallback, reply: Any, error: BaseException | None
+) -> None:
+    if isinstance(receiver, asyncio.Future):
+        if receiver.done():
+            return  # the caller was cancelled; its reply is dropped
+        if error is not None:
+            receiver.set_exception(error)
+        else:
+            receiver.set_result(reply)
+        return
+    try:
+        receiver(reply, error)
+    except Exception:  # a callback's bug must not stop the reader
+        log.exception("a Redis reply callback failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -185,6 +210,29 @@ class MultiplexedRedis:
                 return protocol.send(command)
             protocol.abort(f"no reply for {self.dead_after:g}s")
         return asyncio.ensure_future(self._send_when_connected(command))
+
+    def execute_command_to(self, callback: ReplyCallback, *args: Any) -> None:
+        """Send one command; ``callback(reply, error)`` runs when its reply is read
+        (a connection is made first if needed).  Nothing can cancel it."""
+        command = hiredis.pack_command(args)
+        self.commands_sent += 1
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            if not protocol.waiting or time.monotonic() - protocol.last_reply < self.dead_after:
+                protocol.send_to(command, callback)
+                return
+            protocol.abort(f"no reply for {self.dead_after:g}s")
+        connecting = asyncio.ensure_future(self._connected())
+
+        def connected(done: asyncio.Future[_Protocol]) -> None:
+            if done.cancelled():
+                callback(None, redis_errors.ConnectionError(f"Redis at {self.where}: closed"))
+            elif (exc := done.exception()) is not None:
+                callback(None, exc)
+            else:
+                done.result().send_to(command, callback)
+
+        connecting.add_done_callback(connected)
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> asyncio.Future[Any]:
         return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)

@@ -25,7 +25,6 @@ from types import TracebackType
 from typing import Any
 
 from asgi_dist.backends import as_backend_unavailable
-from asgi_dist.backends.redis import complete_from
 from asgi_dist.errors import LockLost, LockNotOwned, LockTimeout
 from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
 
@@ -539,28 +538,23 @@ class _Target:
         gate.target = None  # one offer per waiter
         loop = asyncio.get_running_loop()
         pending = self.pending = loop.create_future()
-        sent = loop.time()
-        call = (held.kind, held.name, held.token, self.token, self.ttl)
-        yield_to_others = gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
-        reply = backend.release_to_soon(*call, yield_to_others=yield_to_others)
-        if reply is None:  # no multiplexed connection: a task sees it through
-            reply = asyncio.ensure_future(
-                backend.release_to(*call, yield_to_others=yield_to_others)
-            )
-            _background.add(reply)
-            reply.add_done_callback(_background.discard)
         owned: asyncio.Future[bool] = loop.create_future()
+        owned.add_done_callback(_retrieved)
+        sent = loop.time()
 
-        def settle(done: asyncio.Future[Any]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                # The waiter must look again, not sleep a ttl.
-                self.event.set()
-                complete_from(done, pending)
+        def settle(outcome: int | bool | None, error: BaseException | None) -> None:
+            # Runs as the reply is read: the waiter is woken in the very next turn.
+            if error is not None or outcome is None:
+                self.event.set()  # the waiter must look again, not sleep a ttl
+                for future in (pending, owned):
+                    if not future.done():
+                        if error is None or isinstance(error, asyncio.CancelledError):
+                            future.cancel()
+                        else:
+                            future.set_exception(error)
                 if not pending.cancelled():
                     pending.exception()  # retrieved: the waiter may be gone
-                complete_from(done, owned)
                 return
-            outcome = done.result()
             gate.release_rtt = loop.time() - sent
             if outcome is True:
                 # Released to everyone: the other processes' waiters hear it
@@ -572,13 +566,23 @@ class _Target:
                 gate.local_handoffs += 1
                 self.granted = int(outcome)
             pending.set_result(self.granted)
-            # The waiter is woken before the releaser resumes: the releaser may go
-            # on to queue for the lock again, and that should not delay the hand-off.
             self.event.set()
             owned.set_result(outcome is not False)
 
-        reply.add_done_callback(settle)
-        owned.add_done_callback(_retrieved)
+        call = (held.kind, held.name, held.token, self.token, self.ttl)
+        yield_to_others = gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
+        if not backend.release_to_soon(*call, settle, yield_to_others=yield_to_others):
+            # No multiplexed connection: a task sees the release through.
+            task = asyncio.ensure_future(backend.release_to(*call, yield_to_others=yield_to_others))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            task.add_done_callback(
+                lambda done: (
+                    settle(None, asyncio.CancelledError())
+                    if done.cancelled()
+                    else settle(None if done.exception() else done.result(), done.exception())
+                )
+            )
         return owned
 
 

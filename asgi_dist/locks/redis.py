@@ -29,7 +29,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_dist.backends.pubsub import PubSubHub, Subscription
-from asgi_dist.backends.redis import RedisBackend, Script, complete_from
+from asgi_dist.backends.redis import RedisBackend, Script
 from asgi_dist.locks.backend import Attempt, Renewal, Watch
 
 __all__ = ["FAIR", "PLAIN", "READ", "SEMAPHORE", "WRITE", "RedisLeases", "Variant"]
@@ -241,16 +241,20 @@ class RedisLeases:
         mux = self.redis.multiplexed
         if mux is None:
             return None
-        args = [token, self.channel(kind, name), self._origin]
-        reply = self._release.send(mux, self.keys(kind, name), args)
         released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-        def settle(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is None and done.result():
+        def settle(reply: Any, error: BaseException | None) -> None:
+            if error is None and reply:
                 self._released_here(kind, name)
-            complete_from(done, released, bool)
+            if released.done():
+                return
+            if error is not None:
+                released.set_exception(error)
+            else:
+                released.set_result(bool(reply))
 
-        reply.add_done_callback(settle)
+        args = [token, self.channel(kind, name), self._origin]
+        self._release.send(mux, self.keys(kind, name), args, settle)
         return released
 
     @property
@@ -286,18 +290,22 @@ class RedisLeases:
         token: str,
         next_token: str,
         next_ttl: float,
+        on_done: Callable[[int | bool | None, BaseException | None], None],
         *,
         yield_to_others: bool = False,
-    ) -> asyncio.Future[int | bool] | None:
-        """:meth:`release_to`, already sent (None without the multiplexed connection)."""
+    ) -> bool:
+        """:meth:`release_to`, sent now; ``on_done(outcome, error)`` runs as the reply
+        is read.  False (nothing sent) without the multiplexed connection."""
         mux = self.redis.multiplexed
         if mux is None:
-            return None
+            return False
         args = self._release_to_args(kind, name, token, next_token, next_ttl, yield_to_others)
-        reply = self._release.send(mux, self.keys(kind, name), args)
-        outcome: asyncio.Future[int | bool] = asyncio.get_running_loop().create_future()
-        reply.add_done_callback(lambda done: complete_from(done, outcome, _handed_on))
-        return outcome
+
+        def settle(reply: Any, error: BaseException | None) -> None:
+            on_done(None if error is not None else _handed_on(reply), error)
+
+        self._release.send(mux, self.keys(kind, name), args, settle)
+        return True
 
     def _release_to_args(
         self,

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from asgi_dist.backends.redis import RedisBackend, create_multiplexed
+from asgi_dist.backends.redis import RedisBackend, Script, create_multiplexed
 from asgi_dist.backends.resp import MultiplexedRedis
 from tests.helpers.servers import RedisServer
 
@@ -145,3 +145,48 @@ def test_only_plain_urls_are_multiplexed() -> None:
     given = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
     backend = RedisBackend(given, namespace="ns")
     assert backend.multiplexed is None and backend.commands is given  # the app's own client
+
+
+async def test_a_callback_gets_its_reply_in_order_with_futures_around_it(
+    mux: MultiplexedRedis,
+) -> None:
+    seen: list[tuple[object, object]] = []
+    first = mux.execute_command("ECHO", "a")
+    mux.execute_command_to(lambda reply, error: seen.append((reply, error)), "ECHO", "b")
+    third = mux.execute_command("ECHO", "c")
+    assert (await first, await third) == (b"a", b"c")
+    assert seen == [(b"b", None)]  # run by the reader, before the third reply was handed on
+
+
+async def test_a_script_sent_with_a_callback_falls_back_to_eval_once() -> None:
+    server = RedisServer().start()  # private: its script cache is flushed below
+    backend = RedisBackend(server.url, namespace="t")
+    await backend.start()
+    try:
+        assert backend.multiplexed is not None
+        script = Script("asgi_dist.locks", "leave")
+        await backend.client.script_flush()  # the next EVALSHA answers NOSCRIPT
+        done: asyncio.Future[tuple[object, object]] = asyncio.get_running_loop().create_future()
+        lease = backend.key("lock", "x", "lease")
+        keys = [lease, backend.key("lock", "x", "fence"), backend.key("lock", "x", "waiters")]
+        script.send(backend.multiplexed, keys, ["me", "chan"], lambda r, e: done.set_result((r, e)))
+        assert await done == (0, None)
+    finally:
+        await backend.stop()
+        server.close()
+
+
+async def test_a_callback_hears_of_a_killed_server() -> None:
+    server = RedisServer().start()
+    try:
+        mux = create_multiplexed(server.url, connect_timeout=2.0)
+        assert mux is not None
+        await mux.execute_command("PING")
+        heard: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        mux.execute_command_to(lambda reply, error: heard.set_result(error), "BLPOP", "k", 5)
+        await asyncio.sleep(0.05)
+        server.kill()
+        assert isinstance(await asyncio.wait_for(heard, 5), redis_errors.ConnectionError)
+        await mux.aclose()
+    finally:
+        server.close()
