@@ -6,7 +6,7 @@ Without ``--redis`` it starts a private redis-server on a free port, so that
 command counts are ours alone and nobody else's traffic skews the numbers.
 Prints Markdown tables: PING round trip; uncontended acquire+release; contended
 hand-off latency (release -> next holder's acquire returns) p50/p99 and
-throughput with 2, 8 and 32 contending tasks and with 4 processes; fairness
+throughput with 2, 8 and 32 contending tasks and with 2, 8 and 32 processes; fairness
 spread; Redis commands per second per waiting client.  Every number is also
 given as a ratio to the PING round trip or to the peer.
 
@@ -374,6 +374,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", help="Redis URL (default: a private redis-server)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per contended run")
+    parser.add_argument(
+        "--processes", default="2,8,32", help="contending processes per row (comma-separated)"
+    )
     args = parser.parse_args()
     proc = None
     workdir = ""
@@ -475,26 +478,28 @@ async def main() -> None:
                 rows[(label, n)] = r
                 _row(label, f"{n} threads", r, rtt)
         print()
-        print(f"## Contended hand-off, 4 processes ({args.seconds:g} s per row)\n")
+        counts = [int(c) for c in args.processes.split(",") if c]
+        print(f"## Contended hand-off, one contender per process ({args.seconds:g} s per row)\n")
         print(
             "| lock | contenders | hand-off p50 | p99 | p50 / RTT | p99 / RTT "
             "| acquisitions/s | fairness max/min | acquire wait p99 |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for label, kind in (
-            ("asgi_dist", "asgi_dist"),
-            ("asgi_dist fair=True", "asgi_dist_fair"),
-            ("redis-py sleep=0.1", "sleep=0.1"),
-            ("redis-py sleep=0.001", "sleep=0.001"),
-        ):
-            r = await contend_processes(url, kind, 4, args.seconds)
-            rows[(label, -4)] = r
-            _row(label, "4 processes", r, rtt)
+        for procs in counts:
+            for label, kind in (
+                ("asgi_dist", "asgi_dist"),
+                ("asgi_dist fair=True", "asgi_dist_fair"),
+                ("redis-py sleep=0.1", "sleep=0.1"),
+                ("redis-py sleep=0.001", "sleep=0.001"),
+            ):
+                r = await contend_processes(url, kind, procs, args.seconds)
+                rows[(label, -procs)] = r
+                _row(label, f"{procs} processes", r, rtt)
         print()
 
         print("## Ratios (asgi_dist vs redis-py, same run)\n")
-        for n in (2, 8, 10, 32, -4):
-            what = f"{n} tasks" if n > 0 else "4 processes"
+        for n in (2, 8, 10, 32, *(-c for c in counts)):
+            what = f"{n} tasks" if n > 0 else f"{-n} processes"
             a, d, f = (
                 rows[("asgi_dist", n)],
                 rows[("redis-py sleep=0.1", n)],
