@@ -7,12 +7,11 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0  -- held: its release will wake the next waiter
 end
-while true do
-  local head = redis.call('ZPOPMIN', KEYS[3])
-  if #head == 0 then
-    return 0
-  end
-  if redis.call('PUBLISH', ARGV[2] .. ':' .. head[1], 'released') > 0 then
+local queued = redis.call('ZRANGE', KEYS[3], 0, 31)
+for _, origin in ipairs(queued) do
+  if redis.call('PUBLISH', ARGV[2] .. ':' .. origin, 'released') > 0 then
     return 1
   end
+  redis.call('ZREM', KEYS[3], origin)  -- nobody listens there any more
 end
+return 0

@@ -44,16 +44,19 @@ if not KEYS[3] then
   return 1
 end
 -- Wake one process, the longest waiting, not all of them: the others would only
--- lose the race and go back to sleep (a thundering herd of round trips).  An
--- entry whose process no longer listens (it left, or died) is skipped; PUBLISH
--- counts the listeners (on a cluster only this node's, so it may wake more).
-while true do
-  local head = redis.call('ZPOPMIN', KEYS[3])
-  if #head == 0 then
-    break
-  end
-  if head[1] ~= ARGV[3] and redis.call('PUBLISH', ARGV[2] .. ':' .. head[1], 'released') > 0 then
-    break
+-- lose the race and go back to sleep (a thundering herd of round trips).  It keeps
+-- its place until it acquires (acquire.lua) or leaves (leave.lua), so a process
+-- that loses a race to a newcomer is woken again by the next release instead of
+-- waiting behind everyone.  An entry whose process no longer listens (it left, or
+-- died) is dropped; PUBLISH counts the listeners (on a cluster only this node's,
+-- so it may wake more, never fewer).  Bounded, like every script.
+local queued = redis.call('ZRANGE', KEYS[3], 0, 31)
+for _, origin in ipairs(queued) do
+  if origin ~= ARGV[3] then
+    if redis.call('PUBLISH', ARGV[2] .. ':' .. origin, 'released') > 0 then
+      break
+    end
+    redis.call('ZREM', KEYS[3], origin)
   end
 end
 return 1
