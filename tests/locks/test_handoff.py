@@ -9,6 +9,7 @@ import asyncio
 import redis.asyncio as aioredis
 
 from asgi_dist import Dist
+from asgi_dist.backends.redis import Script
 
 
 async def _calls(admin: aioredis.Redis, command: str) -> int:
@@ -137,4 +138,37 @@ async def test_a_waiter_that_gives_up_leaves_the_queue_of_waiting_processes(
         assert await admin.exists(queue) == 0  # and gone once it gave up
         await held.release()
     finally:
+        await admin.aclose()
+
+
+async def test_a_wake_up_sent_to_a_process_that_then_leaves_is_passed_on(
+    make_dist, redis_server
+) -> None:
+    holder = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    waiter = await make_dist(
+        redis=redis_server.url, postgres=None, sessions=False, namespace=holder.namespace
+    )
+    admin = aioredis.Redis.from_url(redis_server.url)
+    tag = f"{{{holder.namespace}:lock:baton}}"
+    # A process ahead in the queue that is still subscribed but about to give up:
+    # the release's wake-up goes to it, and nobody there acts on it.
+    leaving = admin.pubsub()
+    await leaving.subscribe(f"{tag}:wake:leaving")
+    try:
+        held = await holder.lock("baton", ttl=30).acquire()
+        await admin.zadd(f"{tag}:waiters", {"leaving": 1})  # the longest waiting
+        waiting = asyncio.create_task(waiter.lock("baton", ttl=30).acquire(timeout=20))
+        await asyncio.sleep(0.2)
+        await held.release()
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # woken: the leaving process, not this one
+        # That process leaves (leave.lua, as its last waiter's give-up runs it): the
+        # lease is free, so it passes the wake-up on to the next process in line.
+        leave = Script("asgi_dist.locks", "leave")
+        keys = [f"{tag}:lease", f"{tag}:fence", f"{tag}:waiters"]
+        assert await leave(admin, keys, ["leaving", f"{tag}:wake"]) == 1
+        got = await asyncio.wait_for(waiting, 5)
+        await got.release()
+    finally:
+        await leaving.aclose()
         await admin.aclose()
