@@ -202,26 +202,20 @@ class MultiplexedRedis:
 
     def execute_command(self, *args: Any) -> asyncio.Future[Any]:
         """Send one command; await the result for its reply (errors raised as redis-py's)."""
-        command = hiredis.pack_command(args)
-        self.commands_sent += 1
-        protocol = self._protocol
-        if protocol is not None and not protocol.closed:
-            if not protocol.waiting or time.monotonic() - protocol.last_reply < self.dead_after:
-                return protocol.send(command)
-            protocol.abort(f"no reply for {self.dead_after:g}s")
+        command = self._pack(args)
+        protocol = self._live_protocol()
+        if protocol is not None:
+            return protocol.send(command)
         return asyncio.ensure_future(self._send_when_connected(command))
 
     def execute_command_to(self, callback: ReplyCallback, *args: Any) -> None:
         """Send one command; ``callback(reply, error)`` runs when its reply is read
         (a connection is made first if needed).  Nothing can cancel it."""
-        command = hiredis.pack_command(args)
-        self.commands_sent += 1
-        protocol = self._protocol
-        if protocol is not None and not protocol.closed:
-            if not protocol.waiting or time.monotonic() - protocol.last_reply < self.dead_after:
-                protocol.send_to(command, callback)
-                return
-            protocol.abort(f"no reply for {self.dead_after:g}s")
+        command = self._pack(args)
+        protocol = self._live_protocol()
+        if protocol is not None:
+            protocol.send_to(command, callback)
+            return
         connecting = asyncio.ensure_future(self._connected())
 
         def connected(done: asyncio.Future[_Protocol]) -> None:
@@ -233,6 +227,22 @@ class MultiplexedRedis:
                 done.result().send_to(command, callback)
 
         connecting.add_done_callback(connected)
+
+    def _pack(self, args: tuple[Any, ...]) -> bytes:
+        self.commands_sent += 1
+        packed: bytes = hiredis.pack_command(args)
+        return packed
+
+    def _live_protocol(self) -> _Protocol | None:
+        """The open connection, unless it had commands unanswered past ``dead_after``
+        (then it is dropped and the caller connects anew)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return None
+        if protocol.waiting and time.monotonic() - protocol.last_reply >= self.dead_after:
+            protocol.abort(f"no reply for {self.dead_after:g}s")
+            return None
+        return protocol
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> asyncio.Future[Any]:
         return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
