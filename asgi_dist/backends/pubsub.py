@@ -134,6 +134,20 @@ class PubSubHub:
             raise
         return sub
 
+    def subscribe_now(self, channel: str, callback: Listener) -> Subscription | None:
+        """:meth:`subscribe` without waiting, if ``channel`` is subscribed already
+        (acknowledged, on a live connection, perhaps lingering); else None."""
+        if self._closed or self._conn is None or channel not in self._wanted:
+            return None
+        if self._pending.get(channel):
+            return None  # its SUBSCRIBE is not acknowledged yet
+        sub = Subscription(self, channel, callback)
+        self._listeners.setdefault(channel, set()).add(sub)
+        lingering = self._lingering.pop(channel, None)
+        if lingering is not None:
+            lingering.cancel()
+        return sub
+
     async def publish(self, channel: str, message: bytes | str) -> int:
         """``PUBLISH`` through the regular client (not the subscriber connection)."""
         return int(await self._redis.client.publish(channel, message))

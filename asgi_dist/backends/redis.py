@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, TypeAlias
@@ -160,6 +161,9 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
     return client
 
 
+_INCLUDE = re.compile(r"^--! include (\w+)$", re.MULTILINE)
+
+
 class Script:
     """A Lua script shipped in a package, called by SHA with a NOSCRIPT fallback.
 
@@ -170,7 +174,14 @@ class Script:
 
     def __init__(self, package: str, name: str) -> None:
         self.name = f"{package}:{name}"
-        self.source = resources.files(package).joinpath(f"{name}.lua").read_text()
+        files = resources.files(package)
+        # A line '--! include <name>' is replaced by <name>.lua of the same package:
+        # scripts share Lua functions without copies (Redis cannot call a script
+        # from another).
+        self.source = _INCLUDE.sub(
+            lambda m: files.joinpath(f"{m[1]}.lua").read_text(),
+            files.joinpath(f"{name}.lua").read_text(),
+        )
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(

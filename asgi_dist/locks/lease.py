@@ -35,6 +35,9 @@ log = logging.getLogger("asgi_dist.locks")
 # How often the body of a lost lease is cancelled again until it exits.
 _CHASE_EVERY = 0.05
 
+# How long the watchdog task stays on its timer once no lease is left to renew.
+_IDLE_LINGER = 1.0
+
 # The shortest sleep between two attempts of one waiter: a holder reported as
 # expiring "now" must not turn the wait into a busy loop.
 _MIN_WAIT = 0.002
@@ -166,15 +169,16 @@ class Held:
         self._end()
         target = _handoff_target(self.backend, self.kind, self.name)
         try:
+            # A cancelled caller still gives the lease back: an offer or a release
+            # already sent completes without anyone awaiting it (its reply is
+            # handled as it is read), so the future is awaited as it is.
             if target is not None:
-                owned = await asyncio.shield(target.offer(self))
+                owned = await target.offer(self)
             else:
-                # Shielded: a cancelled caller still gives the lease back.  A release
-                # already sent needs no task to finish it (Redis, multiplexed).
                 soon = getattr(self.backend, "release_soon", None)
                 sent = soon(self.kind, self.name, self.token) if soon is not None else None
                 if sent is not None:
-                    owned = await asyncio.shield(sent)
+                    owned = await sent
                 else:
                     owned = await shielded(
                         lambda: self.backend.release(self.kind, self.name, self.token)
@@ -330,13 +334,19 @@ class Watchdog:
         self._chased: set[Held] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
+        # When the sleeping task will next look (loop time; inf while idle): a
+        # lease due no sooner needs no wake-up, which would cost every
+        # acquisition a turn of the loop.
+        self._wake_at = math.inf
         self.ticks = 0
 
     def add(self, held: Held) -> None:
         self._held.add(held)
-        self._changed.set()
         if self._task is None or self._task.done():
             self._task = self._spawn("lock-watchdog", self._run)
+            self._wake_at = -math.inf  # starting: it looks at every lease anyway
+        if min(held.next_renewal, held.renewed_at + held.renew_deadline) < self._wake_at:
+            self._changed.set()
 
     def discard(self, held: Held) -> None:
         self._held.discard(held)
@@ -354,18 +364,32 @@ class Watchdog:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        idle_since: float | None = None
         while True:
             self._changed.clear()
+            now = loop.time()
             if not self._held and not self._chased:
-                await self._changed.wait()
-                continue
-            wake = min(
-                (min(h.next_renewal, h.renewed_at + h.renew_deadline) for h in self._held),
-                default=math.inf,
-            )
-            if self._chased:
-                wake = min(wake, loop.time() + _CHASE_EVERY)
-            delay = wake - loop.time()
+                # Nothing to renew: linger a moment before sleeping for good, so
+                # that a process taking and releasing locks in a row does not wake
+                # this task for each of them.
+                if idle_since is None:
+                    idle_since = now
+                if now - idle_since >= _IDLE_LINGER:
+                    self._wake_at = math.inf
+                    await self._changed.wait()
+                    idle_since = None
+                    continue
+                wake = idle_since + _IDLE_LINGER
+            else:
+                idle_since = None
+                wake = min(
+                    (min(h.next_renewal, h.renewed_at + h.renew_deadline) for h in self._held),
+                    default=math.inf,
+                )
+                if self._chased:
+                    wake = min(wake, now + _CHASE_EVERY)
+            self._wake_at = wake
+            delay = wake - now
             if delay > 0:
                 try:
                     async with asyncio.timeout(delay):
@@ -567,7 +591,8 @@ class _Target:
                 self.granted = int(outcome)
             pending.set_result(self.granted)
             self.event.set()
-            owned.set_result(outcome is not False)
+            if not owned.done():  # cancelled with its awaiting releaser
+                owned.set_result(outcome is not False)
 
         call = (held.kind, held.name, held.token, self.token, self.ttl)
         yield_to_others = gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
@@ -646,35 +671,51 @@ async def acquire_lease(
     gate: _Gate | None = None
     target: _Target | None = None
     in_turn = False
-    # Attempts of a caller that will wait queue its process for a wake-up (a
-    # try-once caller does not); a process whose last waiter leaves dequeues.
+    # A caller that will wait queues its process in the store with its attempts
+    # and is the waiter a release hands the lease to (a try-once caller does
+    # not); only the waiter whose turn it is (see _Gate) does so, and it
+    # dequeues the process when it gives up.
     register = timeout != 0 and getattr(backend, "registers_waiters", False)
     registered = False
     # Backends sharing one store in this process (memory) share the turnstile.
     gate_key = (id(getattr(backend, "gate_scope", backend)), kind, name)
     try:
-        waiting = _gates.get(gate_key)
-        if waiting is not None and (waiting.busy or waiting.holder) and timeout != 0:
+        gate = _gates.get(gate_key)
+        if gate is not None and (gate.busy or gate.holder or gate.waiters) and timeout != 0:
             # Tasks of this process already wait for it: queue behind them
             # instead of barging in (a releasing task would otherwise win its
             # own lock back every time).
             attempt = Attempt(False, 0, -1.0)
+            gate = None
         else:
-            registered = register
+            if register:
+                # The turn is free: take it before the attempt, which queues us.
+                if gate is None:
+                    gate = _gates[gate_key] = _Gate()
+                gate.users += 1
+                gate.busy = in_turn = True
+                # Listening already (a busy lock): watch before the attempt, so
+                # that a release after it reaches us and no second one is needed.
+                watch = backend.watch_now(kind, name, token)  # type: ignore[attr-defined]
+                registered = True
             attempt = await _attempt(backend, kind, name, token, ttl, register)
         if attempt.acquired:
             return attempt
         if deadline is not None and loop.time() >= deadline:
             raise _timed_out(kind, name, timeout, attempt)
-        # Register before the next attempt: a release after it wakes us.
-        try:
-            async with asyncio.timeout(None if deadline is None else deadline - loop.time()):
-                watch = await backend.watch(kind, name, token)
-        except TimeoutError:
-            raise _timed_out(kind, name, timeout, attempt) from None
-        # The lease may have been released between the attempt and the watch.
-        retry_now = True
-        if not attempt.queued:
+        retry_now = False
+        if watch is None:
+            # Register before the next attempt: a release after it wakes us.
+            try:
+                async with asyncio.timeout(None if deadline is None else deadline - loop.time()):
+                    watch = await backend.watch(kind, name, token)
+            except TimeoutError:
+                raise _timed_out(kind, name, timeout, attempt) from None
+            # The lease may have been released between the attempt and the watch.
+            retry_now = True
+        if in_turn and gate is not None:
+            target = gate.target = _Target(gate, token, ttl, watch.event)
+        elif not attempt.queued:
             # Queued variants (fair, writers) keep their order in the store;
             # the others take turns locally (see _Gate).
             gate = _gates.get(gate_key)
@@ -727,34 +768,34 @@ async def acquire_lease(
             attempt = await _attempt(backend, kind, name, token, ttl, register)
         return attempt
     finally:
+        won = attempt is not None and attempt.acquired
         if watch is not None:
             watch.close()
-        if target is not None:
-            if gate is not None and gate.target is target:
-                gate.target = None  # no hand-off to a waiter that left
-            if target.pending is not None and not (attempt is not None and attempt.acquired):
-                # Giving up while a release was handing us the lease: wait for
-                # its outcome, and give back a lease it granted.
-                await _abandon(backend, kind, name, token, target.pending)
-        if gate is not None:
-            if in_turn:
-                won = attempt is not None and attempt.acquired
-                if won and attempt is not None:
-                    gate.holder = (token, attempt.remaining)
-                gate.leave(attempt.remaining if won and attempt is not None else None)
-            gate.users -= 1
-            if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:
-                del _gates[gate_key]
-        won = attempt is not None and attempt.acquired
-        if registered and not won:
-            waiting = _gates.get(gate_key)
-            if waiting is None or waiting.users == 0:
-                # The process's last waiter leaves: take it off the wake-up queue
-                # (shielded), passing on a wake-up a release may have sent it.
+        try:
+            if target is not None:
+                if gate is not None and gate.target is target:
+                    gate.target = None  # no hand-off to a waiter that left
+                if target.pending is not None and not won:
+                    # Giving up while a release was handing us the lease: wait for
+                    # its outcome, and give back a lease it granted.
+                    await _abandon(backend, kind, name, token, target.pending)
+            if registered and not won:
+                # Take the process off the queue (shielded), passing on a lease or
+                # wake-up a release may have sent us, before the turn moves on (the
+                # next local waiter queues the process again with its attempt).
                 try:
-                    await shielded(lambda: backend.leave(kind, name))  # type: ignore[attr-defined]
+                    await shielded(lambda: backend.leave(kind, name, token))  # type: ignore[attr-defined]
                 except Exception:
                     log.debug("could not leave the wait for %s %r", kind, name, exc_info=True)
+        finally:
+            if gate is not None:
+                if in_turn:
+                    if won and attempt is not None:
+                        gate.holder = (token, attempt.remaining)
+                    gate.leave(attempt.remaining if won and attempt is not None else None)
+                gate.users -= 1
+                if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:
+                    del _gates[gate_key]
         if attempt is not None and attempt.queued and not attempt.acquired:
             # A waiter that gives up (timeout, cancellation) leaves its queue
             # entry behind; remove it, shielded, and hand on a lease granted

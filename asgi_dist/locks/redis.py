@@ -5,6 +5,8 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
     {ns:kind:name}:lease   hash {token, fence}, PEXPIRE ttl (the server's clock)
     {ns:kind:name}:fence   counter, never deleted: fences never repeat
     {ns:kind:name}:waiters plain locks: the processes waiting, in arrival order
+    {ns:kind:name}:heads   plain locks: the one waiter of each such process that
+                           a release hands the lease to (not on Redis Cluster)
     {ns:kind:name}:queue   fair mode: waiters in arrival order (+ :alive, :ttls)
     {ns:kind:name}:wake    pub/sub channel a release publishes to (plain locks:
                            ...:wake:<process>, one per waiting process)
@@ -12,8 +14,9 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
 acquire, release and renew are one round trip each; renewals of every lease a
 process holds are pipelined into one round trip per tick (per shard).  A
 release may hand the lease on in the same round trip: to a waiter of this
-process (``release_to``, lock cohorting) or, in fair mode, to the queue's head.
-A plain release wakes one waiting process, not all of them.
+process (``release_to``, lock cohorting), else to the head waiter of the
+process waiting longest (plain locks) or to the queue's head (fair mode): the
+new holder learns it from its pub/sub message, with no round trip of its own.
 """
 
 from __future__ import annotations
@@ -62,7 +65,12 @@ class Variant:
 
 
 PLAIN = Variant(
-    "acquire", "release", "renew", ("lease", "fence", "waiters"), queued=False, wakes_one=True
+    "acquire",
+    "release",
+    "renew",
+    ("lease", "fence", "waiters", "heads"),
+    queued=False,
+    wakes_one=True,
 )
 FAIR = Variant(
     "fair_acquire",
@@ -168,6 +176,11 @@ class RedisLeases:
         self._origin = secrets.token_hex(6)
         # On a cluster a channel's subscribers are spread over the nodes.
         self._partial_numsub = isinstance(redis.client, RedisCluster)
+        # A release hands the lease to a waiting process only where PUBLISH's count
+        # of listeners is complete (not Cluster: there it wakes the process).
+        self._suffixes = tuple(
+            s for s in variant.suffixes if not (s == "heads" and self._partial_numsub)
+        )
         self._acquire = redis.script(_PACKAGE, variant.acquire)
         self._release = redis.script(_PACKAGE, variant.release)
         self._renew = redis.script(_PACKAGE, variant.renew)
@@ -200,7 +213,7 @@ class RedisLeases:
             if len(self._name_cache) >= _NAME_CACHE:
                 self._name_cache.clear()
             tag = self.tag(kind, name)
-            keys = [f"{tag}:{suffix}" for suffix in self.variant.suffixes]
+            keys = [f"{tag}:{suffix}" for suffix in self._suffixes]
             names = self._name_cache[(kind, name)] = (keys, f"{tag}:wake")
         return names
 
@@ -222,14 +235,14 @@ class RedisLeases:
         keys = self.keys(kind, name)
         channel = self.channel(kind, name)
         args = [token, channel, self._origin]
-        released = bool(await self._release(self.redis.commands, keys, args))
-        if released:
-            self._released_here(kind, name)
-        return released
+        reply = await self._release(self.redis.commands, keys, args)
+        self._released_here(kind, name, reply)
+        return bool(reply)
 
-    def _released_here(self, kind: str, name: str) -> None:
-        # This process's waiters hear of its releases at once, not via pub/sub.
-        if not self.variant.queued:
+    def _released_here(self, kind: str, name: str, reply: Any) -> None:
+        # This process's waiters hear of its releases at once, not via pub/sub
+        # (unless the lease went to another process's waiter: 2).
+        if reply == 1 and not self.variant.queued:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
 
@@ -244,8 +257,8 @@ class RedisLeases:
         released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def settle(reply: Any, error: BaseException | None) -> None:
-            if error is None and reply:
-                self._released_here(kind, name)
+            if error is None:
+                self._released_here(kind, name, reply)
             if released.done():
                 return
             if error is not None:
@@ -319,9 +332,10 @@ class RedisLeases:
         mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
         return [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
 
-    async def leave(self, kind: str, name: str) -> None:
-        """This process's last waiter gave up: dequeue it, passing on a wake-up it got."""
-        args = [self._origin, self.channel(kind, name)]
+    async def leave(self, kind: str, name: str, token: str) -> None:
+        """The waiter that queued this process gave up: dequeue the process, passing
+        on the lease (or wake-up) a release may have sent it meanwhile."""
+        args = [self._origin, self.channel(kind, name), token]
         await self._leave(self.redis.commands, self.keys(kind, name), args)
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
@@ -354,17 +368,34 @@ class RedisLeases:
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
         watch = _PubSubWatch(token, self._origin, self._local, (kind, name))
-        channel = self.channel(kind, name)
-        if self.variant.wakes_one:
-            channel = f"{channel}:{self._origin}"  # a release wakes one process by name
-        elif self.variant.wakes_node:
-            channel = f"{channel}:{token.partition('@')[2]}"  # hand-offs name our node
         try:
-            watch._sub = await self._hub().subscribe(channel, watch._on_message)
+            watch._sub = await self._hub().subscribe(
+                self._watch_channel(kind, name, token), watch._on_message
+            )
         except BaseException:
             watch.close()
             raise
         return watch
+
+    def watch_now(self, kind: str, name: str, token: str) -> Watch | None:
+        """:meth:`watch` at once if this process listens on the channel already
+        (else None): set up before an attempt, it makes a second attempt needless."""
+        hub = self._hub()
+        channel = self._watch_channel(kind, name, token)
+        watch = _PubSubWatch(token, self._origin, self._local, (kind, name))
+        watch._sub = hub.subscribe_now(channel, watch._on_message)
+        if watch._sub is None:
+            watch.close()
+            return None
+        return watch
+
+    def _watch_channel(self, kind: str, name: str, token: str) -> str:
+        channel = self.channel(kind, name)
+        if self.variant.wakes_one:
+            return f"{channel}:{self._origin}"  # a release serves one process by name
+        if self.variant.wakes_node:
+            return f"{channel}:{token.partition('@')[2]}"  # hand-offs name our node
+        return channel
 
 
 def _handed_on(reply: Any) -> int | bool:

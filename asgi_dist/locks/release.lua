@@ -1,7 +1,7 @@
--- Release a lease only if this token still holds it, and wake a waiter.
--- KEYS[1] lease hash   KEYS[2] fence counter (only for a hand-off)
--- KEYS[3] optional: waiting processes (origin tag -> time queued), one entry per
--- process that failed an attempt and sleeps until woken
+-- Release a lease only if this token still holds it, and hand it on or wake a waiter.
+-- KEYS[1] lease hash   KEYS[2] fence counter (for a hand-off)
+-- KEYS[3], KEYS[4] optional: waiting processes and their head waiters (see
+-- hand_on.lua)
 -- ARGV[1] token   ARGV[2] wake-up channel (with KEYS[3]: the prefix of each
 -- process's own channel, '<prefix>:<origin>')
 -- ARGV[3] the releasing process's origin tag (its own waiters were woken
@@ -9,8 +9,10 @@
 -- ARGV[4], ARGV[5] optional: a waiter's token and ttl ms to hand the lease to
 -- ARGV[6] '1' or '2': this process had its turn long enough; release to
 -- everyone if another process waits ('2': where only KEYS[3] can tell)
--- Returns 1 if released, {1, fence} if handed on, 0 if the token no longer
--- held it (expired or taken).
+-- Returns 1 if released (free), 2 if handed to a waiter of another process,
+-- {1, fence} if handed to ARGV[4], 0 if the token no longer held it (expired
+-- or taken).
+--! include hand_on
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
   return 0
 end
@@ -43,20 +45,6 @@ if not KEYS[3] then
   redis.call('PUBLISH', ARGV[2], 'released:' .. (ARGV[3] or ''))
   return 1
 end
--- Wake one process, the longest waiting, not all of them: the others would only
--- lose the race and go back to sleep (a thundering herd of round trips).  It keeps
--- its place until it acquires (acquire.lua) or leaves (leave.lua), so a process
--- that loses a race to a newcomer is woken again by the next release instead of
--- waiting behind everyone.  An entry whose process no longer listens (it left, or
--- died) is dropped; PUBLISH counts the listeners (on a cluster only this node's,
--- so it may wake more, never fewer).  Bounded, like every script.
-local queued = redis.call('ZRANGE', KEYS[3], 0, 31)
-for _, origin in ipairs(queued) do
-  if origin ~= ARGV[3] then
-    if redis.call('PUBLISH', ARGV[2] .. ':' .. origin, 'released') > 0 then
-      break
-    end
-    redis.call('ZREM', KEYS[3], origin)
-  end
-end
-return 1
+-- One process is served, the longest waiting, not all of them woken: the others
+-- would only lose the race and go back to sleep (a thundering herd of round trips).
+return hand_on(ARGV[2], ARGV[3]) == 2 and 2 or 1

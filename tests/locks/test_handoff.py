@@ -82,7 +82,9 @@ async def test_a_waiter_of_another_process_is_not_starved_by_local_hand_offs(
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
-async def test_a_release_wakes_one_waiting_process_not_every_one(make_dist, redis_server) -> None:
+async def test_a_release_hands_the_lock_to_one_waiting_process_in_its_round_trip(
+    make_dist, redis_server
+) -> None:
     # Four Dists stand for four processes: each has its own connections and its
     # own place in the lock's queue of waiting processes.
     holder = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
@@ -104,14 +106,15 @@ async def test_a_release_wakes_one_waiting_process_not_every_one(make_dist, redi
             await held.release()
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             await asyncio.sleep(0.2)  # a second process woken would have attempted by now
-            # The release, and the attempt of the one process it woke: no herd.
-            assert await _calls(admin, "evalsha") - before == 2
+            # Only the release: it handed the lease to the waiter of the longest
+            # waiting process, which needed no attempt of its own; no herd.
+            assert await _calls(admin, "evalsha") - before == 1
             assert len(done) == 1
             winner = done.pop()
             order.append(waiting.index(winner))
             waiting[waiting.index(winner)] = asyncio.create_task(asyncio.sleep(3600))
             held = winner.result()
-        assert order == [0, 1, 2]  # the longest-waiting process is woken first
+        assert order == [0, 1, 2]  # the longest-waiting process is served first
         await held.release()
     finally:
         for task in waiting:
@@ -141,7 +144,7 @@ async def test_a_waiter_that_gives_up_leaves_the_queue_of_waiting_processes(
         await admin.aclose()
 
 
-async def test_a_wake_up_sent_to_a_process_that_then_leaves_is_passed_on(
+async def test_a_lock_handed_to_a_process_whose_waiter_then_leaves_is_passed_on(
     make_dist, redis_server
 ) -> None:
     holder = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
@@ -150,24 +153,28 @@ async def test_a_wake_up_sent_to_a_process_that_then_leaves_is_passed_on(
     )
     admin = aioredis.Redis.from_url(redis_server.url)
     tag = f"{{{holder.namespace}:lock:baton}}"
-    # A process ahead in the queue that is still subscribed but about to give up:
-    # the release's wake-up goes to it, and nobody there acts on it.
+    keys = [f"{tag}:lease", f"{tag}:fence", f"{tag}:waiters", f"{tag}:heads"]
+    # A process ahead in the queue that is still subscribed but whose waiter is
+    # about to give up: the release hands the lease to that waiter.
     leaving = admin.pubsub()
     await leaving.subscribe(f"{tag}:wake:leaving")
     try:
         held = await holder.lock("baton", ttl=30).acquire()
-        await admin.zadd(f"{tag}:waiters", {"leaving": 1})  # the longest waiting
+        await admin.zadd(keys[2], {"leaving": 1})  # the longest waiting
+        await admin.hset(keys[3], "leaving", "30000:gone@node")
         waiting = asyncio.create_task(waiter.lock("baton", ttl=30).acquire(timeout=20))
         await asyncio.sleep(0.2)
         await held.release()
+        assert await admin.hget(keys[0], "token") == b"gone@node"
         await asyncio.sleep(0.3)
-        assert not waiting.done()  # woken: the leaving process, not this one
-        # That process leaves (leave.lua, as its last waiter's give-up runs it): the
-        # lease is free, so it passes the wake-up on to the next process in line.
+        assert not waiting.done()  # served: the leaving process, not this one
+        # Its waiter leaves (leave.lua, run by a waiter that gives up): the lease
+        # it was handed goes on to the next process in line, fence and all.
         leave = Script("asgi_dist.locks", "leave")
-        keys = [f"{tag}:lease", f"{tag}:fence", f"{tag}:waiters"]
-        assert await leave(admin, keys, ["leaving", f"{tag}:wake"]) == 1
+        assert await leave(admin, keys, ["leaving", f"{tag}:wake", "gone@node"]) == 2
         got = await asyncio.wait_for(waiting, 5)
+        assert got.fence == held.fence + 2  # one more for the hand-off it never used
+        assert await admin.zcard(keys[2]) == 0 and await admin.hlen(keys[3]) == 0
         await got.release()
     finally:
         await leaving.aclose()
