@@ -32,6 +32,11 @@ class Attempt:
     # The attempt left an entry (a fair queue position, a writer's intent) that
     # a waiter giving up must remove.
     queued: bool = False
+    # Set when the lease was handed on within this process (lock cohorting): the
+    # token the store knows it by, and when it was last granted or renewed (loop
+    # time), which the new holder's renewals and renew deadline count from.
+    token: str | None = None
+    renewed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,12 +148,13 @@ class Election:
             backend=self.backend,
             kind=KIND,
             name=self.name,
-            token=token,
+            token=attempt.token or token,
             fence=attempt.fence,
             ttl=self.ttl,
             renew_every=self.retry,
             renew_deadline=self.renew_deadline,
             watchdog=self._watchdog,
+            renewed_at=attempt.renewed_at,
         )
         self._terms.add(term)
         term.on_end(lambda held: self._terms.discard(term))

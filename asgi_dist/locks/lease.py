@@ -88,6 +88,7 @@ class Held:
         renew_every: float,
         renew_deadline: float,
         watchdog: Watchdog | None,
+        renewed_at: float | None = None,
     ) -> None:
         self.backend = backend
         self.kind = kind
@@ -104,10 +105,10 @@ class Held:
         self.owner_task: asyncio.Task[Any] | None = asyncio.current_task()
         self.lost_reason = ""
         self.lost_in_outage = False
-        loop = asyncio.get_running_loop()
-        # The last time (local monotonic) a renewal that succeeded was *sent*:
-        # the server's expiry is at least this plus ttl.
-        self.renewed_at = loop.time()
+        # The last time (loop time) a renewal that succeeded was *sent*: the
+        # server's expiry is at least this plus ttl.  A lease handed on within
+        # the process keeps its predecessor's.
+        self.renewed_at = asyncio.get_running_loop().time() if renewed_at is None else renewed_at
         self.next_renewal = self.renewed_at + renew_every
         self._watchdog = watchdog
         self._body: asyncio.Task[Any] | None = None
@@ -461,6 +462,7 @@ class _Gate:
     """
 
     __slots__ = (
+        "block",
         "busy",
         "holder",
         "local_handoffs",
@@ -481,6 +483,9 @@ class _Gate:
         self.holder: tuple[str, float] | None = None
         # The last hand-off's duration: a local waiter's courtesy is based on it.
         self.release_rtt = 0.001
+        # Fences reserved by the last hand-off through the store, for hand-offs
+        # within this process that need none (see _Block).
+        self.block: _Block | None = None
         self.waiters: deque[tuple[asyncio.Future[float | None], _Target]] = deque()
 
     async def enter(self, bound: float | None, target: _Target) -> float | None:
@@ -533,11 +538,40 @@ _gates: dict[tuple[int, str, str], _Gate] = {}
 # another process may be listening, so that one gets its chance.
 _MAX_LOCAL_HANDOFFS = 4
 
+# A hand-off through the store also reserves fences for the process, which then
+# hands the lease on among its own waiters with no round trip at all: for at
+# most this long, after which the next release asks the store again (and goes
+# to another process if one waits), so no process waits longer for it.
+_COHORT_BLOCK = 1024
+_COHORT_WINDOW = 0.02
+
+
+class _Block:
+    """Fences ``next``..``last`` reserved with the lease ``token`` at ``since``."""
+
+    __slots__ = ("last", "next", "since", "token")
+
+    def __init__(self, token: str, first: int, last: int, since: float) -> None:
+        self.token = token
+        self.next = first
+        self.last = last
+        self.since = since
+
 
 class _Target:
     """The in-turn waiter of a gate, to which a local release may hand the lease."""
 
-    __slots__ = ("courtesy", "event", "gate", "granted", "pending", "token", "ttl")
+    __slots__ = (
+        "courtesy",
+        "event",
+        "gate",
+        "granted",
+        "lease_token",
+        "pending",
+        "renewed_at",
+        "token",
+        "ttl",
+    )
 
     def __init__(self, gate: _Gate, token: str, ttl: float, event: asyncio.Event) -> None:
         self.gate = gate
@@ -545,6 +579,11 @@ class _Target:
         self.ttl = ttl
         self.event = event
         self.granted: int | None = None
+        # The token the store knows the lease by once granted: ours, unless it
+        # was handed on within the process (the first local holder's); and when
+        # the store last extended it (loop time), for a local hand-off.
+        self.lease_token = token
+        self.renewed_at: float | None = None
         # After a release to everyone: how long this waiter lets the waiters of
         # other processes try first.
         self.courtesy = 0.0
@@ -565,8 +604,26 @@ class _Target:
         owned: asyncio.Future[bool] = loop.create_future()
         owned.add_done_callback(_retrieved)
         sent = loop.time()
+        block = gate.block
+        if (
+            block is not None
+            and block.token == held.token
+            and block.next <= block.last
+            and sent - block.since < _COHORT_WINDOW
+            and self.ttl == held.ttl
+            and not held.lost.is_set()
+        ):
+            # Within the process, with a fence reserved: the lease stays as the
+            # store knows it (token, expiry), and only its holder changes.
+            self.granted, block.next = block.next, block.next + 1
+            self.lease_token = held.token
+            self.renewed_at = held.renewed_at
+            pending.set_result(self.granted)
+            self.event.set()
+            owned.set_result(True)
+            return owned
 
-        def settle(outcome: int | bool | None, error: BaseException | None) -> None:
+        def settle(outcome: tuple[int, int] | bool | None, error: BaseException | None) -> None:
             # Runs as the reply is read: the waiter is woken in the very next turn.
             if error is not None or outcome is None:
                 self.event.set()  # the waiter must look again, not sleep a ttl
@@ -588,17 +645,29 @@ class _Target:
                 self.courtesy = 2 * gate.release_rtt
             elif outcome is not False:
                 gate.local_handoffs += 1
-                self.granted = int(outcome)
-            pending.set_result(self.granted)
-            self.event.set()
+                first, last = outcome
+                self.granted = first
+                gate.block = _Block(self.token, first + 1, last, loop.time())
+            # The releaser resumes first: if it asks again at once, it queues
+            # behind the new holder, which can then hand the lease back without
+            # the store.
             if not owned.done():  # cancelled with its awaiting releaser
                 owned.set_result(outcome is not False)
+            pending.set_result(self.granted)
+            self.event.set()
 
         call = (held.kind, held.name, held.token, self.token, self.ttl)
-        yield_to_others = gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
-        if not backend.release_to_soon(*call, settle, yield_to_others=yield_to_others):
+        # After a run of hand-offs within the process, the store is asked whether
+        # another process waits.
+        options = {
+            "yield_to_others": gate.local_handoffs >= _MAX_LOCAL_HANDOFFS
+            or (block is not None and block.token == held.token),
+            "reserve": _COHORT_BLOCK,
+        }
+        gate.block = None
+        if not backend.release_to_soon(*call, settle, **options):
             # No multiplexed connection: a task sees the release through.
-            task = asyncio.ensure_future(backend.release_to(*call, yield_to_others=yield_to_others))
+            task = asyncio.ensure_future(backend.release_to(*call, **options))
             _background.add(task)
             task.add_done_callback(_background.discard)
             task.add_done_callback(
@@ -756,11 +825,19 @@ async def acquire_lease(
                 courtesy, target.courtesy = target.courtesy, 0.0
                 await asyncio.sleep(courtesy)
             watch.event.clear()
-            # A direct hand-off (fair mode) names us and carries the fence: the
-            # lease is already ours, no round trip needed to learn it.
-            granted: int | None = getattr(watch, "granted", None)
+            # A direct hand-off names us and carries the fence: the lease is
+            # already ours, no round trip needed to learn it.
             if target is not None and target.granted is not None:
-                granted = target.granted
+                attempt = Attempt(
+                    True,
+                    target.granted,
+                    ttl,
+                    attempt.queued,
+                    token=target.lease_token,
+                    renewed_at=target.renewed_at,
+                )
+                break
+            granted: int | None = getattr(watch, "granted", None)
             if granted is not None:
                 attempt = Attempt(True, granted, ttl, attempt.queued)
                 break
@@ -778,7 +855,7 @@ async def acquire_lease(
                 if target.pending is not None and not won:
                     # Giving up while a release was handing us the lease: wait for
                     # its outcome, and give back a lease it granted.
-                    await _abandon(backend, kind, name, token, target.pending)
+                    await _abandon(backend, kind, name, target.lease_token, target.pending)
             if registered and not won:
                 # Take the process off the queue (shielded), passing on a lease or
                 # wake-up a release may have sent us, before the turn moves on (the
@@ -791,7 +868,7 @@ async def acquire_lease(
             if gate is not None:
                 if in_turn:
                     if won and attempt is not None:
-                        gate.holder = (token, attempt.remaining)
+                        gate.holder = (attempt.token or token, attempt.remaining)
                     gate.leave(attempt.remaining if won and attempt is not None else None)
                 gate.users -= 1
                 if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:

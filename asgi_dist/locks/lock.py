@@ -87,13 +87,15 @@ class Lock:
             backend=self.backend,
             kind=self.kind,
             name=self.name,
-            token=token,
+            # A lease handed on within the process keeps the token the store has.
+            token=attempt.token or token,
             fence=attempt.fence,
             ttl=self.ttl,
             renew_every=self.ttl / 3,
             # Declare the lease lost before the server can expire it.
             renew_deadline=self.ttl * 0.75,
             watchdog=self._watchdog,
+            renewed_at=attempt.renewed_at,
         )
         if self.reentrant:
             self._owners[key] = held

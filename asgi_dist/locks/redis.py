@@ -140,8 +140,11 @@ class _PubSubWatch:
             watchers.discard(self)
             if not watchers:
                 del self._local[self._key]
-        if self._sub is not None:
-            self._sub.close()
+        # Dropped, not just closed: the subscription's callback refers back to
+        # us, a cycle only the garbage collector (a pause) would free.
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            sub.close()
 
 
 class RedisLeases:
@@ -284,15 +287,19 @@ class RedisLeases:
         next_ttl: float,
         *,
         yield_to_others: bool = False,
-    ) -> int | bool:
+        reserve: int = 1,
+    ) -> tuple[int, int] | bool:
         """Release straight to ``next_token`` (a waiter of this process).
 
-        With ``yield_to_others`` the release goes to everyone instead when a
-        waiter of another process may be listening.  Returns the new fence when
-        handed on, True when released to everyone, False if ``token`` no
-        longer held the lease.
+        With ``yield_to_others`` the lease goes to another process instead when
+        one waits.  Returns the fences reserved when handed on (``reserve`` of
+        them: the first is the new holder's, the rest are this process's to
+        hand out), True when released to others, False if ``token`` no longer
+        held the lease.
         """
-        args = self._release_to_args(kind, name, token, next_token, next_ttl, yield_to_others)
+        args = self._release_to_args(
+            kind, name, token, next_token, next_ttl, yield_to_others, reserve
+        )
         reply = await self._release(self.redis.commands, self.keys(kind, name), args)
         return _handed_on(reply)
 
@@ -303,16 +310,19 @@ class RedisLeases:
         token: str,
         next_token: str,
         next_ttl: float,
-        on_done: Callable[[int | bool | None, BaseException | None], None],
+        on_done: Callable[[tuple[int, int] | bool | None, BaseException | None], None],
         *,
         yield_to_others: bool = False,
+        reserve: int = 1,
     ) -> bool:
         """:meth:`release_to`, sent now; ``on_done(outcome, error)`` runs as the reply
         is read.  False (nothing sent) without the multiplexed connection."""
         mux = self.redis.multiplexed
         if mux is None:
             return False
-        args = self._release_to_args(kind, name, token, next_token, next_ttl, yield_to_others)
+        args = self._release_to_args(
+            kind, name, token, next_token, next_ttl, yield_to_others, reserve
+        )
 
         def settle(reply: Any, error: BaseException | None) -> None:
             on_done(None if error is not None else _handed_on(reply), error)
@@ -328,9 +338,11 @@ class RedisLeases:
         next_token: str,
         next_ttl: float,
         yield_to_others: bool,
+        reserve: int,
     ) -> list[str | int]:
         mode = ("2" if self._partial_numsub else "1") if yield_to_others else "0"
-        return [token, self.channel(kind, name), self._origin, next_token, _ms(next_ttl), mode]
+        channel = self.channel(kind, name)
+        return [token, channel, self._origin, next_token, _ms(next_ttl), mode, reserve]
 
     async def leave(self, kind: str, name: str, token: str) -> None:
         """The waiter that queued this process gave up: dequeue the process, passing
@@ -398,10 +410,11 @@ class RedisLeases:
         return channel
 
 
-def _handed_on(reply: Any) -> int | bool:
-    """The release script's reply: the new fence when handed on, else released or not."""
+def _handed_on(reply: Any) -> tuple[int, int] | bool:
+    """The release script's reply: the fences reserved when handed on (the first is
+    the new holder's), else released or not."""
     if isinstance(reply, list):
-        return int(reply[1])
+        return int(reply[1]), int(reply[2])
     return bool(reply)
 
 

@@ -9,9 +9,11 @@
 -- ARGV[4], ARGV[5] optional: a waiter's token and ttl ms to hand the lease to
 -- ARGV[6] '1' or '2': this process had its turn long enough; release to
 -- everyone if another process waits ('2': where only KEYS[3] can tell)
+-- ARGV[7] optional: how many fences to reserve with a hand-off to ARGV[4], for
+-- the process to hand the lease on among its own waiters without a round trip
 -- Returns 1 if released (free), 2 if handed to a waiter of another process,
--- {1, fence} if handed to ARGV[4], 0 if the token no longer held it (expired
--- or taken).
+-- {1, first fence, last fence} if handed to ARGV[4], 0 if the token no longer
+-- held it (expired or taken).
 --! include hand_on
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
   return 0
@@ -34,10 +36,11 @@ end
 if ARGV[4] and not others then
   -- Lock cohorting: a waiter of the same process gets the lease in this round
   -- trip (it needs none of its own); nobody else is woken, as it stays held.
-  local fence = redis.call('INCR', KEYS[2])
+  local last = redis.call('INCRBY', KEYS[2], tonumber(ARGV[7] or 1))
+  local fence = last - tonumber(ARGV[7] or 1) + 1
   redis.call('HSET', KEYS[1], 'token', ARGV[4], 'fence', fence)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  return {1, fence}
+  return {1, fence, last}
 end
 redis.call('DEL', KEYS[1])
 if not KEYS[3] then
