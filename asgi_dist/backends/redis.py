@@ -161,6 +161,9 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
     return client
 
 
+# Script calls sent through redis-py with a callback, referenced until done.
+_calls: set[asyncio.Task[Any]] = set()
+
 _INCLUDE = re.compile(r"^--! include (\w+)$", re.MULTILINE)
 
 
@@ -194,15 +197,32 @@ class Script:
 
     def send(
         self,
-        client: MultiplexedRedis,
+        client: ScriptClient,
         keys: Sequence[Any],
         args: Sequence[Any],
         callback: ReplyCallback,
     ) -> None:
         """Send the call now; ``callback(reply, error)`` runs as its reply is read,
         whether or not anyone still waits, so a cancelled caller cannot stop a
-        release half-way and nothing needs a task to finish it (NOSCRIPT falls back
-        to EVAL)."""
+        release half-way (NOSCRIPT falls back to EVAL).
+
+        On the multiplexed connection the callback runs in its reader; through
+        redis-py a task, kept until done, makes the call.
+        """
+        if not isinstance(client, MultiplexedRedis):
+            task = asyncio.ensure_future(self(client, keys, args))
+            _calls.add(task)
+            task.add_done_callback(_calls.discard)
+            task.add_done_callback(
+                lambda done: (
+                    callback(None, asyncio.CancelledError())
+                    if done.cancelled()
+                    else callback(
+                        done.result() if done.exception() is None else None, done.exception()
+                    )
+                )
+            )
+            return
 
         def first(reply: Any, error: BaseException | None) -> None:
             if isinstance(error, redis_errors.NoScriptError):

@@ -177,9 +177,8 @@ class Held:
                 owned = await target.offer(self)
             else:
                 soon = getattr(self.backend, "release_soon", None)
-                sent = soon(self.kind, self.name, self.token) if soon is not None else None
-                if sent is not None:
-                    owned = await sent
+                if soon is not None:
+                    owned = await soon(self.kind, self.name, self.token)
                 else:
                     owned = await shielded(
                         lambda: self.backend.release(self.kind, self.name, self.token)
@@ -665,18 +664,7 @@ class _Target:
             "reserve": _COHORT_BLOCK,
         }
         gate.block = None
-        if not backend.release_to_soon(*call, settle, **options):
-            # No multiplexed connection: a task sees the release through.
-            task = asyncio.ensure_future(backend.release_to(*call, **options))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
-            task.add_done_callback(
-                lambda done: (
-                    settle(None, asyncio.CancelledError())
-                    if done.cancelled()
-                    else settle(None if done.exception() else done.result(), done.exception())
-                )
-            )
+        backend.release_to_soon(*call, settle, **options)
         return owned
 
 

@@ -14,7 +14,7 @@ Keys of the lease ``name`` of kind ``kind`` (namespace ``ns``)::
 acquire, release and renew are one round trip each; renewals of every lease a
 process holds are pipelined into one round trip per tick (per shard).  A
 release may hand the lease on in the same round trip: to a waiter of this
-process (``release_to``, lock cohorting), else to the head waiter of the
+process (``release_to_soon``, lock cohorting), else to the head waiter of the
 process waiting longest (plain locks) or to the queue's head (fair mode): the
 new holder learns it from its pub/sub message, with no round trip of its own.
 """
@@ -249,14 +249,8 @@ class RedisLeases:
             for watch in list(self._local.get((kind, name), ())):
                 watch.event.set()
 
-    def release_soon(self, kind: str, name: str, token: str) -> asyncio.Future[bool] | None:
-        """:meth:`release`, already sent: it completes even if nobody awaits it.
-
-        None without the multiplexed connection (use :meth:`release` in a task).
-        """
-        mux = self.redis.multiplexed
-        if mux is None:
-            return None
+    def release_soon(self, kind: str, name: str, token: str) -> asyncio.Future[bool]:
+        """:meth:`release`, already sent: it completes even if nobody awaits it."""
         released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def settle(reply: Any, error: BaseException | None) -> None:
@@ -270,38 +264,13 @@ class RedisLeases:
                 released.set_result(bool(reply))
 
         args = [token, self.channel(kind, name), self._origin]
-        self._release.send(mux, self.keys(kind, name), args, settle)
+        self._release.send(self.redis.commands, self.keys(kind, name), args, settle)
         return released
 
     @property
     def hands_off(self) -> bool:
-        """Whether :meth:`release_to` is supported (the plain lock)."""
+        """Whether :meth:`release_to_soon` is supported (the plain lock)."""
         return self.variant is PLAIN
-
-    async def release_to(
-        self,
-        kind: str,
-        name: str,
-        token: str,
-        next_token: str,
-        next_ttl: float,
-        *,
-        yield_to_others: bool = False,
-        reserve: int = 1,
-    ) -> tuple[int, int] | bool:
-        """Release straight to ``next_token`` (a waiter of this process).
-
-        With ``yield_to_others`` the lease goes to another process instead when
-        one waits.  Returns the fences reserved when handed on (``reserve`` of
-        them: the first is the new holder's, the rest are this process's to
-        hand out), True when released to others, False if ``token`` no longer
-        held the lease.
-        """
-        args = self._release_to_args(
-            kind, name, token, next_token, next_ttl, yield_to_others, reserve
-        )
-        reply = await self._release(self.redis.commands, self.keys(kind, name), args)
-        return _handed_on(reply)
 
     def release_to_soon(
         self,
@@ -314,12 +283,16 @@ class RedisLeases:
         *,
         yield_to_others: bool = False,
         reserve: int = 1,
-    ) -> bool:
-        """:meth:`release_to`, sent now; ``on_done(outcome, error)`` runs as the reply
-        is read.  False (nothing sent) without the multiplexed connection."""
-        mux = self.redis.multiplexed
-        if mux is None:
-            return False
+    ) -> None:
+        """Release straight to ``next_token`` (a waiter of this process), sent now;
+        ``on_done(outcome, error)`` runs as the reply is read.
+
+        With ``yield_to_others`` the lease goes to another process instead when
+        one waits.  The outcome is the fences reserved when handed on
+        (``reserve`` of them: the first is the new holder's, the rest are this
+        process's to hand out), True when released to others, False if ``token``
+        no longer held the lease, None on an error.
+        """
         args = self._release_to_args(
             kind, name, token, next_token, next_ttl, yield_to_others, reserve
         )
@@ -327,8 +300,7 @@ class RedisLeases:
         def settle(reply: Any, error: BaseException | None) -> None:
             on_done(None if error is not None else _handed_on(reply), error)
 
-        self._release.send(mux, self.keys(kind, name), args, settle)
-        return True
+        self._release.send(self.redis.commands, self.keys(kind, name), args, settle)
 
     def _release_to_args(
         self,

@@ -176,6 +176,35 @@ async def test_a_script_sent_with_a_callback_falls_back_to_eval_once() -> None:
         server.close()
 
 
+async def test_a_script_sent_through_redis_py_completes_for_a_caller_that_left() -> None:
+    # Without the multiplexed connection (an app's own client, TLS, Cluster) a
+    # task makes the call; the callback runs although its sender was cancelled.
+    server = RedisServer().start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await client.hset("{t}:lease", mapping={"token": "me", "fence": 1})
+        done: asyncio.Future[tuple[object, object]] = asyncio.get_running_loop().create_future()
+        release = Script("asgi_dist.locks", "release")
+
+        async def sender() -> None:
+            release.send(
+                client,
+                ["{t}:lease", "{t}:fence"],
+                ["me", "{t}:wake"],
+                lambda r, e: done.set_result((r, e)),
+            )
+            await asyncio.sleep(3600)
+
+        task = asyncio.create_task(sender())
+        await asyncio.sleep(0)
+        task.cancel()
+        assert await asyncio.wait_for(done, 5) == (1, None)
+        assert await client.exists("{t}:lease") == 0
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_a_callback_hears_of_a_killed_server() -> None:
     server = RedisServer().start()
     try:
