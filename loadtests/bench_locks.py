@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -331,6 +332,72 @@ asyncio.run(main())
 """
 
 
+# The machine's floor for a cross-process hand-off: one process PUBLISHes, another
+# that sleeps in recv() on its subscription answers with a PUBLISH of its own.
+# Plain blocking sockets, no asyncio and no lock: what is left is Redis, the
+# loopback and the OS waking a process.
+FLOOR = """
+import os, socket, sys, time
+def conn():
+    s = socket.create_connection(("127.0.0.1", int(os.environ["PORT"])))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+def cmd(*a):
+    return ("*%d\\r\\n" % len(a) + "".join("$%d\\r\\n%s\\r\\n" % (len(x), x) for x in a)).encode()
+name = os.environ["NAME"]
+sub, pub = conn(), conn()
+sub.sendall(cmd("SUBSCRIBE", name + ":b")); sub.recv(1000)
+pub.sendall(cmd("SET", name + ":ready", "1")); pub.recv(100)
+while b"stop" not in sub.recv(1000):
+    pub.sendall(cmd("PUBLISH", name + ":a", "x")); pub.recv(100)
+"""
+
+
+async def floor_hops(url: str, gap: float, n: int = 1000) -> list[float]:
+    """One-way hop times (half a PUBLISH ping-pong between two processes), with
+    ``gap`` seconds of idleness before each, as a waiting process has."""
+    name = f"bench:floor:{secrets.token_hex(4)}"
+    port = str(urlsplit(url).port or 6379)
+    env = dict(os.environ, PORT=port, NAME=name)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR, env=env)
+    client = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(1000):  # bounded: 10 s for the child to start
+            if await client.exists(f"{name}:ready"):
+                break
+            await asyncio.sleep(0.01)
+        return await asyncio.to_thread(_ping_pong, int(port), name, gap, n)
+    finally:
+        await client.publish(f"{name}:b", "stop")
+        await client.aclose()
+        await asyncio.wait_for(child.wait(), 10)
+
+
+def _ping_pong(port: int, name: str, gap: float, n: int) -> list[float]:
+    def cmd(*a: str) -> bytes:
+        return (f"*{len(a)}\r\n" + "".join(f"${len(x)}\r\n{x}\r\n" for x in a)).encode()
+
+    sub = socket.create_connection(("127.0.0.1", port))
+    pub = socket.create_connection(("127.0.0.1", port))
+    for s in (sub, pub):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sub.sendall(cmd("SUBSCRIBE", f"{name}:a"))
+        sub.recv(1000)
+        hops = []
+        for _ in range(n):
+            time.sleep(gap)
+            t0 = time.perf_counter()
+            pub.sendall(cmd("PUBLISH", f"{name}:b", "x"))
+            pub.recv(100)
+            sub.recv(1000)
+            hops.append((time.perf_counter() - t0) / 2)
+        return hops
+    finally:
+        sub.close()
+        pub.close()
+
+
 async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> Contention:
     name = f"bench:{secrets.token_hex(4)}"
     with tempfile.NamedTemporaryFile(prefix="bench-last-", delete=False) as last:
@@ -496,6 +563,21 @@ async def main() -> None:
                 rows[(label, -procs)] = r
                 _row(label, f"{procs} processes", r, rtt)
         print()
+
+        print("## Floor: one cross-process hop through Redis pub/sub, no lock (1000 each)\n")
+        print("| idle before each hop | hop p50 | p99 | p50 / RTT | p99 / RTT |")
+        print("|---|---:|---:|---:|---:|")
+        for gap in (0.0, 0.002):
+            hops = await floor_hops(url, gap)
+            p50, p99 = pct(hops, 0.5), pct(hops, 0.99)
+            print(
+                f"| {gap * 1e3:g} ms | {p50 * 1e6:.0f} µs | {p99 * 1e6:.0f} µs "
+                f"| {p50 / rtt:.1f} | {p99 / rtt:.1f} |"
+            )
+        print(
+            "\nA hand-off to another process needs at least one such hop (the release's "
+            "message); its waiter has been idle, like the 2 ms row.\n"
+        )
 
         print("## Ratios (asgi_dist vs redis-py, same run)\n")
         for n in (2, 8, 10, 32, *(-c for c in counts)):
