@@ -36,6 +36,14 @@ end
 if ARGV[4] and not others then
   -- Lock cohorting: a waiter of the same process gets the lease in this round
   -- trip (it needs none of its own); nobody else is woken, as it stays held.
+  if KEYS[4] then
+    -- If that waiter had queued this process, it is served: it waits no more.
+    local head = redis.call('HGET', KEYS[4], ARGV[3])
+    if head and string.match(head, '^%d+:(.*)$') == ARGV[4] then
+      redis.call('HDEL', KEYS[4], ARGV[3])
+      redis.call('ZREM', KEYS[3], ARGV[3])
+    end
+  end
   local last = redis.call('INCRBY', KEYS[2], tonumber(ARGV[7] or 1))
   local fence = last - tonumber(ARGV[7] or 1) + 1
   redis.call('HSET', KEYS[1], 'token', ARGV[4], 'fence', fence)

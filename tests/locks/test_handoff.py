@@ -53,6 +53,40 @@ async def test_local_waiters_get_the_lock_in_the_releases_round_trip(
     assert publishes < 25, publishes
 
 
+async def test_a_waiter_served_within_its_process_leaves_the_queue_of_processes(
+    make_dist, redis_server
+) -> None:
+    # A try-once holder bypasses the local turnstile, so the waiter queues its
+    # process in Redis; served by that holder's release, in-process, it must not
+    # stay named there, or a later release by another process would hand the
+    # lease to a waiter that is gone (and the next one would wait out the ttl).
+    here = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    there = await make_dist(
+        redis=redis_server.url, postgres=None, sessions=False, namespace=here.namespace
+    )
+    admin = aioredis.Redis.from_url(redis_server.url)
+    tag = f"{{{here.namespace}:lock:stale}}"
+    try:
+        first = await here.lock("stale", ttl=30).acquire(timeout=0)
+        waiter = asyncio.create_task(here.lock("stale", ttl=30).acquire(timeout=10))
+        await asyncio.sleep(0.2)
+        assert await admin.hlen(f"{tag}:heads") == 1  # queued, named
+        await first.release()
+        served = await asyncio.wait_for(waiter, 5)
+        assert await admin.hlen(f"{tag}:heads") == 0
+        assert await admin.zcard(f"{tag}:waiters") == 0
+        await served.release()
+        # The other process's turn: its release must not go to the served waiter.
+        holder = await there.lock("stale", ttl=30).acquire(timeout=1)
+        late = asyncio.create_task(here.lock("stale", ttl=30).acquire(timeout=10))
+        await asyncio.sleep(0.2)
+        await holder.release()
+        got = await asyncio.wait_for(late, 2)
+        await got.release()
+    finally:
+        await admin.aclose()
+
+
 async def test_a_lease_handed_on_within_the_process_is_renewed_and_stays_fenced(
     make_dist, redis_server
 ) -> None:
