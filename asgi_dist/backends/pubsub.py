@@ -29,9 +29,10 @@ import asyncio
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -39,6 +40,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from asgi_dist.backends.redis import RedisBackend
+from asgi_dist.backends.resp import MultiplexedRedis, Subscriber
 
 __all__ = ["Listener", "PubSubHub", "Subscription"]
 
@@ -48,6 +50,72 @@ log = logging.getLogger("asgi_dist.pubsub")
 Listener = Callable[[bytes | None], None]
 
 _OUTAGE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
+
+
+class _Link(Protocol):
+    """The subscriber connection, one of the two below."""
+
+    async def connect(self) -> None: ...
+
+    async def send(self, *args: str) -> None: ...
+
+    async def serve(self) -> None:
+        """Hand every reply to the hub until the connection fails (raises)."""
+
+    async def close(self) -> None: ...
+
+
+class _RedisPyLink:
+    """The subscriber connection through redis-py (TLS, Sentinel, Cluster, an app's
+    own client): a reader coroutine hands each reply on."""
+
+    def __init__(self, conn: AbstractConnection, handle: Callable[[Any], None]) -> None:
+        self._conn = conn
+        self._handle = handle
+
+    async def connect(self) -> None:
+        await self._conn.connect()  # type: ignore[no-untyped-call]
+
+    async def send(self, *args: str) -> None:
+        # check_health=False: a health-check PING would read our messages.
+        await self._conn.send_command(*args, check_health=False)
+
+    async def serve(self) -> None:
+        while True:
+            self._handle(await self._conn.read_response(timeout=math.inf, push_request=True))
+
+    async def close(self) -> None:
+        await self._conn.disconnect(nowait=True)
+
+
+class _RespLink:
+    """The subscriber connection of a plain ``redis://`` or ``unix://`` URL: each
+    reply is handed on from the socket's read callback, so a message reaches its
+    listener with no reader task to wake in between (one event-loop turn less)."""
+
+    def __init__(
+        self, multiplexed: MultiplexedRedis, name: str, handle: Callable[[Any], None]
+    ) -> None:
+        self._multiplexed = multiplexed
+        self._name = name
+        self._handle = handle
+        self._subscriber: Subscriber | None = None
+
+    async def connect(self) -> None:
+        self._subscriber = await self._multiplexed.subscriber(self._handle, name=self._name)
+
+    async def send(self, *args: str) -> None:
+        assert self._subscriber is not None
+        self._subscriber.send(*args)
+
+    async def serve(self) -> None:
+        assert self._subscriber is not None
+        await self._subscriber.wait_closed()
+        raise redis_errors.ConnectionError("the pub/sub connection was closed")
+
+    async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.close()
 
 
 class Subscription:
@@ -92,7 +160,11 @@ class PubSubHub:
         self._wanted: set[str] = set()
         # SUBSCRIBE acknowledgements awaited, per channel, in send order.
         self._pending: dict[str, deque[asyncio.Future[None]]] = {}
-        self._conn: AbstractConnection | None = None
+        self._link: _Link | None = None
+        # Per connection: channels still owed a None, and channels whose first
+        # acknowledgement answers every SUBSCRIBE sent before (see _run).
+        self._unsynced: set[str] = set()
+        self._fresh: set[str] = set()
         self._connected = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._runner: asyncio.Task[None] | None = None
@@ -137,7 +209,7 @@ class PubSubHub:
     def subscribe_now(self, channel: str, callback: Listener) -> Subscription | None:
         """:meth:`subscribe` without waiting, if ``channel`` is subscribed already
         (acknowledged, on a live connection, perhaps lingering); else None."""
-        if self._closed or self._conn is None or channel not in self._wanted:
+        if self._closed or self._link is None or channel not in self._wanted:
             return None
         if self._pending.get(channel):
             return None  # its SUBSCRIBE is not acknowledged yet
@@ -201,7 +273,7 @@ class PubSubHub:
         if channel in self._listeners or self._closed:
             return  # a listener came back
         self._wanted.discard(channel)
-        if self._conn is not None:
+        if self._link is not None:
             task = asyncio.get_running_loop().create_task(self._unsubscribe(channel))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -217,16 +289,17 @@ class PubSubHub:
     async def _send(self, *args: str) -> None:
         """Send on the subscriber connection; while disconnected, the reconnect sends it."""
         async with self._send_lock:
-            conn = self._conn
-            if conn is None:
+            link = self._link
+            if link is None:
                 return
             try:
-                # check_health=False: a health-check PING would read our messages.
-                await conn.send_command(*args, check_health=False)
+                await link.send(*args)
             except _OUTAGE:
                 await self._drop_connection()
 
-    def _new_connection(self) -> AbstractConnection:
+    def _new_link(self) -> _Link:
+        if self._redis.multiplexed is not None:
+            return _RespLink(self._redis.multiplexed, self.client_name, self._on_reply)
         client = self._redis.client
         if isinstance(client, RedisCluster):
             node = client.get_default_node() or client.get_primaries()[0]
@@ -239,14 +312,14 @@ class PubSubHub:
         conn.health_check_interval = 0
         # Named, so operators (and tests) can see it is one per process.
         conn.client_name = self.client_name
-        return conn
+        return _RedisPyLink(conn, self._on_reply)
 
     async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        link, self._link = self._link, None
         self._connected.clear()
-        if conn is not None:
+        if link is not None:
             try:
-                await conn.disconnect(nowait=True)
+                await link.close()
             except Exception:
                 log.debug("error closing the pub/sub connection", exc_info=True)
 
@@ -254,22 +327,28 @@ class PubSubHub:
         backoff = 0.05
         loop = asyncio.get_running_loop()
         while not self._closed:
-            conn = self._new_connection()
+            link = self._new_link()
             try:
-                await conn.connect()  # type: ignore[no-untyped-call]
+                await link.connect()
                 async with self._send_lock:
-                    self._conn = conn
-                    self._last_seen = loop.time()
+                    self._link = link
+                    self._last_seen = time.monotonic()
                     resubscribe = sorted(self._wanted)
+                    # After a reconnect every restored channel gets None once:
+                    # messages may have been published while nobody listened.
+                    self._unsynced = set(self._wanted) if self.reconnects else set()
+                    # The first acknowledgement on a new connection answers every
+                    # SUBSCRIBE sent for that channel on the old one (never acknowledged).
+                    self._fresh = set(self._wanted)
                     if resubscribe:
-                        await conn.send_command("SUBSCRIBE", *resubscribe, check_health=False)
+                        await link.send("SUBSCRIBE", *resubscribe)
                 self._connected.set()
                 if self.reconnects or resubscribe:
                     log.debug("pub/sub connected; restoring %d channels", len(resubscribe))
                 backoff = 0.05
-                heartbeat = loop.create_task(self._beat(conn))
+                heartbeat = loop.create_task(self._beat(link))
                 try:
-                    await self._read(conn, resync=self.reconnects > 0)
+                    await link.serve()
                 finally:
                     heartbeat.cancel()
             except asyncio.CancelledError:
@@ -278,61 +357,51 @@ class PubSubHub:
                 if not self._closed:
                     log.warning("pub/sub connection lost (%s); reconnecting", exc)
             finally:
-                if self._conn is conn:
+                if self._link is link:
                     await self._drop_connection()
                 else:
-                    await conn.disconnect(nowait=True)
+                    await link.close()
             if self._closed:
                 return
             self.reconnects += 1
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._max_backoff)
 
-    async def _beat(self, conn: AbstractConnection) -> None:
+    async def _beat(self, link: _Link) -> None:
         """PING now and then; drop a connection that stopped answering."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._heartbeat)
-            if loop.time() - self._last_seen > 2.5 * self._heartbeat:
+            if time.monotonic() - self._last_seen > 2.5 * self._heartbeat:
                 log.warning("pub/sub connection silent for %.1fs; reconnecting", self._heartbeat)
-                await conn.disconnect(nowait=True)
+                await link.close()
                 return
             async with self._send_lock:
-                if self._conn is not conn:
+                if self._link is not link:
                     return
-                await conn.send_command("PING", check_health=False)
+                await link.send("PING")
 
-    async def _read(self, conn: AbstractConnection, *, resync: bool) -> None:
-        loop = asyncio.get_running_loop()
-        # After a reconnect every restored channel gets None once: messages may
-        # have been published while nobody listened.
-        unsynced = set(self._wanted) if resync else set()
-        # The first acknowledgement on a new connection answers every SUBSCRIBE
-        # sent for that channel on the old one (they were never acknowledged).
-        fresh = set(self._wanted)
-        while True:
-            response = await conn.read_response(timeout=math.inf, push_request=True)
-            self._last_seen = loop.time()
-            if not isinstance(response, list) or not response:
-                continue
-            kind = response[0]
-            if kind == b"message":
-                self._dispatch(response[1].decode(), response[2])
-            elif kind == b"subscribe":
-                channel = response[1].decode()
-                queue = self._pending.get(channel)
-                while queue:
-                    fut = queue.popleft()
-                    if not fut.done():
-                        fut.set_result(None)
-                    if channel not in fresh:
-                        break
-                fresh.discard(channel)
-                if queue is not None and not queue:
-                    del self._pending[channel]
-                if channel in unsynced:
-                    unsynced.discard(channel)
-                    self._dispatch(channel, None)
+    def _on_reply(self, response: Any) -> None:
+        self._last_seen = time.monotonic()
+        if not isinstance(response, list) or not response:
+            return
+        kind = response[0]
+        if kind == b"message":
+            self._dispatch(response[1].decode(), response[2])
+        elif kind == b"subscribe":
+            channel = response[1].decode()
+            queue = self._pending.get(channel)
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                if channel not in self._fresh:
+                    break
+            self._fresh.discard(channel)
+            if queue is not None and not queue:
+                del self._pending[channel]
+            if channel in self._unsynced:
+                self._unsynced.discard(channel)
+                self._dispatch(channel, None)
 
     def _dispatch(self, channel: str, payload: bytes | None) -> None:
         for sub in list(self._listeners.get(channel, ())):

@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 from redis import exceptions as redis_errors
 
-__all__ = ["MultiplexedRedis", "ReplyCallback"]
+__all__ = ["MultiplexedRedis", "ReplyCallback", "Subscriber"]
 
 log = logging.getLogger("asgi_dist.redis")
 
@@ -56,15 +56,23 @@ def _reply_error(error: hiredis.ReplyError) -> redis_errors.RedisError:
 
 
 class _Protocol(asyncio.Protocol):
-    """The connection: writes commands, matches replies to waiting futures in order."""
+    """The connection: writes commands, matches replies to waiting futures in order.
 
-    def __init__(self, where: str) -> None:
+    With ``push`` set it is a subscriber connection: once the set-up commands are
+    answered, every reply (subscribe acknowledgements, messages) goes to ``push``
+    straight from the socket read.
+    """
+
+    def __init__(self, where: str, push: Callable[[Any], None] | None = None) -> None:
         self.where = where
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
         self.waiting: collections.deque[asyncio.Future[Any] | ReplyCallback] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.push = push
+        # Resolved when the connection ends (a subscriber's reader awaits it).
+        self.lost: asyncio.Future[None] = self.loop.create_future()
         self.last_reply = time.monotonic()
         self._out: list[bytes] = []
 
@@ -117,6 +125,9 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 break
             self.last_reply = time.monotonic()
+            if not waiting and self.push is not None:
+                self.push(reply)
+                continue
             if not waiting:  # cannot happen with a well-behaved server
                 self.abort("a reply came that no command asked for")
                 return
@@ -139,6 +150,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: redis_errors.ConnectionError) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_exception(error)
+            self.lost.exception()  # retrieved: nobody need be awaiting it
         while self.waiting:
             _deliver(self.waiting.popleft(), None, error)
 
@@ -158,6 +172,28 @@ def _deliver(
         receiver(reply, error)
     except Exception:  # a callback's bug must not stop the reader
         log.exception("a Redis reply callback failed")
+
+
+class Subscriber:
+    """A subscriber connection (see :meth:`MultiplexedRedis.subscriber`)."""
+
+    def __init__(self, protocol: _Protocol) -> None:
+        self._protocol = protocol
+
+    def send(self, *args: Any) -> None:
+        """Write a command (SUBSCRIBE, UNSUBSCRIBE, PING); its reply goes to ``push``."""
+        protocol = self._protocol
+        if protocol.closed or protocol.transport is None:
+            raise protocol._lost()
+        protocol.transport.write(hiredis.pack_command(args))
+
+    async def wait_closed(self) -> None:
+        """Return, or raise the connection error, when the connection ends."""
+        await asyncio.shield(self._protocol.lost)
+
+    def close(self) -> None:
+        if self._protocol.transport is not None:
+            self._protocol.transport.abort()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -266,20 +302,27 @@ class MultiplexedRedis:
         # Shielded: a cancelled caller must not cancel the others' attempt.
         return await asyncio.shield(self._connecting)
 
-    async def _connect(self) -> _Protocol:
+    async def subscriber(self, push: Callable[[Any], None], *, name: str) -> Subscriber:
+        """A new connection of its own for pub/sub, named ``name`` (CLIENT SETNAME):
+        every reply read on it goes to ``push``, in the socket's read callback."""
+        return Subscriber(await self._connect(push, ("CLIENT", "SETNAME", name)))
+
+    async def _connect(
+        self, push: Callable[[Any], None] | None = None, *setup: tuple[Any, ...]
+    ) -> _Protocol:
         loop = asyncio.get_running_loop()
         protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self._path is not None:
                     _, protocol = await loop.create_unix_connection(
-                        lambda: _Protocol(self.where), self._path
+                        lambda: _Protocol(self.where, push), self._path
                     )
                 else:
                     _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self.where), self._host, self._port
+                        lambda: _Protocol(self.where, push), self._host, self._port
                     )
-                for command in self._setup:
+                for command in (*self._setup, *setup):
                     await protocol.send(hiredis.pack_command(command))
         except BaseException as exc:
             if protocol is not None and protocol.transport is not None:
@@ -289,7 +332,8 @@ class MultiplexedRedis:
                     f"cannot connect to Redis at {self.where} ({type(exc).__name__}: {exc})"
                 ) from exc
             raise
-        self._protocol = protocol
+        if push is None:
+            self._protocol = protocol
         return protocol
 
     async def aclose(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from asgi_dist import Dist
@@ -71,11 +72,17 @@ async def _true_if(value: bool) -> bool:
     return value
 
 
+@pytest.mark.parametrize("link", ["resp", "redis-py"])
 async def test_reconnect_restores_channels_and_tells_listeners_they_may_have_missed_messages(
-    make_dist, redis_server: RedisServer
+    make_dist, redis_server: RedisServer, link: str
 ) -> None:
-    dist: Dist = await make_dist(redis=redis_server.url, postgres=None, sessions=False)
+    # A URL gets the hub's own RESP connection; an app's client, redis-py's.
+    app_client = aioredis.Redis.from_url(redis_server.url) if link == "redis-py" else None
+    dist: Dist = await make_dist(
+        redis=app_client or redis_server.url, postgres=None, sessions=False
+    )
     hub = dist.runtime.pubsub
+    assert (dist.runtime.redis.multiplexed is None) == (link == "redis-py")
     got: list[bytes | None] = []
     await hub.subscribe("news", got.append)
     redis_server.cli("client", "kill", "type", "pubsub")
@@ -86,6 +93,8 @@ async def test_reconnect_restores_channels_and_tells_listeners_they_may_have_mis
         await _eventually(lambda: _true_if(b"after" in got))
     finally:
         await publisher.aclose()
+        if app_client is not None:
+            await app_client.aclose()
     assert hub.reconnects >= 1
 
 

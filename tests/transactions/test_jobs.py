@@ -191,6 +191,11 @@ async def test_check_back_runs_as_a_job_on_the_postgres_scheduler(
         return await count(pg, f"SELECT count(*) FROM {table} WHERE state = 0") == 1
 
     await eventually(committed, 10, "check-back committed the half message")
-    history = await dist.scheduler.history(CHECKBACK_JOB, 100)
-    ran_here = set(dist.transactions.checkback_fires)
-    assert any(h["fire_id"] in ran_here and h["status"] == "succeeded" for h in history)
+
+    async def recorded() -> bool:
+        # The fire's outcome is recorded after the job returns, so after the commit.
+        history = await dist.scheduler.history(CHECKBACK_JOB, 100)
+        ran_here = set(dist.transactions.checkback_fires)
+        return any(h["fire_id"] in ran_here and h["status"] == "succeeded" for h in history)
+
+    await eventually(recorded, 10, "the check-back fire is in the history as succeeded")
