@@ -311,6 +311,7 @@ async def main():
             await asyncio.sleep(0.01)
         stop_at = float(go)
         while time.time() < stop_at:
+            asked = time.time()
             if kind.startswith("asgi_dist"):
                 held = await dist.lock(name, ttl=30, fair=kind == "asgi_dist_fair").acquire()
                 release = held.release
@@ -320,9 +321,16 @@ async def main():
                 release = lock.release
             got = time.time()
             prev_pid, prev_at = LAST.unpack(last[:LAST.size])
-            rows.append("%d %f %d %f" % (pid, got, prev_pid, prev_at))
+            rows.append("%d %f %d %f %f" % (pid, got, prev_pid, prev_at, got - asked))
             last[:LAST.size] = LAST.pack(pid, time.time())
             await release()
+        # Tear down together: a process that exits (closing connections, writing
+        # its rows) while others still hand the lock on would skew their tail.
+        await log.incr(name + ":done")
+        for _ in range(6000):
+            if int(await log.get(name + ":done")) >= int(os.environ["PROCS"]):
+                break
+            await asyncio.sleep(0.01)
         if rows:
             await log.rpush(name + ":handoffs", *rows)
         await log.incrby(name + ":count", len(rows))
@@ -402,7 +410,9 @@ async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> 
     name = f"bench:{secrets.token_hex(4)}"
     with tempfile.NamedTemporaryFile(prefix="bench-last-", delete=False) as last:
         last.write(bytes(16))
-    env = dict(os.environ, ROOT=str(ROOT), URL=url, KIND=kind, NAME=name, LAST=last.name)
+    env = dict(
+        os.environ, ROOT=str(ROOT), URL=url, KIND=kind, NAME=name, LAST=last.name, PROCS=str(procs)
+    )
     children = [
         await asyncio.create_subprocess_exec(sys.executable, "-c", PROCESS, env=env)
         for _ in range(procs)
@@ -426,8 +436,9 @@ async def contend_processes(url: str, kind: str, procs: int, seconds: float) -> 
     # The hand-off is measured from the previous holder's release start to our
     # acquisition, as with tasks; wall clocks of one host agree.
     by_pid: dict[str, int] = {}
-    for pid, got, prev_pid, prev_at in rows:
+    for pid, got, prev_pid, prev_at, waited in rows:
         by_pid[pid] = by_pid.get(pid, 0) + 1
+        result.waits.append(float(waited))
         if prev_pid not in ("0", pid):
             result.handoffs.append(float(got) - float(prev_at))
     result.per_task = list(by_pid.values())
