@@ -1,6 +1,6 @@
 """Lock benchmark: asgi_dist vs redis-py's asyncio Lock, same run, same Redis.
 
-    python loadtests/bench_locks.py [--seconds 2] [--redis redis://...]
+    python loadtests/bench_locks.py [--seconds 2] [--redis redis://...] [--loop uvloop]
 
 Without ``--redis`` it starts a private redis-server on a free port, so that
 command counts are ours alone and nobody else's traffic skews the numbers.
@@ -18,6 +18,10 @@ pottery's ``AIORedlock`` (its asyncio API, one Redis master) runs as tasks like
 ours; python-redis-lock has no asyncio API, so its contenders are OS threads
 of this process, each with its own ``redis_lock.Lock`` on a shared sync client.
 A peer that is not importable is skipped with the reason printed.
+
+``--loop uvloop`` (``pip install uvloop``) runs this process and every process
+contender on uvloop, the loop uvicorn picks when it is installed
+(``uvicorn[standard]``); every lock, ours and the peers', runs on the same loop.
 """
 
 from __future__ import annotations
@@ -336,6 +340,9 @@ async def main():
         await log.incrby(name + ":count", len(rows))
     await log.aclose()
 
+if os.environ.get("LOOP") == "uvloop":
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 asyncio.run(main())
 """
 
@@ -455,6 +462,12 @@ async def main() -> None:
     parser.add_argument(
         "--processes", default="2,8,32", help="contending processes per row (comma-separated)"
     )
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of this process and of the process contenders",
+    )
     args = parser.parse_args()
     proc = None
     workdir = ""
@@ -489,7 +502,7 @@ async def main() -> None:
             # The unit is the faster client's PING: the round trip itself, with the
             # least client time on top (redis-py adds its own to every command).
             rtt = min(rtt, await ping_rtt(lambda: mux.execute_command("PING")))
-        print(f"# Lock benchmark (same run, same Redis: {url})\n")
+        print(f"# Lock benchmark (same run, same Redis: {url}; event loop: {args.loop})\n")
         print(
             f"PING round trip (median of 500): {rtt * 1e6:.0f} µs, the unit of every RTT "
             f"below (through redis-py: {rtt_redis_py * 1e6:.0f} µs)\n"
@@ -681,4 +694,9 @@ def _row(label: str, what: str, r: Contention, rtt: float) -> None:
 
 
 if __name__ == "__main__":
+    if "--loop" in sys.argv and sys.argv[sys.argv.index("--loop") + 1 :][:1] == ["uvloop"]:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        os.environ["LOOP"] = "uvloop"  # the process contenders' loop too
     asyncio.run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 
 from tests.conftest import SECRET_KEYS
 from tests.helpers.processes import ProcessGroup
@@ -27,8 +28,9 @@ async def test_quickstart_serves_on_the_embedded_default(processes: ProcessGroup
     assert first.json()["fence"] < second.json()["fence"]  # and so does the lock
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_quickstart_uses_redis_and_postgres_from_the_environment(
-    processes: ProcessGroup, redis_url: str, postgres_dsn: str, namespace: str
+    processes: ProcessGroup, redis_url: str, postgres_dsn: str, namespace: str, loop: str
 ) -> None:
     env = _env(
         ASGI_DIST_REDIS_URL=redis_url,
@@ -36,7 +38,8 @@ async def test_quickstart_uses_redis_and_postgres_from_the_environment(
         ASGI_DIST_NAMESPACE=namespace,
         ASGI_DIST_SECRET_KEYS=",".join(SECRET_KEYS),
     )
-    workers = processes.uvicorn("examples.quickstart:app", n=2, env=env)
+    # uvloop: what uvicorn runs on when installed with uvicorn[standard].
+    workers = processes.uvicorn("examples.quickstart:app", n=2, env=env, loop=loop)
     async with httpx.AsyncClient() as client:
         # One browser, two processes: the session and the lock are shared through Redis.
         first = await client.get(f"{workers[0].url}/")

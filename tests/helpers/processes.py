@@ -79,16 +79,25 @@ class ProcessGroup:
         return merged
 
     def uvicorn(
-        self, app: str, n: int = 1, env: Mapping[str, str] | None = None, timeout: float = 30.0
+        self,
+        app: str,
+        n: int = 1,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        loop: str = "auto",
     ) -> list[Worker]:
-        """Start ``n`` uvicorn servers of ``module:attr`` on free ports; wait until they listen."""
+        """Start ``n`` uvicorn servers of ``module:attr`` on free ports; wait until they listen.
+
+        ``loop`` is uvicorn's ``--loop``: ``auto`` picks uvloop, which the test
+        extras install, as it does in a ``uvicorn[standard]`` deployment."""
         started = []
         for _ in range(n):
             port = free_port()
             log = self.tmp / f"uvicorn-{port}.log"
             proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
-                 "--port", str(port), "--lifespan", "on", "--log-level", "warning"],
+                 "--port", str(port), "--lifespan", "on", "--log-level", "warning",
+                 "--loop", loop],
                 env=self._env(env), cwd=ROOT,
                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
             )  # fmt: skip
