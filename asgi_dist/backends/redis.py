@@ -118,13 +118,16 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
     if parts.scheme not in _SCHEMES:
         raise ConfigError(
             f"unsupported Redis URL scheme {parts.scheme!r} in {describe_redis_url(url)}: use "
-            "redis://, rediss://, redis+sentinel://host:port/service or redis+cluster://host:port"
+            "redis://, rediss://, unix:///path/to/redis.sock, "
+            "redis+sentinel://host:port/service or redis+cluster://host:port"
         )
     timeouts: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,
-        "socket_keepalive": True,
         "health_check_interval": 30,
     }
+    if parts.scheme != "unix":
+        # TCP only: a unix socket connection refuses the option.
+        timeouts["socket_keepalive"] = True
     if parts.scheme in ("redis", "rediss", "unix"):
         # redis-py's default pool fails at once ("Too many connections") past 100
         # concurrent commands; a burst of requests should queue briefly instead and

@@ -152,3 +152,41 @@ async def test_heartbeat_replaces_a_silent_connection(redis_server: RedisServer)
     finally:
         await hub.close()
         await backend.stop()
+
+
+@pytest.mark.parametrize("where", ["password and database", "unix socket"])
+async def test_hub_and_lock_wake_ups_over_a_password_or_a_unix_socket(
+    make_dist, tmp_path, where: str
+) -> None:
+    # The hub's own RESP connection carries the URL's AUTH (and SELECT) too, or
+    # goes through a unix socket; a waiter is woken and handed the lease by it.
+    if where == "unix socket":
+        sock = tmp_path / "redis.sock"
+        server = RedisServer("--unixsocket", str(sock), "--unixsocketperm", "700").start()
+        url = f"unix://{sock}?db=2"
+    else:
+        server = RedisServer("--requirepass", "s3cret").start()
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
+    dists: list[Dist] = []
+    try:
+        for _ in range(2):
+            dists.append(await make_dist(redis=url, postgres=None, sessions=False))
+        first, second = dists
+        assert first.runtime.redis.multiplexed is not None
+        got: list[bytes | None] = []
+        await first.runtime.pubsub.subscribe("news", got.append)
+        assert await second.runtime.pubsub.publish("news", b"hi") == 1
+        await _eventually(lambda: _true_if(got == [b"hi"]))
+
+        held = await first.lock("l", ttl=5.0).acquire()
+        waiting = asyncio.ensure_future(second.lock("l", ttl=5.0).acquire(timeout=5.0))
+        await asyncio.sleep(0.1)  # the waiter of the other Dist queues and sleeps
+        assert not waiting.done()
+        await held.release()
+        handed = await asyncio.wait_for(waiting, 5)
+        assert handed.fence > held.fence
+        await handed.release()
+    finally:
+        for dist in dists:  # before the server goes
+            await dist.stop()
+        server.close()
