@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from asgi_dist import Dist, LockTimeout
 from asgi_dist.locks.backend import Renewal
 from asgi_dist.locks.redis import RedisLeases
-from tests.helpers.servers import redis_sentinel
+from tests.helpers.servers import RedisServer, free_port, redis_sentinel
 
 
 async def test_lock_and_election_work_behind_sentinel(make_dist) -> None:
@@ -27,6 +29,49 @@ async def test_lock_and_election_work_behind_sentinel(make_dist) -> None:
         async with dist.election("e", ttl=5, renew_deadline=3, retry=1).leadership() as term:
             assert term.fence >= 1
             assert await other.election("e", ttl=5, renew_deadline=3, retry=1).try_lead() is None
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_lock_and_its_pubsub_wake_up_work_over_tls(
+    make_dist, certificate: tuple[Path, Path]
+) -> None:
+    # rediss:// goes through redis-py alone (commands and the hub's connection).
+    cert, key = certificate
+    tls_port = free_port()
+    server = RedisServer(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+    ).start()  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+    dists: list[Dist] = []
+    try:
+        for _ in range(2):
+            dists.append(await make_dist(redis=url, postgres=None, sessions=False))
+        dist, other = dists
+        assert dist.runtime.redis is not None and dist.runtime.redis.multiplexed is None
+        held = await dist.lock("k", ttl=5).acquire()
+        waiter = asyncio.create_task(other.lock("k").acquire(timeout=10))
+        await asyncio.sleep(0.1)
+        await held.release()
+        second = await asyncio.wait_for(waiter, 10)  # woken through pub/sub over TLS
+        assert second.fence > held.fence
+        await second.release()
+    finally:
+        for made in dists:
+            await made.stop()
+        server.close()
 
 
 async def test_watchdog_renews_every_held_lock_in_one_round_trip_per_tick(make_dist) -> None:
