@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tests.helpers.servers import free_port, wait_port
@@ -90,14 +90,34 @@ class ProcessGroup:
 
         ``loop`` is uvicorn's ``--loop``: ``auto`` picks uvloop, which the test
         extras install, as it does in a ``uvicorn[standard]`` deployment."""
+        return self._servers(
+            "uvicorn", n, env, timeout,
+            lambda port: [app, "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on",
+                          "--log-level", "warning", "--loop", loop],
+        )  # fmt: skip
+
+    def hypercorn(
+        self, app: str, n: int = 1, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> list[Worker]:
+        """Start ``n`` hypercorn servers (Quart's own) of ``module:attr``, as :meth:`uvicorn`."""
+        return self._servers(
+            "hypercorn", n, env, timeout, lambda port: [app, "--bind", f"127.0.0.1:{port}"]
+        )
+
+    def _servers(
+        self,
+        server: str,
+        n: int,
+        env: Mapping[str, str] | None,
+        timeout: float,
+        args: Callable[[int], list[str]],
+    ) -> list[Worker]:
         started = []
         for _ in range(n):
             port = free_port()
-            log = self.tmp / f"uvicorn-{port}.log"
+            log = self.tmp / f"{server}-{port}.log"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
-                 "--port", str(port), "--lifespan", "on", "--log-level", "warning",
-                 "--loop", loop],
+                [sys.executable, "-m", server, *args(port)],
                 env=self._env(env), cwd=ROOT,
                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -108,7 +128,7 @@ class ProcessGroup:
             try:
                 wait_port(worker.port or 0, timeout)
             except TimeoutError:
-                raise TimeoutError(f"uvicorn did not start:\n{worker.output()}") from None
+                raise TimeoutError(f"{server} did not start:\n{worker.output()}") from None
         return started
 
     def python(
