@@ -41,6 +41,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from asgi_dist.backends.redis import RedisBackend
 from asgi_dist.backends.resp import MultiplexedRedis, Subscriber
+from asgi_dist.errors import ConfigError
 
 __all__ = ["Listener", "PubSubHub", "Subscription"]
 
@@ -82,7 +83,11 @@ class _RedisPyLink:
 
     async def serve(self) -> None:
         while True:
-            self._handle(await self._conn.read_response(timeout=math.inf, push_request=True))
+            try:
+                reply = await self._conn.read_response(timeout=math.inf, push_request=True)
+            except redis_errors.ResponseError as exc:
+                reply = exc  # an error reply, handed on like the other link's
+            self._handle(reply)
 
     async def close(self) -> None:
         await self._conn.disconnect(nowait=True)
@@ -382,6 +387,9 @@ class PubSubHub:
 
     def _on_reply(self, response: Any) -> None:
         self._last_seen = time.monotonic()
+        if isinstance(response, Exception):
+            self._refused(response)
+            return
         if not isinstance(response, list) or not response:
             return
         kind = response[0]
@@ -402,6 +410,23 @@ class PubSubHub:
             if channel in self._unsynced:
                 self._unsynced.discard(channel)
                 self._dispatch(channel, None)
+
+    def _refused(self, error: Exception) -> None:
+        """An error reply can only answer a SUBSCRIBE (ACL: NOPERM on a channel; the
+        start-up check makes it rare): fail the subscriptions awaiting an answer,
+        rather than leave their listeners waiting for wake-ups that never come."""
+        refused = ConfigError(
+            f"Redis refused to subscribe ({error}); the Redis user needs asgi_dist's "
+            "pub/sub channels: ACL SETUSER <user> allchannels, or '&<namespace>*' and "
+            "'&{<namespace>*'"
+        )
+        log.error("%s", refused)
+        for channel, queue in list(self._pending.items()):
+            del self._pending[channel]
+            self._wanted.discard(channel)
+            for fut in queue:
+                if not fut.done():
+                    fut.set_exception(refused)
 
     def _dispatch(self, channel: str, payload: bytes | None) -> None:
         for sub in list(self._listeners.get(channel, ())):

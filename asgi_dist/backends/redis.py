@@ -296,7 +296,28 @@ class RedisBackend:
                 f"({type(exc).__name__}: {exc or 'timeout'}); start it or fix the URL "
                 "(Dist(redis=...) or ASGI_DIST_REDIS_URL)"
             ) from exc
+        await self._check_channels()
         log.debug("connected to Redis at %s", self.where)
+
+    async def _check_channels(self) -> None:
+        """Fail at start, not at the first wake-up, if the Redis user may not use
+        this namespace's pub/sub channels: Redis 7 gives a new ACL user none, and
+        then lock releases fail and waiters are never woken."""
+        ns = self.namespace
+        try:
+            for channel in (f"{ns}:probe", f"{{{ns}}}:probe"):  # the two forms we use
+                await asyncio.wait_for(self.client.publish(channel, b""), self.connect_timeout)
+        except redis_errors.NoPermissionError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"the Redis user of {self.where} may not publish to asgi_dist's channels "
+                f"({exc}); locks, elections and session caches need them: grant them with "
+                f"ACL SETUSER <user> '&{ns}*' '&{{{ns}*' (or allchannels); Redis 7 "
+                "gives a new ACL user no channels (acl-pubsub-default resetchannels)"
+            ) from exc
+        except (TimeoutError, OSError, redis_errors.RedisError) as exc:
+            await self.stop()
+            raise self.unavailable(exc) from exc
 
     async def stop(self) -> None:
         if self.multiplexed is not None:

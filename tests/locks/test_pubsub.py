@@ -8,7 +8,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from asgi_dist import Dist
+from asgi_dist import ConfigError, Dist
 from tests.helpers.servers import RedisServer
 
 
@@ -189,4 +189,61 @@ async def test_hub_and_lock_wake_ups_over_a_password_or_a_unix_socket(
     finally:
         for dist in dists:  # before the server goes
             await dist.stop()
+        server.close()
+
+
+async def test_a_redis_user_without_channel_rights_is_refused_at_start_with_the_fix(
+    namespace: str,
+) -> None:
+    # Redis 7 gives a new ACL user no pub/sub channels: releases would fail and
+    # waiters would never be woken, so the Dist refuses to start and says why.
+    server = RedisServer().start()
+    try:
+        server.cli("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "resetchannels")
+        url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+        dist = Dist(redis=url, postgres=None, namespace=namespace, sessions=False)
+        with pytest.raises(ConfigError, match=r"ACL SETUSER <user> '&t_\w+\*' '&\{t_\w+\*'"):
+            await dist.start()
+
+        server.cli("ACL", "SETUSER", "app", f"&{namespace}*", f"&{{{namespace}*")
+        first, second = (
+            Dist(redis=url, postgres=None, namespace=namespace, sessions=False) for _ in "12"
+        )
+        async with first, second:  # the namespace's channels are enough
+            held = await first.lock("l", ttl=5).acquire()
+            waiting = asyncio.ensure_future(second.lock("l", ttl=5).acquire(timeout=5))
+            await asyncio.sleep(0.05)
+            await held.release()  # publishes the hand-off to the other Dist's process channel
+            await (await asyncio.wait_for(waiting, 5)).release()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("link", ["resp", "redis-py"])
+async def test_a_refused_subscribe_fails_the_subscriber_instead_of_leaving_it_waiting(
+    namespace: str, link: str
+) -> None:
+    server = RedisServer().start()
+    app_client = None
+    try:
+        server.cli(
+            "ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "resetchannels",
+            f"&{namespace}*", f"&{{{namespace}*",
+        )  # fmt: skip
+        url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+        app_client = aioredis.Redis.from_url(url) if link == "redis-py" else None
+        dist = Dist(redis=app_client or url, postgres=None, namespace=namespace, sessions=False)
+        async with dist:
+            hub = dist.runtime.pubsub
+            got: list[bytes | None] = []
+            with pytest.raises(ConfigError, match=r"Redis refused to subscribe \(.*no permissions"):
+                await asyncio.wait_for(hub.subscribe("not-granted", got.append), 5)
+            assert hub.channels == frozenset()
+            # The hub goes on serving the channels the user may use.
+            await hub.subscribe(f"{namespace}:ok", got.append)
+            assert await hub.publish(f"{namespace}:ok", b"yes") == 1
+            await _eventually(lambda: _true_if(got == [b"yes"]))
+    finally:
+        if app_client is not None:
+            await app_client.aclose()
         server.close()
