@@ -81,7 +81,8 @@ class ZooKeeperServer:
              # Empty container nodes (idle lock names) go within 0.2 s, not 60 s.
              "-Dznode.container.checkIntervalMs=200",
              "-cp", str(JAR), MAIN, str(conf)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=self.dir,
+            # Appended: a restart keeps what the server said before it.
+            stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=self.dir,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -358,27 +358,36 @@ async def test_a_lease_lost_to_a_dropped_connection_leaves_no_znode_behind(
     dist: Dist = await make_dist(
         zookeeper=zookeeper_server.hosts, redis=None, postgres=None, sessions=False
     )
-    lock = dist.lock("blip", ttl=30, backend="zookeeper")
     leases = _leases(dist)
-    with pytest.raises(LockLost):
-        async with lock as held:
-            zk_session = await dist.runtime.zookeeper.session(30)  # type: ignore[union-attr]
-            session_id = zk_session.session_id
-            await asyncio.to_thread(zookeeper_server.kill)
-            await asyncio.sleep(30)
-    assert held.lost.is_set()
-    # Same port, same data: the session outlives the outage, and with it the
-    # znode of the lease we gave up, until the reaper deletes it.
-    await asyncio.to_thread(zookeeper_server.start)
+    expired = []
+    # The point needs the session to outlive the outage (else ZooKeeper deletes
+    # the znode itself).  It did not once in CI, on a loaded machine, with a
+    # restart of the same data: then the scenario is run again, at most 3 times.
+    for attempt in range(3):
+        lock = dist.lock(f"blip{attempt}", ttl=30, backend="zookeeper")
+        with pytest.raises(LockLost):
+            async with lock as held:
+                zk_session = await dist.runtime.zookeeper.session(30)  # type: ignore[union-attr]
+                session_id = zk_session.session_id
+                await asyncio.to_thread(zookeeper_server.kill)
+                await asyncio.sleep(30)
+        assert held.lost.is_set()
+        # Same port, same data: the session outlives the outage, and with it the
+        # znode of the lease we gave up, until the reaper deletes it.
+        await asyncio.to_thread(zookeeper_server.start)
 
-    async def reconnected() -> bool:
-        return zk_session.session_id is not None
+        async def reconnected(zk_session: Any = zk_session) -> bool:
+            return zk_session.session_id is not None
 
-    # A bound, not a speed claim: on a saturated machine the restarted JVM and
-    # kazoo's reconnect thread took longer than 20 s once.
-    await _until(reconnected, "the session reconnected", 45)
-    assert zk_session.session_id == session_id, "the session expired: this proves nothing"
-    await _until(partial(_has, dist, "blip", 0), "the lost lease's znode deleted", 20)
+        # A bound, not a speed claim: on a saturated machine the restarted JVM and
+        # kazoo's reconnect thread took longer than 20 s once.
+        await _until(reconnected, "the session reconnected", 45)
+        if zk_session.session_id == session_id:
+            break
+        expired.append(zookeeper_server.log())
+    else:
+        pytest.fail("the session expired in every attempt:\n" + "\n---\n".join(expired))
+    await _until(partial(_has, dist, f"blip{attempt}", 0), "the lost lease's znode deleted", 20)
 
     async def reaped() -> bool:
         return not leases._orphans
