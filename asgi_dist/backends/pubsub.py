@@ -170,6 +170,10 @@ class PubSubHub:
         # acknowledgement answers every SUBSCRIBE sent before (see _run).
         self._unsynced: set[str] = set()
         self._fresh: set[str] = set()
+        # Commands sent on this connection and not yet answered, in order, each
+        # as the replies that answer it ((kind, channel) pairs): an error reply,
+        # which names no channel, answers the oldest.
+        self._unanswered: deque[list[tuple[bytes, str]]] = deque()
         self._connected = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._runner: asyncio.Task[None] | None = None
@@ -297,6 +301,7 @@ class PubSubHub:
             link = self._link
             if link is None:
                 return
+            self._expect(args)
             try:
                 await link.send(*args)
             except _OUTAGE:
@@ -345,8 +350,12 @@ class PubSubHub:
                     # The first acknowledgement on a new connection answers every
                     # SUBSCRIBE sent for that channel on the old one (never acknowledged).
                     self._fresh = set(self._wanted)
-                    if resubscribe:
-                        await link.send("SUBSCRIBE", *resubscribe)
+                    self._unanswered = deque()
+                    # One command per channel: Redis refuses a SUBSCRIBE whole if
+                    # the user may not use one of its channels (ACL).
+                    for channel in resubscribe:
+                        self._expect(("SUBSCRIBE", channel))
+                        await link.send("SUBSCRIBE", channel)
                 self._connected.set()
                 if self.reconnects or resubscribe:
                     log.debug("pub/sub connected; restoring %d channels", len(resubscribe))
@@ -383,6 +392,7 @@ class PubSubHub:
             async with self._send_lock:
                 if self._link is not link:
                     return
+                self._expect(("PING",))
                 await link.send("PING")
 
     def _on_reply(self, response: Any) -> None:
@@ -395,7 +405,9 @@ class PubSubHub:
         kind = response[0]
         if kind == b"message":
             self._dispatch(response[1].decode(), response[2])
-        elif kind == b"subscribe":
+            return
+        self._answered(kind, response[1].decode() if kind != b"pong" else "")
+        if kind == b"subscribe":
             channel = response[1].decode()
             queue = self._pending.get(channel)
             while queue:
@@ -411,20 +423,36 @@ class PubSubHub:
                 self._unsynced.discard(channel)
                 self._dispatch(channel, None)
 
+    def _expect(self, args: tuple[str, ...]) -> None:
+        kind = args[0].lower().encode()
+        self._unanswered.append([(kind, channel) for channel in args[1:]] or [(b"pong", "")])
+
+    def _answered(self, kind: bytes, channel: str) -> None:
+        for command in self._unanswered:
+            if (kind, channel) in command:
+                command.remove((kind, channel))
+                break
+        while self._unanswered and not self._unanswered[0]:
+            self._unanswered.popleft()
+
     def _refused(self, error: Exception) -> None:
-        """An error reply can only answer a SUBSCRIBE (ACL: NOPERM on a channel; the
-        start-up check makes it rare): fail the subscriptions awaiting an answer,
-        rather than leave their listeners waiting for wake-ups that never come."""
+        """An error reply answers the oldest unanswered command.  A refused SUBSCRIBE
+        (ACL: NOPERM on a channel; the start-up check makes it rare) fails its
+        subscribers rather than leave them waiting for an acknowledgement."""
+        command = self._unanswered.popleft() if self._unanswered else []
+        channels = [channel for kind, channel in command if kind == b"subscribe"]
+        if not channels:
+            log.error("Redis refused a pub/sub command: %s", error)
+            return
         refused = ConfigError(
-            f"Redis refused to subscribe ({error}); the Redis user needs asgi_dist's "
-            "pub/sub channels: ACL SETUSER <user> allchannels, or '&<namespace>*' and "
-            "'&{<namespace>*'"
+            f"Redis refused to subscribe to {', '.join(channels)} ({error}); "
+            "the Redis user needs asgi_dist's pub/sub channels: ACL SETUSER <user> "
+            "allchannels, or '&<namespace>*' and '&{<namespace>*'"
         )
         log.error("%s", refused)
-        for channel, queue in list(self._pending.items()):
-            del self._pending[channel]
+        for channel in channels:
             self._wanted.discard(channel)
-            for fut in queue:
+            for fut in self._pending.pop(channel, ()):
                 if not fut.done():
                     fut.set_exception(refused)
 
