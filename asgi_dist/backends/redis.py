@@ -297,7 +297,27 @@ class RedisBackend:
                 "(Dist(redis=...) or ASGI_DIST_REDIS_URL)"
             ) from exc
         await self._check_channels()
+        await self._check_eviction()
         log.debug("connected to Redis at %s", self.where)
+
+    async def _check_eviction(self) -> None:
+        """Warn at start if Redis may evict keys that have no TTL: a lock's fence
+        counter is one, and fences would start again from 1 after its eviction."""
+        try:
+            info = await asyncio.wait_for(self.client.info("memory"), self.connect_timeout)
+        except (TimeoutError, OSError, redis_errors.RedisError):
+            return  # INFO may be denied (ACL): nothing to tell
+        nodes = [info] if "maxmemory_policy" in info else list(info.values())  # Cluster: per node
+        policies = {str(n.get("maxmemory_policy")) for n in nodes if isinstance(n, dict)}
+        for policy in sorted(p for p in policies if p.startswith("allkeys")):
+            log.warning(
+                "Redis at %s has maxmemory-policy %s: under memory pressure it may evict "
+                "any key, a lock's fence counter included (fences would then start again "
+                "from 1) and live sessions; set maxmemory-policy noeviction (volatile-* "
+                "never evicts the counters, which have no TTL, but may evict sessions)",
+                self.where,
+                policy,
+            )
 
     async def _check_channels(self) -> None:
         """Fail at start, not at the first wake-up, if the Redis user may not use

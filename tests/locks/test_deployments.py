@@ -97,3 +97,24 @@ async def test_watchdog_renews_every_held_lock_in_one_round_trip_per_tick(make_d
     assert sum(batches) / len(batches) > 10
     for h in helds:
         await h.release()
+
+
+async def test_a_redis_that_may_evict_any_key_is_warned_about_at_start(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # allkeys-* eviction may drop a fence counter (no TTL): fences would repeat.
+    for policy, warned in (("allkeys-lru", True), ("volatile-lru", False)):
+        server = RedisServer("--maxmemory", "100mb", "--maxmemory-policy", policy).start()
+        try:
+            caplog.clear()
+            dist = Dist(redis=server.url, postgres=None, namespace=namespace, sessions=False)
+            async with dist:
+                pass
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            evicting = [m for m in warnings if f"maxmemory-policy {policy}" in m]
+            assert bool(evicting) is warned, warnings
+            if warned:
+                assert "fence counter" in evicting[0]
+                assert "set maxmemory-policy noeviction" in evicting[0]
+        finally:
+            server.close()
