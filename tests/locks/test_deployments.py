@@ -11,6 +11,7 @@ import pytest
 from asgi_dist import Dist, LockTimeout
 from asgi_dist.locks.backend import Renewal
 from asgi_dist.locks.redis import RedisLeases
+from tests.helpers.handoff import assert_handed_over, two_dists
 from tests.helpers.servers import RedisServer, free_port, redis_sentinel
 
 
@@ -19,13 +20,7 @@ async def test_lock_and_election_work_behind_sentinel(make_dist) -> None:
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/locks"
         dist: Dist = await make_dist(redis=url, postgres=None, sessions=False)
         other: Dist = await make_dist(redis=url, postgres=None, sessions=False)
-        held = await dist.lock("k", ttl=5).acquire()
-        waiter = asyncio.create_task(other.lock("k").acquire(timeout=10))
-        await asyncio.sleep(0.1)
-        await held.release()
-        second = await asyncio.wait_for(waiter, 10)  # woken through pub/sub behind Sentinel
-        assert second.fence > held.fence
-        await second.release()
+        await assert_handed_over(dist, other)  # woken through pub/sub behind Sentinel
         async with dist.election("e", ttl=5, renew_deadline=3, retry=1).leadership() as term:
             assert term.fence >= 1
             assert await other.election("e", ttl=5, renew_deadline=3, retry=1).try_lead() is None
@@ -55,22 +50,11 @@ async def test_lock_and_its_pubsub_wake_up_work_over_tls(
         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
     ).start()  # fmt: skip
     url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
-    dists: list[Dist] = []
     try:
-        for _ in range(2):
-            dists.append(await make_dist(redis=url, postgres=None, sessions=False))
-        dist, other = dists
-        assert dist.runtime.redis is not None and dist.runtime.redis.multiplexed is None
-        held = await dist.lock("k", ttl=5).acquire()
-        waiter = asyncio.create_task(other.lock("k").acquire(timeout=10))
-        await asyncio.sleep(0.1)
-        await held.release()
-        second = await asyncio.wait_for(waiter, 10)  # woken through pub/sub over TLS
-        assert second.fence > held.fence
-        await second.release()
+        async with two_dists(make_dist, url) as (dist, other):
+            assert dist.runtime.redis is not None and dist.runtime.redis.multiplexed is None
+            await assert_handed_over(dist, other)  # woken through pub/sub over TLS
     finally:
-        for made in dists:
-            await made.stop()
         server.close()
 
 

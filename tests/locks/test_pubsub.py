@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from asgi_dist import ConfigError, Dist
+from tests.helpers.handoff import assert_handed_over, two_dists
 from tests.helpers.servers import RedisServer
 
 
@@ -167,28 +168,15 @@ async def test_hub_and_lock_wake_ups_over_a_password_or_a_unix_socket(
     else:
         server = RedisServer("--requirepass", "s3cret").start()
         url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
-    dists: list[Dist] = []
     try:
-        for _ in range(2):
-            dists.append(await make_dist(redis=url, postgres=None, sessions=False))
-        first, second = dists
-        assert first.runtime.redis.multiplexed is not None
-        got: list[bytes | None] = []
-        await first.runtime.pubsub.subscribe("news", got.append)
-        assert await second.runtime.pubsub.publish("news", b"hi") == 1
-        await _eventually(lambda: _true_if(got == [b"hi"]))
-
-        held = await first.lock("l", ttl=5.0).acquire()
-        waiting = asyncio.ensure_future(second.lock("l", ttl=5.0).acquire(timeout=5.0))
-        await asyncio.sleep(0.1)  # the waiter of the other Dist queues and sleeps
-        assert not waiting.done()
-        await held.release()
-        handed = await asyncio.wait_for(waiting, 5)
-        assert handed.fence > held.fence
-        await handed.release()
+        async with two_dists(make_dist, url) as (first, second):
+            assert first.runtime.redis.multiplexed is not None
+            got: list[bytes | None] = []
+            await first.runtime.pubsub.subscribe("news", got.append)
+            assert await second.runtime.pubsub.publish("news", b"hi") == 1
+            await _eventually(lambda: _true_if(got == [b"hi"]))
+            await assert_handed_over(first, second)
     finally:
-        for dist in dists:  # before the server goes
-            await dist.stop()
         server.close()
 
 
@@ -210,11 +198,8 @@ async def test_a_redis_user_without_channel_rights_is_refused_at_start_with_the_
             Dist(redis=url, postgres=None, namespace=namespace, sessions=False) for _ in "12"
         )
         async with first, second:  # the namespace's channels are enough
-            held = await first.lock("l", ttl=5).acquire()
-            waiting = asyncio.ensure_future(second.lock("l", ttl=5).acquire(timeout=5))
-            await asyncio.sleep(0.05)
-            await held.release()  # publishes the hand-off to the other Dist's process channel
-            await (await asyncio.wait_for(waiting, 5)).release()
+            # The release publishes the hand-off on the other Dist's process channel.
+            await assert_handed_over(first, second)
     finally:
         server.close()
 
