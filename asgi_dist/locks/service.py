@@ -99,14 +99,15 @@ class LockService:
     def backend(self, name: str | None = None, *, fair: bool = False) -> LeaseBackend:
         """The lease backend called ``name`` (default: the first configured)."""
         chosen: str = name or self.runtime.default_backend
-        if fair and chosen == "memory":
-            # Every waiter is local: the per-name FIFO turnstile already serves
-            # them in arrival order, with no barging past queued waiters.
+        if fair and chosen in ("memory", "zookeeper"):
+            # Fair already: in memory every waiter is local and the per-name FIFO
+            # turnstile serves them in arrival order; ZooKeeper serves contenders
+            # in the order of their sequential znodes.
             fair = False
         if fair and chosen != "redis":
             raise ConfigError(
-                f"fair=True needs the Redis or memory backend (got backend={chosen!r}): pass "
-                "backend='redis' or drop fair=True"
+                f"fair=True needs the Redis, ZooKeeper or memory backend (got "
+                f"backend={chosen!r}): pass another backend= or drop fair=True"
             )
         cache_key = f"{chosen}:fair" if fair else chosen
         found = self._backends.get(cache_key)
@@ -157,7 +158,8 @@ class LockService:
             fair: serve waiters in arrival order, handing the lease directly to the
                 next waiter (Redis); use the same fairness for every user of a name.
             reentrant: let the task holding it acquire it again (nested, counted).
-            backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the first configured.
+            backend: ``"redis"``, ``"postgres"``, ``"zookeeper"`` or ``"memory"``; default
+                the first configured.
         """
         validate_name(name, "lock name")
         validate_timing(ttl, timeout)

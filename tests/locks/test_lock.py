@@ -142,5 +142,5 @@ def test_options_are_validated() -> None:
         dist.lock("k", timeout=-1)
     with pytest.raises(ConfigError, match="brace"):
         dist.lock("a{b}")
-    with pytest.raises(ConfigError, match="fair=True needs the Redis"):
+    with pytest.raises(ConfigError, match="fair=True needs the Redis, ZooKeeper or memory"):
         dist.lock("k", fair=True, backend="postgres")

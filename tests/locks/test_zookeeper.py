@@ -141,7 +141,11 @@ async def test_each_waiter_is_woken_once_by_its_predecessor_in_arrival_order(
     # ttl=30 makes the waiters' safety re-check 30 s away: everything below
     # happens through watches, and each waiter gets exactly one wake-up.
     dists = [await zk_dist() for _ in range(4)]
-    locks = [d.lock("queue", ttl=30, backend="zookeeper") for d in dists]
+    # The recipe is fair by construction, so fair=True is accepted (and changes
+    # nothing): half the contenders ask for it.
+    locks = [
+        d.lock("queue", ttl=30, fair=i % 2 == 1, backend="zookeeper") for i, d in enumerate(dists)
+    ]
     holder = await locks[0].acquire()
     order: list[int] = []
     fences: list[int] = [holder.fence]
