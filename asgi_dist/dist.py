@@ -185,7 +185,8 @@ class Dist:
         if self._started:
             return
         runtime = self.runtime
-        runtime.stopping.clear()  # a Dist may be started again after a stop
+        # A Dist may be started again after a stop, maybe on another event loop.
+        runtime.stopping = asyncio.Event()
         try:
             for cap in self._capabilities():
                 cap.register()

@@ -340,6 +340,14 @@ class Watchdog:
         self._wake_at = math.inf
         self.ticks = 0
 
+    def on_start(self) -> None:
+        """The Dist starts, maybe on another event loop than last time (two
+        ``TestClient`` blocks in a row): an Event bound to the old one would
+        crash the task, and leases would expire unrenewed."""
+        self._changed = asyncio.Event()
+        self._task = None
+        self._wake_at = math.inf
+
     def add(self, held: Held) -> None:
         self._held.add(held)
         if self._task is None or self._task.done():

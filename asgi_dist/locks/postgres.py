@@ -133,6 +133,13 @@ class PostgresWakeups:
             self.listening = False
             self.local.wake_all()  # re-check now; polling until listening again
 
+    def on_start(self) -> None:
+        """Listen again after a stop (on this start's loop, which may be another)."""
+        self._closed = False
+        self._gave_up = False
+        self._starting = None
+        self._probed = asyncio.Event()
+
     async def close(self) -> None:
         self._closed = True
         self.listening = False

@@ -61,6 +61,15 @@ class LockService:
             self.runtime.postgres.register_migrations("locks", MIGRATIONS)
 
     async def start(self) -> None:
+        # What outlives a stop gets fresh asyncio primitives: the Dist may start
+        # again on another event loop (two TestClient blocks in a row).
+        self.watchdog.on_start()
+        for backend in self._backends.values():
+            on_start = getattr(backend, "on_start", None)
+            if on_start is not None:
+                on_start()
+        if self._pg_wakeups is not None:
+            self._pg_wakeups.on_start()
         if self.runtime.redis is not None:
             # Pipelined EVALSHA (the watchdog) has no NOSCRIPT fallback per call.
             plain = self.backend("redis")
@@ -84,9 +93,10 @@ class LockService:
                 await asyncio.wait_for(give_back(), 5.0)
             except TimeoutError:
                 log.warning("could not release %d leases at stop; they expire by ttl", len(held))
-        wakeups, self._pg_wakeups = self._pg_wakeups, None
-        if wakeups is not None:
-            await wakeups.close()
+        if self._pg_wakeups is not None:
+            # Kept: the PostgreSQL lease backends hold it, and listen again after
+            # the next start.
+            await self._pg_wakeups.close()
         redlocks, self._redlocks = self._redlocks, []
         for leases in redlocks:
             await leases.close()

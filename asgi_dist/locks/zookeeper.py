@@ -143,6 +143,14 @@ class ZooKeeperLeases:
         self.attempts = 0
         self.wakeups = 0
 
+    def on_start(self) -> None:
+        """The Dist starts again, maybe on another event loop: the last run's
+        sessions are closed, and with them its znodes; start afresh."""
+        self._contenders.clear()
+        self._orphans.clear()
+        self._reaper = None
+        self._reachable = asyncio.Event()
+
     # LeaseBackend ------------------------------------------------------------------
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:

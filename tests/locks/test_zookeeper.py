@@ -425,3 +425,30 @@ async def test_zookeeper_backend_needs_a_zookeeper(make_dist: Callable[..., Any]
     dist: Dist = await make_dist(redis=None, postgres=None, sessions=False)
     with pytest.raises(ConfigError, match="zookeeper"):
         dist.lock("x", backend="zookeeper")
+
+
+def test_dists_started_again_on_a_new_event_loop_wait_on_zookeeper_as_before(
+    zookeeper_hosts: str, namespace: str
+) -> None:
+    holder, waiter = (
+        Dist(zookeeper=zookeeper_hosts, namespace=namespace, sessions=False) for _ in range(2)
+    )
+
+    async def run() -> list[int]:
+        async with holder, waiter:
+            first = await holder.lock("again", ttl=30, backend="zookeeper").acquire()
+            waiting = asyncio.create_task(
+                waiter.lock("again", ttl=30, backend="zookeeper").acquire(timeout=10)
+            )
+            await _until(partial(_has, holder, "again", 2), "the waiter queued")
+            wakeups = _leases(waiter).wakeups
+            await first.release()
+            second = await waiting
+            # Woken by the watch on its predecessor (ttl=30: no re-check before).
+            assert _leases(waiter).wakeups == wakeups + 1
+            await second.release()
+            return [first.fence, second.fence]
+
+    # Each asyncio.run is a new event loop, as each `with TestClient(app)` block is.
+    fences = asyncio.run(run()) + asyncio.run(run())
+    assert fences == sorted(set(fences))
