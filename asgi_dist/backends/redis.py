@@ -88,8 +88,11 @@ def _password(netloc: str) -> tuple[str | None, str | None]:
 
 
 def describe_redis_url(url: str) -> str:
-    """``scheme://host:port[,host:port]`` without credentials, for messages."""
+    """``scheme://host:port[,host:port]`` (or ``unix:///path``) without credentials,
+    for messages."""
     parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
     hosts = ",".join(f"{h}:{p}" for h, p in _hosts(parts.netloc, 6379))
     return f"{parts.scheme}://{hosts}"
 

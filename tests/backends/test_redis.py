@@ -27,6 +27,7 @@ def test_names_that_cannot_be_keys_are_refused(name: str) -> None:
 
 def test_urls_are_described_without_credentials() -> None:
     assert describe_redis_url("redis://:pw@10.0.0.1:6380/1") == "redis://10.0.0.1:6380"
+    assert describe_redis_url("unix://:pw@/run/redis.sock?db=2") == "unix:///run/redis.sock"
     assert (
         describe_redis_url("redis+sentinel://u:pw@h1:26379,h2:26380/mymaster/2")
         == "redis+sentinel://h1:26379,h2:26380"
