@@ -43,9 +43,14 @@ class RequestHook(Protocol):
     runs before ``http.response.start`` is forwarded and may add headers to
     ``message``; if it raises, the middleware answers with an error response
     instead of the app's (a failed commit must never look like success).
+    ``check_response`` runs on every hook before any ``on_response_start``: what
+    can fail without I/O (a session that cannot be stored) fails there, before
+    another hook commits anything.
     """
 
     async def on_request(self, ctx: RequestContext) -> None: ...
+
+    def check_response(self, ctx: RequestContext) -> None: ...
 
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None: ...
 

@@ -148,6 +148,8 @@ class DistMiddleware:
                 return  # the app's body belongs to a response we replaced
             if message["type"] in ("http.response.start", "websocket.accept"):
                 try:
+                    for hook in entered:
+                        hook.check_response(ctx)
                     for hook in reversed(entered):
                         await hook.on_response_start(ctx, message)
                 except Exception as exc:

@@ -111,6 +111,9 @@ class LockHook:
     async def on_request(self, ctx: RequestContext) -> None:
         ctx.locks = RequestLocks(self._service)
 
+    def check_response(self, ctx: RequestContext) -> None:
+        pass
+
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         return None
 

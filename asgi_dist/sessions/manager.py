@@ -283,6 +283,12 @@ class _SessionHook:
         ctx.session = session
         ctx.scope["session"] = session
 
+    def check_response(self, ctx: RequestContext) -> None:
+        # Encoded and size-checked before the request's transaction commits: a
+        # session that cannot be stored fails the request with nothing written.
+        if ctx.session is not None:
+            ctx.session.prepare()
+
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         session = ctx.session
         if session is None:

@@ -47,6 +47,7 @@ class Session(MutableMapping[str, Any]):
         "_invalidated",
         "_manager",
         "_max_size",
+        "_prepared",
         "_raw",
         "_regenerated",
         "_size",
@@ -80,6 +81,7 @@ class Session(MutableMapping[str, Any]):
         self._size = -1  # bytes of keys and JSON values; counted when first needed
         self._dirty: dict[str, str] = {}  # key -> new JSON text
         self._deleted: set[str] = set()
+        self._prepared: SessionDelta | None = None  # delta() computed ahead, by prepare()
         self._user_id = stored.user_id if stored is not None else None
         self._stored_user_id = self._user_id
         self._user_changed = False
@@ -228,24 +230,41 @@ class Session(MutableMapping[str, Any]):
             return True
         return self._accessed and any(isinstance(v, dict | list) for v in self._values.values())
 
+    def prepare(self) -> None:
+        """Compute (and so check) what :meth:`delta` will return, before any commit."""
+        if self.may_have_changed or (self.is_new and self.has_content):
+            self._prepared = self.delta()
+
     def delta(self) -> SessionDelta:
         """The changes of this request: keys set, keys deleted, in-place mutations."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            return prepared
         changed = dict(self._dirty)
-        grown = False
+        grown: list[str] = []  # keys changed in place
         if self._accessed:
             for key, value in self._values.items():
                 # Only containers can change without __setitem__.
                 if isinstance(value, dict | list):
-                    text = _encode(value)
+                    try:
+                        text = _encode(value)
+                    except (TypeError, ValueError) as exc:
+                        raise SessionError(
+                            f"session[{key!r}] was changed in place to something JSON cannot "
+                            f"store ({exc}); nothing was stored: put only str, int, float, "
+                            "bool, None, and lists/dicts of them in the session"
+                        ) from None
                     if text != changed.get(key, self._raw.get(key)):
                         changed[key] = text
-                        grown = True
+                        grown.append(key)
         if grown:
             size = sum(_size(k, changed.get(k) or self._raw[k]) for k in self._values)
             if size > self._max_size:
+                keys = ", ".join(f"session[{k!r}]" for k in grown)
                 raise SessionTooLarge(
-                    f"the session grew to {size} bytes by changes made in place, over "
-                    f"max_size={self._max_size}; nothing was stored"
+                    f"the session grew to {size} bytes by changes made in place to {keys}, "
+                    f"over max_size={self._max_size}; nothing was stored: keep large data "
+                    "elsewhere and put its id in the session, or raise SessionConfig(max_size=...)"
                 )
         return SessionDelta(
             set=changed,

@@ -411,6 +411,9 @@ class TransactionHook:
     async def on_request(self, ctx: RequestContext) -> None:
         ctx.transactions = self
 
+    def check_response(self, ctx: RequestContext) -> None:
+        pass
+
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         tx = ctx.tx
         if tx is None or tx._state != "open":

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from asgi_dist import ConfigError, Dist, TransactionError, get_tx
+from asgi_dist import get_session as get_session_
 from asgi_dist.integrations.fastapi import TxDep
 from asgi_dist.transactions import TransactionConfig, transactional
 
@@ -498,3 +499,40 @@ async def test_a_cancelled_request_rolls_back_and_returns_its_connection(
     else:
         raise AssertionError("the cancelled request kept its connection")
     assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
+
+
+@pytest.mark.parametrize("change", ["not JSON", "over max_size"])
+async def test_a_session_that_cannot_be_stored_fails_the_request_before_the_commit(
+    dist: Dist, pg: asyncpg.Connection, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session is encoded and size-checked before the request transaction
+    commits: a 500 never hides a committed write (a retry would do it twice)."""
+    orders = f"{dist.namespace}_orders"
+
+    async def setup(request: Request) -> JSONResponse:
+        get_session_()["items"] = []
+        get_session_()["kept"] = "before"
+        return JSONResponse({})
+
+    async def order(request: Request) -> JSONResponse:
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (5)")
+        session = get_session_()
+        session["kept"] = "changed by the failed request"
+        # Changed in place: only the save can see it.
+        session["items"].append({1, 2} if change == "not JSON" else "x" * 70_000)
+        return JSONResponse({"ordered": 5}, status_code=201)
+
+    async def show(request: Request) -> JSONResponse:
+        return JSONResponse(dict(get_session_()))
+
+    app = dist.wrap(
+        Starlette(routes=[Route("/setup", setup), Route("/order", order), Route("/show", show)])
+    )
+    async with client(app) as http:
+        await http.get("/setup")
+        answer = await http.get("/order")
+        shown = (await http.get("/show")).json()
+    assert answer.status_code == 500
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0, "the insert was committed"
+    assert shown == {"items": [], "kept": "before"}
+    assert "session['items']" in caplog.text
