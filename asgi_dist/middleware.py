@@ -90,7 +90,10 @@ class DistMiddleware:
         except Exception as exc:
             log.error("asgi_dist could not start: %s", exc)
             await send({"type": "lifespan.startup.failed", "message": f"asgi_dist: {exc}"})
-            return
+            # Raised too, as Starlette's router does: servers expect it (uvicorn and
+            # hypercorn report the failure once), and Starlette's TestClient would
+            # otherwise wait forever.
+            raise
 
         startup_answered = shutdown_answered = False
         pending: list[Message] = [message]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,6 +81,29 @@ async def test_lifespan_reports_start_failure_with_the_message() -> None:
     assert message["type"] == "lifespan.startup.failed"
     assert "127.0.0.1:1" in message["message"]
     assert "hunter2" not in message["message"]
+    assert not dist.started
+
+
+def test_a_dist_that_cannot_start_fails_starlettes_test_client_instead_of_hanging() -> None:
+    # Unreachable Redis: start() fails.  TestClient waits for the app to raise
+    # after lifespan.startup.failed, as Starlette's own router does.
+    dist = Dist(redis="redis://127.0.0.1:1/0", secret_keys=["k" * 32], connect_timeout=1)
+    app = dist.wrap(Starlette())
+    outcome: list[BaseException | None] = []
+
+    def enter() -> None:
+        try:
+            with TestClient(app):
+                outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=enter, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert outcome, "TestClient hung on a failed startup"
+    assert isinstance(outcome[0], BackendUnavailable), outcome
+    assert "127.0.0.1:1" in str(outcome[0])
     assert not dist.started
 
 
