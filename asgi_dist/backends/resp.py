@@ -75,6 +75,11 @@ class _Protocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.last_reply = time.monotonic()
         self._out: list[bytes] = []
+        # Commands unanswered this long fail (and the connection is dropped): a
+        # frozen or vanished server costs a reconnect, never a hang.  One timer at
+        # a time, armed when commands start waiting, re-armed while they still do.
+        self.dead_after: float | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports are not subclasses
@@ -101,6 +106,8 @@ class _Protocol(asyncio.Protocol):
             self.waiting.append(receiver)
             assert self.transport is not None
             self.transport.write(command)
+            if self._stall is None and self.dead_after is not None:
+                self._stall = self.loop.call_later(self.dead_after, self._check_stall)
             return
         self.waiting.append(receiver)
         if not self._out:
@@ -138,6 +145,16 @@ class _Protocol(asyncio.Protocol):
             else:
                 _deliver(receiver, reply, None)
 
+    def _check_stall(self) -> None:
+        self._stall = None
+        if self.closed or not self.waiting or self.dead_after is None:
+            return
+        silent = time.monotonic() - self.last_reply
+        if silent >= self.dead_after:
+            self.abort(f"no reply for {self.dead_after:g}s (server frozen or gone?)")
+        else:
+            self._stall = self.loop.call_later(self.dead_after - silent, self._check_stall)
+
     def _lost(self, why: str = "connection closed") -> redis_errors.ConnectionError:
         return redis_errors.ConnectionError(f"Redis at {self.where}: {why}")
 
@@ -151,6 +168,9 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: redis_errors.ConnectionError) -> None:
         self.closed = True
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if not self.lost.done():
             self.lost.set_exception(error)
             self.lost.exception()  # retrieved: nobody need be awaiting it
@@ -206,9 +226,11 @@ class MultiplexedRedis:
     """The commands of every task of a process over one connection (see the module).
 
     ``connection`` holds what :func:`redis.asyncio.connection.parse_url` gives
-    for a ``redis://`` or ``unix://`` URL.  A connection that has had commands
-    waiting longer than ``dead_after`` without any reply is dropped when the next
-    command comes, so a vanished server costs a reconnect, not a hang.
+    for a ``redis://`` or ``unix://`` URL.  Commands that wait longer than
+    ``dead_after`` without any reply on their connection fail with a
+    ``ConnectionError`` and the connection is dropped, so a frozen or vanished
+    server costs a reconnect, not a hang (the kernel of a frozen server still
+    accepts connections, so only a timer can tell).
     """
 
     def __init__(
@@ -271,13 +293,9 @@ class MultiplexedRedis:
         return packed
 
     def _live_protocol(self) -> _Protocol | None:
-        """The open connection, unless it had commands unanswered past ``dead_after``
-        (then it is dropped and the caller connects anew)."""
+        """The open connection, if any (a stalled one closes itself)."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            return None
-        if protocol.waiting and time.monotonic() - protocol.last_reply >= self.dead_after:
-            protocol.abort(f"no reply for {self.dead_after:g}s")
             return None
         return protocol
 
@@ -315,14 +333,15 @@ class MultiplexedRedis:
         protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
+                # The set-up commands are bounded by connect_timeout; after them, a
+                # command connection bounds its commands by dead_after.
+                def made() -> _Protocol:
+                    return _Protocol(self.where, push)
+
                 if self._path is not None:
-                    _, protocol = await loop.create_unix_connection(
-                        lambda: _Protocol(self.where, push), self._path
-                    )
+                    _, protocol = await loop.create_unix_connection(made, self._path)
                 else:
-                    _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self.where, push), self._host, self._port
-                    )
+                    _, protocol = await loop.create_connection(made, self._host, self._port)
                 for command in (*self._setup, *setup):
                     await protocol.send(hiredis.pack_command(command))
         except BaseException as exc:
@@ -334,6 +353,7 @@ class MultiplexedRedis:
                 ) from exc
             raise
         if push is None:
+            protocol.dead_after = self.dead_after
             self._protocol = protocol
         return protocol
 

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from asgi_dist.backends import as_backend_unavailable
-from asgi_dist.errors import LockLost, LockNotOwned, LockTimeout
+from asgi_dist.errors import BackendUnavailable, LockLost, LockNotOwned, LockTimeout
 from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
 
 __all__ = ["Held", "Watchdog", "acquire_lease", "new_token", "shielded"]
@@ -42,6 +42,16 @@ _IDLE_LINGER = 1.0
 # expiring "now" must not turn the wait into a busy loop.
 _MIN_WAIT = 0.002
 
+# One attempt gets the caller's remaining timeout, and at least this (timeout=0
+# still needs its round trip); a backend that does not answer by then is
+# unavailable, not slow.
+_ATTEMPT_FLOOR = 1.0
+
+# How long a caller waits for a cleanup that must happen (undoing an attempt,
+# leaving the queue) before leaving it to finish on its own: a frozen backend
+# must not hold a cancelled or timed-out caller hostage.
+_CLEANUP_WAIT = 1.0
+
 
 def new_token(owner: str) -> str:
     """A token unique to one acquisition, naming its node for ``leader()``."""
@@ -49,6 +59,17 @@ def new_token(owner: str) -> str:
 
 
 _background: set[asyncio.Task[Any]] = set()
+
+
+async def _clean_up(factory: Callable[[], Awaitable[Any]], what: str) -> None:
+    """``shielded(factory)``, waited for at most ``_CLEANUP_WAIT``; errors logged."""
+    try:
+        async with asyncio.timeout(_CLEANUP_WAIT):
+            await shielded(factory)
+    except TimeoutError:
+        log.debug("%s: still running, left to finish in the background", what)
+    except Exception:
+        log.debug("could not %s", what, exc_info=True)
 
 
 async def shielded(factory: Callable[[], Awaitable[Any]]) -> Any:
@@ -763,7 +784,9 @@ async def acquire_lease(
                 # that a release after it reaches us and no second one is needed.
                 watch = backend.watch_now(kind, name, token)  # type: ignore[attr-defined]
                 registered = True
-            attempt = await _attempt(backend, kind, name, token, ttl, register)
+            attempt = await _attempt(
+                backend, kind, name, token, ttl, register, bound=_attempt_bound(deadline)
+            )
         if attempt.acquired:
             return attempt
         if deadline is not None and loop.time() >= deadline:
@@ -838,7 +861,9 @@ async def acquire_lease(
                 attempt = Attempt(True, granted, ttl, attempt.queued)
                 break
             registered = register
-            attempt = await _attempt(backend, kind, name, token, ttl, register)
+            attempt = await _attempt(
+                backend, kind, name, token, ttl, register, bound=_attempt_bound(deadline)
+            )
         return attempt
     finally:
         won = attempt is not None and attempt.acquired
@@ -856,10 +881,10 @@ async def acquire_lease(
                 # Take the process off the queue (shielded), passing on a lease or
                 # wake-up a release may have sent us, before the turn moves on (the
                 # next local waiter queues the process again with its attempt).
-                try:
-                    await shielded(lambda: backend.leave(kind, name, token))  # type: ignore[attr-defined]
-                except Exception:
-                    log.debug("could not leave the wait for %s %r", kind, name, exc_info=True)
+                await _clean_up(
+                    lambda: backend.leave(kind, name, token),  # type: ignore[attr-defined]
+                    f"leave the wait for {kind} {name!r}",
+                )
         finally:
             if gate is not None:
                 if in_turn:
@@ -873,10 +898,15 @@ async def acquire_lease(
             # A waiter that gives up (timeout, cancellation) leaves its queue
             # entry behind; remove it, shielded, and hand on a lease granted
             # to it meanwhile.
-            try:
-                await shielded(lambda: backend.release(kind, name, token))
-            except Exception:
-                log.debug("could not dequeue from %s %r", kind, name, exc_info=True)
+            await _clean_up(
+                lambda: backend.release(kind, name, token), f"dequeue from {kind} {name!r}"
+            )
+
+
+def _attempt_bound(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None  # waits as long as it takes: the backend's own bounds apply
+    return max(deadline - asyncio.get_running_loop().time(), _ATTEMPT_FLOOR)
 
 
 async def _abandon(
@@ -890,26 +920,38 @@ async def _abandon(
         if granted is not None:
             await backend.release(kind, name, token)
 
-    try:
-        await shielded(settle)
-    except Exception:
-        log.debug("could not give back a lease handed to a waiter that left", exc_info=True)
+    await _clean_up(settle, f"give back {kind} {name!r}, handed to a waiter that left")
 
 
 async def _attempt(
-    backend: LeaseBackend, kind: str, name: str, token: str, ttl: float, register: bool = False
+    backend: LeaseBackend,
+    kind: str,
+    name: str,
+    token: str,
+    ttl: float,
+    register: bool = False,
+    *,
+    bound: float | None = None,
 ) -> Attempt:
+    """One attempt, given ``bound`` seconds (None: the backend's own bounds)."""
+    timer = asyncio.timeout(bound)
     try:
-        if register:
-            return await backend.acquire(kind, name, token, ttl, register=True)  # type: ignore[call-arg]
-        return await backend.acquire(kind, name, token, ttl)
+        async with timer:
+            if register:
+                return await backend.acquire(kind, name, token, ttl, register=True)  # type: ignore[call-arg]
+            return await backend.acquire(kind, name, token, ttl)
     except BaseException as exc:
         # The script may have run although its reply was lost (cancelled,
         # timed out, connection dropped): undo it by token, shielded.
-        try:
-            await shielded(lambda: backend.release(kind, name, token))
-        except Exception:
-            log.debug("could not undo an interrupted attempt on %s %r", kind, name, exc_info=True)
+        await _clean_up(
+            lambda: backend.release(kind, name, token),
+            f"undo an interrupted attempt on {kind} {name!r}",
+        )
+        if timer.expired():
+            raise BackendUnavailable(
+                f"the {backend.name} backend did not answer an attempt on {kind} {name!r} within "
+                f"{bound:g}s (frozen or overloaded?); retry later"
+            ) from exc
         outage = as_backend_unavailable(exc)
         if outage is not None and outage is not exc:
             raise outage from exc

@@ -114,23 +114,46 @@ async def test_a_paused_server_answers_in_order_once_resumed() -> None:
         server.close()
 
 
-async def test_a_connection_without_replies_past_dead_after_is_replaced() -> None:
+async def test_a_command_without_a_reply_past_dead_after_fails_and_the_connection_is_replaced() -> (
+    None
+):
     server = RedisServer().start()
     try:
         mux = create_multiplexed(server.url, connect_timeout=2.0)
         assert mux is not None
         mux.dead_after = 0.3
         await mux.execute_command("PING")
+        # Frozen (SIGSTOP): its kernel still accepts and buffers, nothing answers.
         server.pause()
         stuck = asyncio.ensure_future(mux.execute_command("PING"))
-        await asyncio.sleep(0.4)
-        # The next command finds the connection overdue: the stuck one fails, and the
-        # new one waits on a fresh connection (answered once the server resumes).
-        fresh = asyncio.ensure_future(mux.execute_command("ECHO", "fresh"))
-        with pytest.raises(redis_errors.ConnectionError, match="no reply"):
+        # No other command needed: the connection's own timer fails it.
+        with pytest.raises(redis_errors.ConnectionError, match="no reply for 0.3s"):
             await asyncio.wait_for(stuck, 5)
+        fresh = asyncio.ensure_future(mux.execute_command("ECHO", "fresh"))
+        with pytest.raises(redis_errors.ConnectionError, match="no reply for 0.3s"):
+            await asyncio.wait_for(fresh, 5)  # still frozen: bounded again
         server.resume()
-        assert await asyncio.wait_for(fresh, 5) == b"fresh"
+        assert await asyncio.wait_for(mux.execute_command("ECHO", "back"), 5) == b"back"
+        await mux.aclose()
+    finally:
+        server.close()
+
+
+async def test_replies_that_keep_coming_keep_a_busy_connection() -> None:
+    server = RedisServer().start()
+    try:
+        mux = create_multiplexed(server.url, connect_timeout=2.0)
+        assert mux is not None
+        mux.dead_after = 0.2
+        # Commands wait back to back for a second, five times dead_after: each is
+        # answered at once, so the connection is never taken for dead.
+        protocol = None
+        for _ in range(200):
+            replies = await asyncio.gather(*(mux.execute_command("PING") for _ in range(20)))
+            assert replies == [b"PONG"] * 20
+            protocol = protocol or mux._protocol
+            await asyncio.sleep(0.005)
+        assert mux._protocol is protocol and not protocol.closed  # type: ignore[union-attr]
         await mux.aclose()
     finally:
         server.close()
