@@ -127,10 +127,10 @@ async def test_a_command_without_a_reply_past_dead_after_fails_and_the_connectio
         server.pause()
         stuck = asyncio.ensure_future(mux.execute_command("PING"))
         # No other command needed: the connection's own timer fails it.
-        with pytest.raises(redis_errors.ConnectionError, match="no reply for 0.3s"):
+        with pytest.raises(redis_errors.ConnectionError, match=r"no reply for 0\.3s"):
             await asyncio.wait_for(stuck, 5)
         fresh = asyncio.ensure_future(mux.execute_command("ECHO", "fresh"))
-        with pytest.raises(redis_errors.ConnectionError, match="no reply for 0.3s"):
+        with pytest.raises(redis_errors.ConnectionError, match=r"no reply for 0\.3s"):
             await asyncio.wait_for(fresh, 5)  # still frozen: bounded again
         server.resume()
         assert await asyncio.wait_for(mux.execute_command("ECHO", "back"), 5) == b"back"
