@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
+from asgi_dist._checks import seconds
 from asgi_dist._types import ASGIApp
 from asgi_dist.backends import PostgresBackend, RedisBackend, Runtime, ZooKeeperBackend
 from asgi_dist.backends.redis import RedisClient
@@ -81,10 +82,26 @@ class Dist:
                 f"namespace={namespace!r} is invalid: use 1-40 characters of lowercase letters, "
                 "digits and '_', starting with a letter (it prefixes keys and table names)"
             )
-        if not isinstance(leader_ttl, int | float) or not 1.0 <= leader_ttl <= 3600:
-            raise ConfigError(f"leader_ttl={leader_ttl!r} is invalid: use 1 to 3600 seconds")
-        if not isinstance(connect_timeout, int | float) or connect_timeout <= 0:
-            raise ConfigError(f"connect_timeout={connect_timeout!r} must be a positive number")
+        leader_ttl = seconds(leader_ttl, "leader_ttl", low=1, high=3600)
+        connect_timeout = seconds(connect_timeout, "connect_timeout", open_low=True, high=3600)
+        if (
+            sessions is not None
+            and sessions is not False
+            and not isinstance(sessions, SessionConfig)
+        ):
+            raise ConfigError(
+                f"sessions={sessions!r} is invalid: pass SessionConfig(...), None for the "
+                "defaults, or False to turn sessions off"
+            )
+        for label, value, cls in (
+            ("scheduler", scheduler, SchedulerConfig),
+            ("transactions", transactions, TransactionConfig),
+        ):
+            if value is not None and not isinstance(value, cls):
+                raise ConfigError(
+                    f"{label}={value!r} is invalid: pass {cls.__name__}(...) or None for the "
+                    "defaults"
+                )
         keys = _secret_keys(secret_keys)
         self.namespace = namespace
         self._secret_keys = keys
@@ -158,7 +175,13 @@ class Dist:
         if env.get("ASGI_DIST_SECRET_KEYS"):
             kwargs["secret_keys"] = env["ASGI_DIST_SECRET_KEYS"]
         if env.get("ASGI_DIST_LEADER_TTL"):
-            kwargs["leader_ttl"] = float(env["ASGI_DIST_LEADER_TTL"])
+            try:
+                kwargs["leader_ttl"] = float(env["ASGI_DIST_LEADER_TTL"])
+            except ValueError:
+                raise ConfigError(
+                    f"ASGI_DIST_LEADER_TTL={env['ASGI_DIST_LEADER_TTL']!r} is not a number of "
+                    "seconds: set it to e.g. 15"
+                ) from None
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -292,6 +315,11 @@ class Dist:
 def _secret_keys(value: Sequence[str] | str | None) -> list[str]:
     if value is None:
         return []
+    if not isinstance(value, str | list | tuple):
+        raise ConfigError(
+            f"secret_keys={value!r} is invalid: pass a list of strings, newest first, or one "
+            "comma-separated string"
+        )
     keys = [k.strip() for k in value.split(",")] if isinstance(value, str) else list(value)
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise ConfigError(

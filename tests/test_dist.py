@@ -26,6 +26,19 @@ KEYS = ["a-test-secret-key-of-32-chars-xx"]
         ({"redis": "http://127.0.0.1:6379"}, "unsupported Redis URL scheme 'http'"),
         ({"redis": "redis+sentinel://127.0.0.1:26379"}, "names no service"),
         ({"postgres": 42}, "postgres=42"),
+        ({"redis": 123}, "redis=123 is invalid: pass a URL"),
+        ({"redis": "not a url"}, "scheme '' in 'not a url'"),
+        ({"redis": "redis://127.0.0.1:notaport"}, "redis://127.0.0.1:notaport is invalid"),
+        ({"redis": "redis://127.0.0.1:6379/x"}, "database 'x' is not a number"),
+        ({"secret_keys": 123}, "secret_keys=123"),
+        ({"sessions": True}, "sessions=True"),
+        ({"sessions": {}}, "sessions={}"),
+        ({"scheduler": "on"}, "scheduler='on'"),
+        ({"leader_ttl": True}, "leader_ttl=True"),
+        ({"leader_ttl": float("nan")}, "leader_ttl=nan"),
+        ({"connect_timeout": float("nan")}, "connect_timeout=nan"),
+        ({"connect_timeout": float("inf")}, "connect_timeout=inf"),
+        ({"zookeeper": "::::"}, "zookeeper='::::'"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_value_and_the_fix(
@@ -34,6 +47,14 @@ def test_bad_configuration_is_refused_with_the_value_and_the_fix(
     with pytest.raises(ConfigError) as info:
         Dist(**kwargs)  # type: ignore[arg-type]
     assert names in str(info.value)
+
+
+def test_a_leader_ttl_from_the_environment_that_is_not_a_number_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASGI_DIST_LEADER_TTL", "x")
+    with pytest.raises(ConfigError, match="ASGI_DIST_LEADER_TTL='x' is not a number"):
+        Dist.from_env()
 
 
 def test_serving_sessions_from_redis_without_keys_is_refused() -> None:

@@ -115,6 +115,30 @@ def create_multiplexed(url: str, *, connect_timeout: float = 5.0) -> Multiplexed
     )
 
 
+def _check_url(url: str) -> None:
+    """Refuse a URL whose port or database is not a number, before anything connects."""
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.scheme else repr(url)
+    if parts.scheme not in _SCHEMES:
+        raise ConfigError(
+            f"unsupported Redis URL scheme {parts.scheme!r} in {shown}: use "
+            "redis://, rediss://, unix:///path/to/redis.sock, "
+            "redis+sentinel://host:port/service or redis+cluster://host:port"
+        )
+    try:
+        _hosts(parts.netloc, 6379)
+        if parts.scheme in ("redis", "rediss"):
+            # redis-py would silently ignore a database that is not a number.
+            db = unquote(parts.path).strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"database {db!r} is not a number")
+    except ValueError as exc:
+        raise ConfigError(
+            f"the Redis URL {shown} is invalid ({exc}): the port and the database must be "
+            "numbers, as in redis://host:6379/0"
+        ) from None
+
+
 def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClient:
     """Build a ``redis.asyncio`` client for any of the supported URL forms."""
     parts = urlsplit(url)
@@ -252,15 +276,21 @@ class RedisBackend:
         self.namespace = namespace
         self.connect_timeout = connect_timeout
         if isinstance(target, str):
+            _check_url(target)
             self.where = describe_redis_url(target)
             self.client: RedisClient = create_redis_client(target, connect_timeout=connect_timeout)
             self.multiplexed = create_multiplexed(target, connect_timeout=connect_timeout)
             self._owns_client = True
-        else:
+        elif isinstance(target, Redis | RedisCluster):
             self.where = _describe_client(target)
             self.client = target
             self.multiplexed = None  # a client the app built: all traffic goes through it
             self._owns_client = False
+        else:
+            raise ConfigError(
+                f"redis={target!r} is invalid: pass a URL like 'redis://host:6379/0' or a "
+                "redis.asyncio.Redis (or RedisCluster) client"
+            )
         # Per-request scripts (sessions, locks) run here; everything else on self.client.
         self.commands: ScriptClient = self.multiplexed or self.client
         self.is_cluster = isinstance(self.client, RedisCluster)

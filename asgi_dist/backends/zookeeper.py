@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -197,11 +198,17 @@ class ZooKeeperSession:
         await asyncio.to_thread(self.client.close)
 
 
+# host[:port] (a name, an IPv4 address or a bracketed IPv6 one), comma-separated,
+# then an optional chroot path: what kazoo accepts.
+_HOST = r"(?:[\w.-]+|\[[0-9a-fA-F:.]+\])(?::\d+)?"
+_HOSTS = re.compile(rf"{_HOST}(?:,{_HOST})*(?:/\S*)?")
+
+
 class ZooKeeperBackend:
     """The ZooKeeper sessions of one Dist."""
 
     def __init__(self, hosts: str, *, namespace: str, connect_timeout: float = 5.0) -> None:
-        if not isinstance(hosts, str) or not hosts.strip():
+        if not isinstance(hosts, str) or not _HOSTS.fullmatch(hosts.strip()):
             raise ConfigError(
                 f"zookeeper={hosts!r} is invalid: use 'host:port[,host:port][/chroot]'"
             )

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from asgi_dist._checks import seconds
 from asgi_dist.errors import ConfigError, LockLost, LockTimeout
 from asgi_dist.locks.backend import LeaseBackend
 from asgi_dist.locks.lease import Held, Watchdog, acquire_lease, new_token
@@ -41,9 +42,11 @@ def election_timings(
     leader_ttl: float, ttl: float | None, renew_deadline: float | None, retry: float | None
 ) -> tuple[float, float, float]:
     """Fill defaults from ``leader_ttl`` and validate ``ttl > renew_deadline > 1.2 * retry``."""
-    ttl = float(leader_ttl if ttl is None else ttl)
-    renew_deadline = float(ttl * 2 / 3 if renew_deadline is None else renew_deadline)
-    retry = float(ttl * 2 / 15 if retry is None else retry)
+    ttl = seconds(leader_ttl if ttl is None else ttl, "ttl", open_low=True, high=86400)
+    renew_deadline = seconds(
+        ttl * 2 / 3 if renew_deadline is None else renew_deadline, "renew_deadline", open_low=True
+    )
+    retry = seconds(ttl * 2 / 15 if retry is None else retry, "retry", open_low=True)
     if not (ttl > renew_deadline > 1.2 * retry > 0):
         raise ConfigError(
             f"election timings ttl={ttl:g}, renew_deadline={renew_deadline:g}, retry={retry:g} "
@@ -132,6 +135,7 @@ class Election:
                 await asyncio.sleep(self.retry)
 
     async def _campaign(self, *, timeout: float | None) -> Term:  # noqa: ASYNC109
+        self._watchdog.check_running(KIND, self.name)
         token = new_token(self.node_id)
         attempt = await acquire_lease(
             self.backend,

@@ -24,8 +24,15 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from asgi_dist._checks import lease_ttl
 from asgi_dist.backends import as_backend_unavailable
-from asgi_dist.errors import BackendUnavailable, LockLost, LockNotOwned, LockTimeout
+from asgi_dist.errors import (
+    BackendUnavailable,
+    ConfigError,
+    LockLost,
+    LockNotOwned,
+    LockTimeout,
+)
 from asgi_dist.locks.backend import Attempt, LeaseBackend, Renewal, Watch
 
 __all__ = ["Held", "Watchdog", "acquire_lease", "new_token", "shielded"]
@@ -155,10 +162,8 @@ class Held:
 
     async def extend(self, ttl: float | None = None) -> None:
         """Reset the lease to ``ttl`` (default: the original ttl) from now."""
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl={ttl!r} must be positive")
+        new_ttl = self.ttl if ttl is None else lease_ttl(ttl, "extend(ttl)")
         self._check_owned("extend")
-        new_ttl = self.ttl if ttl is None else float(ttl)
         sent = asyncio.get_running_loop().time()
         if not await self.backend.renew(self.kind, self.name, self.token, new_ttl):
             self.mark_lost("extend() found the lease expired or taken over")
@@ -360,6 +365,9 @@ class Watchdog:
         # acquisition a turn of the loop.
         self._wake_at = math.inf
         self.ticks = 0
+        # Between the Dist's start and stop: no lease may be taken outside it,
+        # where nothing would renew it, or give it back at stop.
+        self.running = False
 
     def on_start(self) -> None:
         """The Dist starts, maybe on another event loop than last time (two
@@ -368,6 +376,15 @@ class Watchdog:
         self._changed = asyncio.Event()
         self._task = None
         self._wake_at = math.inf
+        self.running = True
+
+    def check_running(self, kind: str, name: str) -> None:
+        if not self.running:
+            raise ConfigError(
+                f"cannot acquire {kind} {name!r}: the Dist is not started (or was stopped); "
+                "use 'async with dist:' in a script, dist.wrap(app) in an ASGI app (it "
+                "starts with the lifespan), or await dist.start()"
+            )
 
     def add(self, held: Held) -> None:
         self._held.add(held)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from types import TracebackType
 from typing import Any
 
+from asgi_dist._checks import lease_ttl
 from asgi_dist.errors import ConfigError
 from asgi_dist.locks.backend import LeaseBackend
 from asgi_dist.locks.lease import Held, Watchdog, acquire_lease, new_token
@@ -18,11 +20,15 @@ _DEFAULT: Any = object()
 
 
 def validate_timing(ttl: float, timeout: float | None) -> None:
-    if not isinstance(ttl, int | float) or not 0.01 <= ttl <= 86400:
-        raise ConfigError(f"ttl={ttl!r} is invalid: use 0.01 to 86400 seconds (a lease must end)")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+    lease_ttl(ttl)
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout < math.inf
+    ):
         raise ConfigError(
-            f"timeout={timeout!r} is invalid: use None (wait forever), 0 (try once) or seconds"
+            f"timeout={timeout!r} is invalid: use None (wait forever), 0 (try once) or a "
+            "finite number of seconds"
         )
 
 
@@ -67,6 +73,7 @@ class Lock:
         if timeout is _DEFAULT:
             timeout = self.timeout
         validate_timing(self.ttl, timeout)
+        self._watchdog.check_running(self.kind, self.name)
         key = (id(self.backend), self.name)
         if self.reentrant:
             current = self._owners.get(key)

@@ -78,6 +78,7 @@ class LockService:
 
     async def stop(self) -> None:
         """Resign every lease still held: elections hand over at once, not after a ttl."""
+        self.watchdog.running = False
         held = list(self.watchdog.held)
         for h in held:
             h.mark_lost("the Dist is stopping")

@@ -144,3 +144,40 @@ def test_options_are_validated() -> None:
         dist.lock("a{b}")
     with pytest.raises(ConfigError, match="fair=True needs the Redis, ZooKeeper or memory"):
         dist.lock("k", fair=True, backend="postgres")
+    for bad in (float("nan"), float("inf"), True, "5"):
+        with pytest.raises(ConfigError, match="timeout="):
+            dist.lock("k", timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="ttl="):
+            dist.lock("k", ttl=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="retry='x' is invalid"):
+        dist.election("e", retry="x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_extend_refuses_a_ttl_out_of_range_and_keeps_the_lease(
+    make_dist, backend: str
+) -> None:
+    dist: Dist = await make_dist(sessions=False)
+    held = await dist.lock("k", ttl=5, backend=backend).acquire()  # type: ignore[arg-type]
+    for bad in (0, -1, float("nan"), float("inf"), 10**9, "5", True):
+        with pytest.raises(ConfigError, match=r"extend\(ttl\)="):
+            await held.extend(bad)  # type: ignore[arg-type]
+    await held.extend(10)
+    assert not held.lost.is_set()
+    await held.release()
+
+
+async def test_locks_refuse_to_be_taken_on_a_dist_that_is_not_running(make_dist) -> None:
+    dist: Dist = await make_dist(sessions=False, start=False)
+    lock, election = dist.lock("k"), dist.election("e")
+    with pytest.raises(ConfigError, match="the Dist is not started"):
+        await lock.acquire(timeout=0)
+    async with dist:
+        await (await lock.acquire(timeout=0)).release()
+        term = await election.campaign(timeout=5)
+        await term.release()
+    # Stopped: nothing would renew a lease taken now, or give it back.
+    with pytest.raises(ConfigError, match="the Dist is not started"):
+        await lock.acquire(timeout=0)
+    with pytest.raises(ConfigError, match="the Dist is not started"):
+        await election.campaign(timeout=0)
