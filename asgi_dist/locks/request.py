@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import logging
 import string
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from asgi_dist._types import Message
 from asgi_dist.backends import BackendName
+from asgi_dist.backends.redis import MAX_NAME_LENGTH
 from asgi_dist.context import RequestContext, current_request
 from asgi_dist.errors import ConfigError, LockLost, LockNotOwned, NoRequestContext
 from asgi_dist.locks.lease import Held
@@ -137,6 +139,22 @@ def _fields(template: str) -> list[str]:
     return fields
 
 
+# Percent-encoded in a path parameter's value: what a lock name may not hold
+# (braces, control characters), and '%' itself, so that distinct values stay
+# distinct names.
+_ESCAPE = {c: f"%{c:02X}" for c in [*range(32), 127, ord("{"), ord("}"), ord("%")]}
+
+
+def _name(template: str, values: dict[str, Any]) -> str:
+    """The lock name for these path parameters: any value a client sends names a
+    lock (escaped, and hashed if the name would be too long), never an error."""
+    name = template.format_map({k: str(v).translate(_ESCAPE) for k, v in values.items()})
+    if len(name) > MAX_NAME_LENGTH:
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        name = f"{template.partition('{')[0]}sha256:{digest}"
+    return name
+
+
 def locked(
     service: LockService,
     template: str,
@@ -176,7 +194,7 @@ def locked(
                     f"@dist.locked({template!r}) found no path parameter {missing[0]!r} "
                     f"on {endpoint.__qualname__}; name the route parameter like the template"
                 )
-            name = template.format_map({f: params[f] for f in fields})
+            name = _name(template, {f: params[f] for f in fields})
             if ctx is not None and ctx.locks is not None:
                 locks = ctx.locks
                 await locks.acquire(name, timeout=timeout, ttl=ttl, fair=fair, backend=backend)

@@ -20,6 +20,12 @@ def create_app(dist: Dist) -> DistMiddleware:
         await asyncio.sleep(hold)
         return {"order": order_id, "fence": held.fence, "pid": os.getpid()}
 
+    @app.post("/carts/{cart}/checkout")
+    @dist.locked("cart:{cart}", timeout=0)
+    async def checkout(cart: str) -> dict[str, object]:
+        (held,) = get_locks().held
+        return {"lock": held.name, "fence": held.fence}
+
     @app.post("/sku/{sku}")
     async def reserve(sku: str, fail: bool = False) -> dict[str, object]:
         held = await get_locks().acquire(f"sku:{sku}", timeout=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -89,3 +90,23 @@ async def test_locked_endpoint_excludes_a_second_process(
     assert busy.status_code == 409 and "retry-after" in busy.headers
     assert other.status_code == 200
     assert after.status_code == 200 and after.json()["fence"] > first.json()["fence"]
+
+
+async def test_locked_names_a_lock_for_any_path_value_a_client_sends(dist: Dist) -> None:
+    # Braces, control characters and '%' are escaped, a name too long is hashed:
+    # client input is never a server error, and distinct values stay distinct locks.
+    odd = ["a{b}", "a%7Bb%7D", "x\x7fy", "z" * 600, "z" * 601]
+    async with _client(create_app(dist)) as client:
+        names = []
+        for value in odd:
+            answer = await client.post(f"/carts/{quote(value, safe='')}/checkout")
+            assert answer.status_code == 200, (value, answer.text)
+            names.append(answer.json()["lock"])
+        assert names[:3] == ["cart:a%7Bb%7D", "cart:a%257Bb%257D", "cart:x%7Fy"]
+        assert names[3] != names[4] and names[3].startswith("cart:sha256:")
+        held = await dist.lock("cart:a%7Bb%7D", ttl=20).acquire()  # the escaped "a{b}"
+        busy = await client.post(f"/carts/{quote('a{b}', safe='')}/checkout")
+        assert busy.status_code == 409
+        other = await client.post(f"/carts/{quote('a%7Bb%7D', safe='')}/checkout")
+        assert other.status_code == 200
+        await held.release()
