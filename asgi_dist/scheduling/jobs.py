@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -59,12 +60,23 @@ class JobOptions:
         if not 0 <= self.retries <= 100:
             raise ConfigError(f"{where} retries={self.retries!r} must be between 0 and 100")
         if self.timeout is not None and (
-            not isinstance(self.timeout, int | float) or self.timeout <= 0
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, int | float)
+            or not 0 < self.timeout < math.inf
         ):
-            raise ConfigError(f"{where} timeout={self.timeout!r} must be positive seconds or None")
+            raise ConfigError(
+                f"{where} timeout={self.timeout!r} must be a positive, finite number of "
+                "seconds, or None"
+            )
         for value, label in ((self.misfire_grace, "misfire_grace"), (self.jitter, "jitter")):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{where} {label}={value!r} must be seconds >= 0")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < math.inf
+            ):
+                raise ConfigError(
+                    f"{where} {label}={value!r} must be a finite number of seconds >= 0"
+                )
         if self.broadcast and self.run_on != "leader":
             raise ConfigError(f"{where} broadcast=True runs on every node; drop run_on")
         if name in self.after:

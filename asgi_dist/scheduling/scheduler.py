@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -405,10 +406,12 @@ class Scheduler:
                     f"at(when={when!r}) is naive: pass an aware datetime (e.g. tzinfo=UTC)"
                 )
             at_ms = to_ms(when)
-        elif isinstance(when, int | float) and not isinstance(when, bool) and when >= 0:
+        elif isinstance(when, int | float) and not isinstance(when, bool) and 0 <= when < math.inf:
             at_ms = await self.store.now_ms() + round(when * 1000)
         else:
-            raise ConfigError(f"at(when={when!r}): pass an aware datetime or seconds >= 0")
+            raise ConfigError(
+                f"at(when={when!r}): pass an aware datetime or a finite number of seconds >= 0"
+            )
         fire_id = f"{job_name}:{at_ms}:once-{secrets.token_hex(3)}"
         entry = {
             "job": job_name,

@@ -36,6 +36,25 @@ __all__ = [
 
 _FIELDS_5 = ("minute", "hour", "day of month", "month", "day of week")
 _FIELDS_6 = ("second", *_FIELDS_5)
+_RANGES = {
+    "second": "0-59",
+    "minute": "0-59",
+    "hour": "0-23",
+    "day of month": "1-31",
+    "month": "1-12 or jan-dec",
+    "day of week": "0-6 (0 is Sunday) or sun-sat",
+}
+
+# The nicknames of Vixie cron, as the 5-field expressions they stand for.
+_NICKNAMES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 # Bound on candidates examined for one answer: a seconds-level schedule walks at
 # most one repeated DST hour (3,600 candidates) before it leaves it.
 _MAX_CANDIDATES = 10_000
@@ -76,6 +95,15 @@ class CronSchedule:
     def __init__(self, expression: str, tz: str = "UTC") -> None:
         if not isinstance(expression, str):
             raise ConfigError(f"cron expression {expression!r} must be a string")
+        if expression.strip().startswith("@"):
+            nickname = expression.strip().lower()
+            if nickname not in _NICKNAMES:
+                raise ConfigError(
+                    f"cron expression {expression!r} is not a known nickname: use one of "
+                    f"{', '.join(_NICKNAMES)}, or 5 fields (minute hour day-of-month month "
+                    "day-of-week); for a single run use dist.scheduler.at(...)"
+                )
+            expression = _NICKNAMES[nickname]
         fields = expression.split()
         if len(fields) not in (5, 6):
             raise ConfigError(
@@ -128,8 +156,8 @@ def _validate_fields(fields: list[str]) -> None:
             croniter(" ".join(probe), second_at_beginning=len(fields) == 6)
         except (CroniterBadCronError, CroniterError, ValueError, KeyError):
             raise ConfigError(
-                f"cron field {name!r} = {value!r} is invalid in {' '.join(fields)!r}: "
-                f"the fields are {', '.join(names)}"
+                f"cron field {name!r} = {value!r} is invalid in {' '.join(fields)!r}: use "
+                f"{_RANGES[name]}, with '*', ',', '-' and '/'; the fields are {', '.join(names)}"
             ) from None
 
 

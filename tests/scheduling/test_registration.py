@@ -54,6 +54,9 @@ def test_bad_cron_string_is_refused_at_decoration() -> None:
         ({"retries": -1}, "retries"),
         ({"timeout": 0}, "timeout"),
         ({"jitter": -1}, "jitter"),
+        ({"jitter": float("nan")}, "jitter=nan"),
+        ({"timeout": float("nan")}, "timeout=nan"),
+        ({"timeout": float("inf")}, "timeout=inf"),
         ({"run_on": "moon"}, "run_on"),
         ({"name": "bad name{}"}, "job name"),
     ],
@@ -113,6 +116,9 @@ async def test_one_off_function_must_be_importable_and_time_aware() -> None:
             await dist.scheduler.at(1.0, local)
         with pytest.raises(ConfigError, match="naive"):
             await dist.scheduler.at(datetime(2030, 1, 1), job)
+        for never in (float("inf"), float("nan"), -1):
+            with pytest.raises(ConfigError, match="finite number of seconds"):
+                await dist.scheduler.at(never, job)
 
 
 async def test_running_after_a_broadcast_job_is_refused(make_dist: Any) -> None:

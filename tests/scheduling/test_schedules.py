@@ -102,9 +102,27 @@ def test_interval_fires_are_aligned_so_every_node_names_the_same_fire() -> None:
         ("70 * * * * *", "second"),
     ],
 )
-def test_bad_cron_field_raises_config_error_naming_the_field(expression: str, field: str) -> None:
-    with pytest.raises(ConfigError, match=f"cron field '{field}'"):
+def test_bad_cron_field_raises_config_error_naming_the_field_and_its_range(
+    expression: str, field: str
+) -> None:
+    ranges = {"minute": "0-59", "hour": "0-23", "day of month": "1-31", "month": "1-12"}
+    ranges |= {"day of week": "sun-sat", "second": "0-59"}
+    with pytest.raises(ConfigError, match=f"cron field '{field}'") as info:
         CronSchedule(expression)
+    assert ranges[field] in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("nickname", "fields"),
+    [("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"), ("@Weekly", "0 0 * * 0")],
+)
+def test_cron_nicknames_stand_for_their_five_fields(nickname: str, fields: str) -> None:
+    assert CronSchedule(nickname).describe() == CronSchedule(fields).describe()
+
+
+def test_an_unknown_cron_nickname_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="not a known nickname: use one of @yearly"):
+        CronSchedule("@fortnightly")
 
 
 @pytest.mark.parametrize("expression", ["* * * *", "* * * * * * *", ""])
