@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from starlette.applications import Starlette
@@ -102,6 +103,27 @@ async def test_start_against_a_dead_redis_port_fails_fast_naming_host_port_not_p
         await asyncio.wait_for(dist.start(), 6)
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "hunter2" not in str(info.value)
+    assert not dist.started
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"path": "/99"}, "database number"),  # the test server has the default 16
+        ({"netloc": ":wrong-password@{host}"}, "password"),  # and no password
+    ],
+)
+async def test_a_redis_that_refuses_the_credentials_or_database_is_a_config_error(
+    redis_url: str, change: dict[str, str], named: str
+) -> None:
+    parts = urlsplit(redis_url)
+    host = parts.netloc.rpartition("@")[2]
+    url = urlunsplit(parts._replace(**{k: v.format(host=host) for k, v in change.items()}))
+    dist = Dist(redis=url, secret_keys=KEYS)
+    with pytest.raises(ConfigError, match="refused the connection") as info:
+        await asyncio.wait_for(dist.start(), 6)
+    assert named in str(info.value)
+    assert "wrong-password" not in str(info.value)
     assert not dist.started
 
 

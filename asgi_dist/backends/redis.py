@@ -322,12 +322,24 @@ class RedisBackend:
                 await asyncio.wait_for(
                     self.multiplexed.execute_command("PING"), self.connect_timeout
                 )
+        except (redis_errors.AuthenticationError, redis_errors.ResponseError) as exc:
+            # It answered, and refused: a wrong password, user or database number.
+            await self.stop()
+            raise ConfigError(
+                f"Redis at {self.where} refused the connection ({type(exc).__name__}: {exc}): "
+                "fix the user, password or database number in the URL (Dist(redis=...) or "
+                "ASGI_DIST_REDIS_URL)"
+            ) from exc
         except (TimeoutError, OSError, redis_errors.RedisError) as exc:
             await self.stop()
+            answer = (
+                f"did not answer within {self.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError | redis_errors.TimeoutError)
+                else "is unreachable"
+            )
             raise BackendUnavailable(
-                f"Redis at {self.where} did not answer within {self.connect_timeout:g}s "
-                f"({type(exc).__name__}: {exc or 'timeout'}); start it or fix the URL "
-                "(Dist(redis=...) or ASGI_DIST_REDIS_URL)"
+                f"Redis at {self.where} {answer} ({type(exc).__name__}: {exc or 'timeout'}); "
+                "start it or fix the URL (Dist(redis=...) or ASGI_DIST_REDIS_URL)"
             ) from exc
         await self._check_channels()
         await self._check_eviction()
