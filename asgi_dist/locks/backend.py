@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from asgi_dist.errors import ConfigError
+
 __all__ = ["Attempt", "LeaseBackend", "LocalWakeups", "Renewal", "Watch"]
 
 
@@ -131,3 +133,12 @@ class LocalWakeups:
     @property
     def watched(self) -> int:
         return sum(len(w) for w in self._watchers.values())
+
+
+def limit_mismatch(kind: str, name: str, granted_under: int, asked: int) -> ConfigError:
+    """A semaphore asked for with another limit than its live permits were granted under."""
+    return ConfigError(
+        f"{kind} {name!r} has permits granted under limit={granted_under}, but this "
+        f"process asks for limit={asked}: use one limit for a name everywhere (a new "
+        "limit takes effect once the permits of the old one are released or expired)"
+    )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asgi_dist.backends.memory import MemoryBackend
-from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch
+from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch, limit_mismatch
 
 __all__ = ["MemoryLeases", "MemoryRWLeases", "MemorySemaphoreLeases"]
 
@@ -28,6 +28,7 @@ class _Store:
         self.leases: dict[tuple[str, str], _Lease] = {}
         self.fences: dict[tuple[str, str], int] = {}
         self.permits: dict[tuple[str, str], dict[str, _Lease]] = {}
+        self.permit_limits: dict[tuple[str, str], int] = {}
         self.writer_intents: dict[tuple[str, str], dict[str, float]] = {}
         self.wakeups = LocalWakeups()
 
@@ -101,6 +102,8 @@ class MemorySemaphoreLeases(MemoryLeases):
         super().__init__(memory)
         self.limit = limit
         self._permits = self._store.permits
+        # The limit each name's live permits were granted under.
+        self._limits = self._store.permit_limits
 
     def _live_permits(self, key: tuple[str, str]) -> dict[str, _Lease]:
         now = self._clock()
@@ -113,10 +116,14 @@ class MemorySemaphoreLeases(MemoryLeases):
         key = (kind, name)
         permits = self._live_permits(key)
         now = self._clock()
+        granted_under = self._limits.get(key)
+        if permits and granted_under is not None and granted_under != self.limit:
+            raise limit_mismatch(kind, name, granted_under, self.limit)
         if len(permits) < self.limit:
             fence = self._store.fences.get(key, 0) + 1
             self._store.fences[key] = fence
             permits[token] = _Lease(token, fence, now + ttl)
+            self._limits[key] = self.limit
             return Attempt(True, fence, ttl)
         return Attempt(False, 0, min(p.expires for p in permits.values()) - now)
 

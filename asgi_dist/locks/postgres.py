@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from asgi_dist.backends.postgres import PostgresBackend
-from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch
+from asgi_dist.locks.backend import Attempt, LocalWakeups, Renewal, Watch, limit_mismatch
 
 __all__ = ["MIGRATIONS", "PostgresLeases", "PostgresPermitLeases", "PostgresWakeups"]
 
@@ -307,6 +307,11 @@ class PostgresPermitLeases(PostgresLeases):
             intents = [r for r in rows if r["role"] == "intent" and r["token"] != token]
             soonest = min((r["left"] for r in holders), default=0.05)
             if self.mode == "semaphore":
+                # Permits carry the limit they were granted under ('semaphore:5').
+                for r in holders:
+                    granted_under = r["role"].partition(":")[2]
+                    if granted_under.isdigit() and int(granted_under) != self.limit:
+                        raise limit_mismatch(kind, name, int(granted_under), self.limit)
                 free = len(holders) < self.limit
             elif self.mode == "read":
                 free = not any(r["role"] == "write" for r in holders) and not intents
@@ -340,7 +345,7 @@ class PostgresPermitLeases(PostgresLeases):
                 kind,
                 name,
                 token,
-                self.mode,
+                f"semaphore:{self.limit}" if self.mode == "semaphore" else self.mode,
                 fence,
                 float(ttl),
             )

@@ -33,7 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from asgi_dist.backends.pubsub import PubSubHub, Subscription
 from asgi_dist.backends.redis import RedisBackend, Script
-from asgi_dist.locks.backend import Attempt, Renewal, Watch
+from asgi_dist.locks.backend import Attempt, Renewal, Watch, limit_mismatch
 
 __all__ = ["FAIR", "PLAIN", "READ", "SEMAPHORE", "WRITE", "RedisLeases", "Variant"]
 
@@ -232,6 +232,8 @@ class RedisLeases:
             args.append(self._origin)
         keys = self.keys(kind, name)
         got, value, remaining = await self._acquire(self.redis.commands, keys, args)
+        if got == -1:
+            raise limit_mismatch(kind, name, int(value), int(self._extra[0]))
         return Attempt(bool(got), int(value), int(remaining) / 1000.0, self.variant.queued)
 
     async def release(self, kind: str, name: str, token: str) -> bool:

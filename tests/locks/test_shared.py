@@ -168,10 +168,11 @@ async def test_semaphore_permit_of_a_killed_process_expires(
     (worker,) = processes.python(code, env={"REDIS": redis_url, "NS": namespace})
     dist: Dist = await make_dist(sessions=False)
     sem = dist.semaphore("pool", 1, ttl=5)
-    for _ in range(200):
+    for _ in range(600):  # bounded: 30 s for the worker to start on a loaded machine
         if "held" in worker.output():
             break
         await asyncio.sleep(0.05)
+    assert "held" in worker.output(), worker.output()
     with pytest.raises(LockTimeout):
         await sem.acquire(timeout=0)
     worker.kill()
@@ -185,3 +186,26 @@ def test_shared_lock_options_are_validated() -> None:
         dist.semaphore("s", 0)
     with pytest.raises(ConfigError, match="backend"):
         dist.semaphore("s", 2, backend="zookeeper")
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_semaphore_asked_for_with_another_limit_than_its_permits_is_refused(
+    make_dist, backend: str
+) -> None:
+    # Two limits for one name would let both count against their own: five
+    # holders of a semaphore meant for one.
+    dist: Dist = await make_dist(sessions=False)
+    one = dist.semaphore("pool", 1, ttl=10, backend=backend)  # type: ignore[arg-type]
+    five = dist.semaphore("pool", 5, ttl=10, backend=backend)  # type: ignore[arg-type]
+    held = await one.acquire(timeout=0)
+    with pytest.raises(
+        ConfigError, match="granted under limit=1, but this process asks for limit=5"
+    ):
+        await five.acquire(timeout=0)
+    await held.release()
+    # No permit left: the new limit takes effect.
+    permits = [await five.acquire(timeout=0) for _ in range(5)]
+    with pytest.raises(ConfigError, match="granted under limit=5"):
+        await one.acquire(timeout=0)
+    for permit in permits:
+        await permit.release()
