@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 from asgi_dist._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_dist.backends import as_backend_unavailable
 from asgi_dist.context import RequestContext, RequestHook, reset_current, set_current
-from asgi_dist.errors import BackendUnavailable, LockLost, LockTimeout, TransactionError
+from asgi_dist.errors import (
+    BackendUnavailable,
+    ConfigError,
+    LockLost,
+    LockTimeout,
+    TransactionError,
+)
 
 if TYPE_CHECKING:
     from asgi_dist.dist import Dist
@@ -64,6 +70,11 @@ class DistMiddleware:
     """Pure ASGI middleware; ``app = DistMiddleware(app, dist=dist)`` or ``dist.wrap(app)``."""
 
     def __init__(self, app: ASGIApp, dist: Dist) -> None:
+        if not callable(app):
+            raise ConfigError(
+                f"DistMiddleware needs an ASGI app, got {app!r}: pass your Starlette, FastAPI "
+                "or Quart app (dist.wrap(app))"
+            )
         dist.check_serving()
         self.app = app
         self.dist = dist

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 
 from asgi_dist import (
     BackendUnavailable,
+    ConfigError,
     Dist,
     DistMiddleware,
     LockLost,
@@ -219,6 +220,11 @@ async def test_a_hook_failing_before_the_response_replaces_the_success() -> None
     assert response.status_code == 500
     assert "order placed" not in response.text
     assert "commit failed" in response.text
+
+
+def test_wrapping_something_that_is_not_an_app_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DistMiddleware needs an ASGI app, got None"):
+        Dist().wrap(None)  # type: ignore[arg-type]
 
 
 def test_app_add_middleware_form_runs_lifespan_once() -> None:
