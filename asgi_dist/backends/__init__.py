@@ -16,7 +16,7 @@ import asyncpg
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends.memory import MemoryBackend
-from asgi_dist.backends.postgres import PostgresBackend
+from asgi_dist.backends.postgres import PostgresBackend, connection_lost
 from asgi_dist.backends.redis import RedisBackend
 from asgi_dist.backends.zookeeper import ZooKeeperBackend
 from asgi_dist.errors import BackendUnavailable, ConfigError
@@ -54,12 +54,24 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 )
 
 
-def as_backend_unavailable(exc: BaseException) -> BackendUnavailable | None:
-    """The :class:`BackendUnavailable` an outage exception stands for, else ``None``."""
+def as_backend_unavailable(
+    exc: BaseException, connection: asyncpg.Connection | None = None
+) -> BackendUnavailable | None:
+    """The :class:`BackendUnavailable` an outage exception stands for, else ``None``.
+
+    ``connection`` is the PostgreSQL connection ``exc`` came from, if known: asyncpg
+    reports a connection that closed under its holder as an ``InterfaceError``, the
+    class of its programming errors too, so only the connection's state tells them apart.
+    """
     if isinstance(exc, BackendUnavailable):
         return exc
-    if isinstance(exc, _OUTAGES):
-        origin = "PostgreSQL" if isinstance(exc, asyncpg.PostgresError) else "a backend"
+    lost = (
+        connection is not None
+        and isinstance(exc, asyncpg.InterfaceError)
+        and connection_lost(connection)
+    )
+    if lost or isinstance(exc, _OUTAGES):
+        origin = "PostgreSQL" if lost or isinstance(exc, asyncpg.PostgresError) else "a backend"
         if isinstance(exc, redis_errors.RedisError):
             origin = "Redis"
         return BackendUnavailable(

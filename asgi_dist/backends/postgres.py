@@ -21,7 +21,7 @@ import asyncpg
 
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
-__all__ = ["PostgresBackend", "describe_dsn"]
+__all__ = ["PostgresBackend", "connection_lost", "describe_dsn"]
 
 log = logging.getLogger("asgi_dist.postgres")
 
@@ -38,6 +38,20 @@ def describe_dsn(dsn: str) -> str:
     parts = urlsplit(dsn)
     host = parts.hostname or "localhost"
     return f"{host}:{parts.port or 5432}{parts.path or ''}"
+
+
+def connection_lost(conn: asyncpg.Connection) -> bool:
+    """Whether ``conn``, still held by its caller, has closed (server gone, link cut).
+
+    A pool takes a connection back the moment it closes, and the caller's proxy then
+    refuses every call, ``is_closed()`` included, as "released back to the pool": for
+    a caller that has not released it, that refusal says the connection closed.
+    """
+    try:
+        closed: bool = conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+    return closed
 
 
 class PostgresBackend:

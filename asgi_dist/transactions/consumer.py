@@ -28,11 +28,12 @@ import asyncpg
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
+from asgi_dist.backends.postgres import connection_lost
 from asgi_dist.errors import BackendUnavailable, ConfigError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message, validate_topic
 from asgi_dist.transactions.relay import Backoff, stream_key, wait_event
-from asgi_dist.transactions.transaction import Outbox, Transaction
+from asgi_dist.transactions.transaction import Outbox, Transaction, raise_outage
 
 __all__ = ["Consumer", "ConsumerSpec", "Handler", "dead_letter_key"]
 
@@ -340,26 +341,39 @@ class Consumer:
         return bool(found)
 
     async def _run_once(self, message: Message) -> None:
-        async with self.postgres.pool.acquire() as conn, conn.transaction():
-            first = await conn.fetchval(self._inbox_insert, self.spec.group, uuid.UUID(message.id))
-            if not first:
-                log.debug("message %s already handled by %s", message.id, self.spec.group)
-                return
-            tx = Transaction(self.outbox, conn)
+        async with self.postgres.pool.acquire() as conn:
             try:
-                async with asyncio.timeout(self.spec.timeout):
-                    await self.spec.handler(message, tx)
-            except TimeoutError:
-                raise HandlerFailed(
-                    TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
-                ) from None
-            except (BackendUnavailable, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-                raise  # our PostgreSQL is down: not the message's fault
+                async with conn.transaction():
+                    inbox = (self._inbox_insert, self.spec.group, uuid.UUID(message.id))
+                    if not await conn.fetchval(*inbox):
+                        log.debug("message %s already handled by %s", message.id, self.spec.group)
+                        return
+                    await self._call_handler(message, conn)
+            except HandlerFailed:
+                raise
             except Exception as exc:
-                # Anything else the handler raised is the message's failure, even a
-                # ConnectionError of the handler's own calls: it spends an attempt.
-                raise HandlerFailed(exc) from exc
+                # Judged while the connection is ours (a released one looks closed): one
+                # that closed under the delivery makes even the ROLLBACK refuse, with an
+                # InterfaceError, and is an outage to wait out.
+                raise_outage(exc, conn)
         self.handled += 1
+
+    async def _call_handler(self, message: Message, conn: asyncpg.Connection) -> None:
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                await self.spec.handler(message, Transaction(self.outbox, conn))
+        except TimeoutError:
+            raise HandlerFailed(
+                TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
+            ) from None
+        except Exception as exc:
+            if isinstance(exc, BackendUnavailable | asyncpg.PostgresConnectionError):
+                raise  # our PostgreSQL is down: not the message's fault
+            if connection_lost(conn):
+                raise  # whatever the handler made of it, the outage came first
+            # Anything else the handler raised is the message's failure, even a
+            # ConnectionError of the handler's own calls: it spends an attempt.
+            raise HandlerFailed(exc) from exc
 
     async def _failed(self, message: Message, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:2000]

@@ -14,14 +14,14 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import asyncpg
 
 from asgi_dist._types import Message, Scope
-from asgi_dist.backends import PostgresBackend
+from asgi_dist.backends import PostgresBackend, as_backend_unavailable
 from asgi_dist.context import RequestContext
-from asgi_dist.errors import ConfigError, TransactionError
+from asgi_dist.errors import BackendUnavailable, ConfigError, TransactionError
 from asgi_dist.transactions.transaction import Outbox, Transaction, raise_outage
 
 __all__ = ["RequestTransaction", "TransactionHook", "TransactionOptions", "transactional"]
@@ -207,9 +207,11 @@ class RequestTransaction(Transaction):
             )
             await transaction.start()
         except BaseException as exc:
+            # Judged before the release: a released proxy looks like a closed connection.
+            outage = as_backend_unavailable(exc, conn) if isinstance(exc, Exception) else None
             await _release(self._hook.postgres, conn)
-            if isinstance(exc, Exception):
-                raise_outage(exc)
+            if outage is not None:
+                raise outage from exc
             raise
         self._connection = conn
         self._transaction = transaction
@@ -227,10 +229,7 @@ class RequestTransaction(Transaction):
         try:
             await self._transaction.commit()
         except Exception as exc:
-            self._state = "rolled back"
-            raise TransactionError(
-                f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
-            ) from exc
+            self._commit_failed(exc)
         self._state = "committed"
 
     async def rollback(self) -> None:
@@ -241,7 +240,31 @@ class RequestTransaction(Transaction):
         try:
             await self._transaction.rollback()
         except Exception as exc:  # the connection is discarded on release anyway
+            self._rollback_failed(exc)
+
+    def _commit_failed(self, exc: Exception) -> NoReturn:
+        self._state = "rolled back"
+        lost = self._lost(exc)
+        if lost is not None:
+            raise lost from exc
+        raise TransactionError(
+            f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    def _rollback_failed(self, exc: Exception) -> None:
+        if self._lost(exc) is None:  # a closed connection has nothing left to roll back
             log.warning("request transaction rollback failed: %s", exc)
+
+    def _lost(self, exc: Exception) -> BackendUnavailable | None:
+        """PostgreSQL unreachable, if asyncpg refused to send because the connection closed.
+
+        Only a refusal (``InterfaceError``) says that the COMMIT never left, so that
+        nothing was saved and a retry is safe: a 503.  A connection lost during the
+        COMMIT leaves its outcome unknown, and stays a failed commit.
+        """
+        if self._connection is None or not isinstance(exc, asyncpg.InterfaceError):
+            return None
+        return as_backend_unavailable(exc, self._connection)
 
     async def finish(self, status: int) -> None:
         """Commit (or roll back, per the endpoint's options) and return the connection.
@@ -269,11 +292,15 @@ class RequestTransaction(Transaction):
         assert conn is not None
         postgres = self._hook.postgres
         with_reset = postgres.skips_reset
-        if with_reset:
-            reset = conn.get_reset_query()
-            sql = _closing_sql(reset) if commit else f"ROLLBACK;\n{reset}"
-        else:
-            sql = "COMMIT;" if commit else "ROLLBACK;"
+        sql: str | None
+        try:
+            if with_reset:
+                reset = conn.get_reset_query()
+                sql = _closing_sql(reset) if commit else f"ROLLBACK;\n{reset}"
+            else:
+                sql = "COMMIT;" if commit else "ROLLBACK;"
+        except asyncpg.InterfaceError:
+            sql = None  # the connection closed: asyncpg's commit()/rollback() refuse and say so
         if sql is None or not _forget_top_transaction(self._transaction):
             await (self.commit() if commit else self.rollback())
             return
@@ -295,10 +322,8 @@ class RequestTransaction(Transaction):
             if isinstance(exc, TransactionError):
                 raise
             if commit:
-                raise TransactionError(
-                    f"the request transaction failed to commit ({type(exc).__name__}: {exc})"
-                ) from exc
-            log.warning("request transaction rollback failed: %s", exc)
+                self._commit_failed(exc)
+            self._rollback_failed(exc)
             return  # the connection goes back through the pool's own reset
         if commit:
             self._state = "committed"

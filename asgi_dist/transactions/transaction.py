@@ -107,7 +107,7 @@ class Transaction:
         try:
             result: str = await conn.execute(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc)
+            raise_outage(exc, conn)
         return result
 
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's signature
@@ -115,14 +115,14 @@ class Transaction:
         try:
             await conn.executemany(command, args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc)
+            raise_outage(exc, conn)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109 - asyncpg's signature
         conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
         try:
             rows: list[Any] = await conn.fetch(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc)
+            raise_outage(exc, conn)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
@@ -130,7 +130,7 @@ class Transaction:
         try:
             return await conn.fetchrow(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc)
+            raise_outage(exc, conn)
 
     async def fetchval(
         self,
@@ -143,7 +143,7 @@ class Transaction:
         try:
             return await conn.fetchval(query, *args, column=column, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc)
+            raise_outage(exc, conn)
 
     async def publish(
         self,
@@ -157,25 +157,29 @@ class Transaction:
         Messages with the same ``key`` reach the topic stream in publish order.
         """
         conn = await self._conn()
-        with outages():
+        with outages(conn):
             return await self._outbox.insert(conn, topic, payload, key, headers)
 
 
-def raise_outage(exc: Exception) -> NoReturn:
-    """Re-raise ``exc``, as BackendUnavailable if it is an outage (503 in a request)."""
-    outage = as_backend_unavailable(exc)
+def raise_outage(exc: Exception, connection: asyncpg.Connection | None = None) -> NoReturn:
+    """Re-raise ``exc``, as BackendUnavailable if it is an outage (503 in a request).
+
+    ``connection``, the one ``exc`` came from, tells a connection that closed under
+    the caller from a programming error (asyncpg raises InterfaceError for both).
+    """
+    outage = as_backend_unavailable(exc, connection)
     if outage is None or outage is exc:
         raise exc
     raise outage from exc
 
 
 @contextlib.contextmanager
-def outages() -> Iterator[None]:
+def outages(connection: asyncpg.Connection | None = None) -> Iterator[None]:
     """An outage becomes BackendUnavailable (503 in a request); anything else passes as is."""
     try:
         yield
     except Exception as exc:
-        outage = as_backend_unavailable(exc)
+        outage = as_backend_unavailable(exc, connection)
         if outage is None or outage is exc:
             raise
         raise outage from exc
