@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import random
 import time
 import uuid
@@ -82,9 +83,11 @@ class ConsumerSpec:
         if self.timeout is not None and (
             isinstance(self.timeout, bool)
             or not isinstance(self.timeout, int | float)
-            or self.timeout <= 0
+            or not 0 < self.timeout < math.inf
         ):
-            raise ConfigError(f"consumer timeout={self.timeout!r} must be None or > 0 seconds")
+            raise ConfigError(
+                f"consumer timeout={self.timeout!r} must be None or a finite number of seconds > 0"
+            )
 
 
 class Consumer:

@@ -77,6 +77,14 @@ def transactional(
             f"rollback_on={rollback_on!r} is invalid: pass the lowest status that rolls back "
             "(e.g. 500) or a function of the status returning True to roll back"
         )
+    if isinstance(rollback_on, int) and not 200 <= rollback_on <= 600:
+        raise ConfigError(
+            f"rollback_on={rollback_on!r} is not a status: use 200 to 599 (the lowest status "
+            "that rolls back, e.g. 500), or 600 to commit whatever the status"
+        )
+    for label, flag in (("readonly", readonly), ("deferrable", deferrable)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{label}={flag!r} is invalid: pass True or False")
     if isinstance(rollback_on, int):
         threshold = rollback_on
         predicate: Callable[[int], bool] = lambda status: status >= threshold  # noqa: E731

@@ -191,6 +191,9 @@ class TransactionService:
 
         def register(handler: Handler) -> Handler:
             spec = ConsumerSpec(topic, group, handler, concurrency, max_deliveries, timeout)
+            # Known now, so said now: not at the next start.
+            self.runtime.require_postgres(f"consumer of {topic!r}")
+            self.runtime.require_redis(f"consumer of {topic!r}")
             if any(s.topic == topic and s.group == group for s in self.specs):
                 raise ConfigError(
                     f"a consumer of {topic!r} in group {group!r} is already registered in this "

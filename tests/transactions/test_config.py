@@ -45,6 +45,9 @@ async def test_bad_consumer_registrations_are_refused(make_dist: Callable[..., A
         dist.consumer("orders", group="g")(not_async)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_deliveries"):
         dist.consumer("orders", group="g", max_deliveries=0)(handler)
+    for timeout in (0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="finite number of seconds"):
+            dist.consumer("orders", group="g", timeout=timeout)(handler)
     dist.consumer("orders", group="g")(handler)
     with pytest.raises(ConfigError, match="already registered"):
         dist.consumer("orders", group="g")(handler)
@@ -57,14 +60,21 @@ def test_bad_endpoint_options_are_refused() -> None:
         transactional(deferrable=True)
     with pytest.raises(ConfigError, match="rollback_on"):
         transactional(rollback_on="500")  # type: ignore[arg-type]
+    for status in (-1, 999):
+        with pytest.raises(ConfigError, match=f"rollback_on={status} is not a status"):
+            transactional(rollback_on=status)
+    with pytest.raises(ConfigError, match="readonly='yes'"):
+        transactional(readonly="yes")  # type: ignore[arg-type]
 
 
-async def test_consumers_without_redis_fail_at_start(make_dist: Callable[..., Any]) -> None:
-    dist: Dist = await make_dist(start=False, redis=None)
+@pytest.mark.parametrize("missing", ["redis", "postgres"])
+async def test_a_consumer_without_redis_or_postgres_is_refused_where_it_is_declared(
+    make_dist: Callable[..., Any], missing: str
+) -> None:
+    dist: Dist = await make_dist(start=False, **{missing: None})
 
-    @dist.consumer("orders", group="g")
     async def handler(message: Message, tx: Transaction) -> None:
         return None
 
-    with pytest.raises(ConfigError, match="Redis"):
-        await dist.start()
+    with pytest.raises(ConfigError, match="Redis" if missing == "redis" else "PostgreSQL"):
+        dist.consumer("orders", group="g")(handler)
