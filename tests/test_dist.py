@@ -40,6 +40,9 @@ KEYS = ["a-test-secret-key-of-32-chars-xx"]
         ({"connect_timeout": float("nan")}, "connect_timeout=nan"),
         ({"connect_timeout": float("inf")}, "connect_timeout=inf"),
         ({"zookeeper": "::::"}, "zookeeper='::::'"),
+        ({"postgres": "mysql://u:pw@db/x"}, "is not a PostgreSQL URL"),
+        ({"postgres": "nonsense"}, "is not a PostgreSQL URL"),
+        ({"postgres": "postgresql://db:port/x"}, "port that is not a number"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_value_and_the_fix(
@@ -124,6 +127,26 @@ async def test_a_redis_that_refuses_the_credentials_or_database_is_a_config_erro
         await asyncio.wait_for(dist.start(), 6)
     assert named in str(info.value)
     assert "wrong-password" not in str(info.value)
+    assert not dist.started
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"path": "/no_such_database_here"}, "no_such_database_here"),
+        ({"netloc": "no_such_role@{host}"}, "no_such_role"),
+    ],
+)
+async def test_a_postgres_that_refuses_the_role_or_database_is_a_config_error(
+    postgres_dsn: str, change: dict[str, str], named: str
+) -> None:
+    parts = urlsplit(postgres_dsn)
+    host = parts.netloc.rpartition("@")[2]
+    dsn = urlunsplit(parts._replace(**{k: v.format(host=host) for k, v in change.items()}))
+    dist = Dist(postgres=dsn, secret_keys=KEYS)
+    with pytest.raises(ConfigError, match="refused the connection") as info:
+        await asyncio.wait_for(dist.start(), 6)
+    assert named in str(info.value)
     assert not dist.started
 
 

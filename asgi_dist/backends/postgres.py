@@ -40,6 +40,36 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{parts.port or 5432}{parts.path or ''}"
 
 
+def _check_dsn(dsn: str) -> None:
+    """Refuse a DSN asyncpg cannot read, before anything connects."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"postgres={dsn.split('@')[-1]!r} is not a PostgreSQL URL: use "
+            "'postgresql://user[:password]@host[:port]/database' (or pass an asyncpg.Pool)"
+        )
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(
+            f"the PostgreSQL URL {_shown(dsn)} has a port that is not a number"
+        ) from None
+
+
+def _shown(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+# The server answered, and refused: a role, password or database that is wrong,
+# or a client the server does not admit. Not an outage: the DSN must change.
+_REFUSALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
 def connection_lost(conn: asyncpg.Connection) -> bool:
     """Whether ``conn``, still held by its caller, has closed (server gone, link cut).
 
@@ -67,6 +97,8 @@ class PostgresBackend:
         min_size: int = 1,
         max_size: int = 10,
     ) -> None:
+        if isinstance(target, str):
+            _check_dsn(target)
         self.namespace = namespace
         self.node_id = node_id
         self.connect_timeout = connect_timeout
@@ -120,11 +152,22 @@ class PostgresBackend:
                     ),
                     self.connect_timeout,
                 )
+            except _REFUSALS as exc:
+                raise ConfigError(
+                    f"PostgreSQL at {self.where} refused the connection ({type(exc).__name__}: "
+                    f"{exc}): fix the user, password or database in the DSN (Dist(postgres=...) "
+                    "or ASGI_DIST_POSTGRES_DSN)"
+                ) from exc
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                answer = (
+                    f"did not answer within {self.connect_timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else "is unavailable"
+                )
                 raise BackendUnavailable(
-                    f"PostgreSQL at {self.where} did not answer within "
-                    f"{self.connect_timeout:g}s ({type(exc).__name__}: {exc or 'timeout'}); "
-                    "start it or fix the DSN (Dist(postgres=...) or ASGI_DIST_POSTGRES_DSN)"
+                    f"PostgreSQL at {self.where} {answer} ({type(exc).__name__}: "
+                    f"{exc or 'timeout'}); start it or fix the DSN (Dist(postgres=...) or "
+                    "ASGI_DIST_POSTGRES_DSN)"
                 ) from exc
             self.skips_reset = _POOL_RESET
         await self.migrate()
