@@ -110,43 +110,25 @@ async def test_start_against_a_dead_redis_port_fails_fast_naming_host_port_not_p
 
 
 @pytest.mark.parametrize(
-    ("change", "named"),
+    ("server", "change", "named"),
     [
-        ({"path": "/99"}, "database number"),  # the test server has the default 16
-        ({"netloc": ":wrong-password@{host}"}, "password"),  # and no password
+        ("redis", {"path": "/99"}, "database number"),  # the test server has the default 16
+        ("redis", {"netloc": ":wrong-password@{host}"}, "password"),  # and no password
+        ("postgres", {"path": "/no_such_database_here"}, "no_such_database_here"),
+        ("postgres", {"netloc": "no_such_role@{host}"}, "no_such_role"),
     ],
 )
-async def test_a_redis_that_refuses_the_credentials_or_database_is_a_config_error(
-    redis_url: str, change: dict[str, str], named: str
+async def test_a_server_that_refuses_the_credentials_or_database_is_a_config_error(
+    redis_url: str, postgres_dsn: str, server: str, change: dict[str, str], named: str
 ) -> None:
-    parts = urlsplit(redis_url)
+    parts = urlsplit(redis_url if server == "redis" else postgres_dsn)
     host = parts.netloc.rpartition("@")[2]
     url = urlunsplit(parts._replace(**{k: v.format(host=host) for k, v in change.items()}))
-    dist = Dist(redis=url, secret_keys=KEYS)
+    dist = Dist(secret_keys=KEYS, **{server: url})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="refused the connection") as info:
         await asyncio.wait_for(dist.start(), 6)
     assert named in str(info.value)
     assert "wrong-password" not in str(info.value)
-    assert not dist.started
-
-
-@pytest.mark.parametrize(
-    ("change", "named"),
-    [
-        ({"path": "/no_such_database_here"}, "no_such_database_here"),
-        ({"netloc": "no_such_role@{host}"}, "no_such_role"),
-    ],
-)
-async def test_a_postgres_that_refuses_the_role_or_database_is_a_config_error(
-    postgres_dsn: str, change: dict[str, str], named: str
-) -> None:
-    parts = urlsplit(postgres_dsn)
-    host = parts.netloc.rpartition("@")[2]
-    dsn = urlunsplit(parts._replace(**{k: v.format(host=host) for k, v in change.items()}))
-    dist = Dist(postgres=dsn, secret_keys=KEYS)
-    with pytest.raises(ConfigError, match="refused the connection") as info:
-        await asyncio.wait_for(dist.start(), 6)
-    assert named in str(info.value)
     assert not dist.started
 
 
