@@ -209,6 +209,15 @@ class Held:
                     owned = await shielded(
                         lambda: self.backend.release(self.kind, self.name, self.token)
                     )
+        except Exception as exc:
+            outage = as_backend_unavailable(exc)
+            if outage is None:
+                raise
+            raise BackendUnavailable(
+                f"could not release {self.kind} {self.name!r} (fence {self.fence}): {outage}; "
+                f"it ends by its ttl ({self.ttl:g}s) at the latest, as nothing renews it",
+                retry_after=outage.retry_after,
+            ) from exc
         finally:
             _holder_left(self)
         if not owned:

@@ -81,3 +81,29 @@ async def test_a_request_lock_on_a_frozen_redis_answers_503(
         assert frozen.headers["retry-after"]
         assert (await client.get("/order")).status_code == 200
     await _only_the_fence_is_left(redis_server.url, dist, "order:1")
+
+
+async def test_a_release_on_a_frozen_redis_raises_backend_unavailable(
+    make_dist: Any, redis_server: RedisServer
+) -> None:
+    dist: Dist = await make_dist(redis=redis_server.url, postgres=None, sessions=False, start=False)
+    assert dist.runtime.redis is not None and dist.runtime.redis.multiplexed is not None
+    dist.runtime.redis.multiplexed.dead_after = 0.5  # the connection's bound, shortened
+    await dist.start()
+    held = await dist.lock("frozen", ttl=5).acquire()
+    redis_server.pause()
+    try:
+        async with asyncio.timeout(8):
+            try:
+                await held.release()
+            except BackendUnavailable as exc:
+                assert "could not release lock 'frozen'" in str(exc)
+                assert "ends by its ttl (5s)" in str(exc)
+            else:
+                raise AssertionError("released on a frozen Redis")
+    finally:
+        redis_server.resume()
+    # Not renewed any more: it expires, and the lock is free again.
+    again = await dist.lock("frozen").acquire(timeout=10)
+    assert again.fence > held.fence
+    await again.release()
