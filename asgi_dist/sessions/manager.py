@@ -177,10 +177,17 @@ class SessionManager:
                 near = self._near
                 if near is not None:
                     delta.tag = near.tag()
-                version = await self.store.save(session.key, delta)
+                    near.sending(delta.tag)
+                try:
+                    version = await self.store.save(session.key, delta)
+                except BaseException:
+                    if near is not None:
+                        near.unsent(delta.tag)
+                    raise
                 handle = session.key.handle
                 if not version:
                     if near is not None:
+                        near.unsent(delta.tag)
                         near.drop(handle)
                     # Ended (logout elsewhere, expiry) or regenerated while this request ran:
                     # it stays ended, and writes through an old id are never forwarded to

@@ -77,6 +77,9 @@ class NearCache:
         # tag -> (handle, state after the write, tick of the writer's own drop)
         self._echoes: OrderedDict[str, tuple[str, StoredSession, int]] = OrderedDict()
         self._echo_of: dict[str, str] = {}  # handle -> tag of its pending echo
+        # Tags of writes sent but not yet answered -> whether their echo came
+        # already: on its own connection, the echo may be read before the reply.
+        self._sent: OrderedDict[str, bool] = OrderedDict()
         # Requests waiting for a message about a handle (see wait_echo).
         self._arrivals: dict[str, asyncio.Future[None]] = {}
         self.hits = 0
@@ -105,6 +108,7 @@ class NearCache:
             self._entries.clear()
             self._echoes.clear()
             self._echo_of.clear()
+            self._sent.clear()
             self._floor = self._tick
             arrivals, self._arrivals = self._arrivals, {}
             for arrival in arrivals.values():
@@ -116,6 +120,11 @@ class NearCache:
         if waiting is not None and not waiting.done():
             # Its waiters resume after this message was applied (below).
             waiting.set_result(None)
+        if tag and tag in self._sent:
+            # Our own write, echoed before its reply was read: not another
+            # writer's change; saved() decides about the copy.
+            self._sent[tag] = True
+            return
         echo = self._echoes.pop(tag, None) if tag else None
         if self._echo_of.get(handle) == tag:
             del self._echo_of[handle]
@@ -131,6 +140,17 @@ class NearCache:
         """A fresh tag for one write of this process."""
         return next(self._tags)
 
+    def sending(self, tag: str) -> None:
+        """This process is about to send the write tagged ``tag``."""
+        if self._subscription is not None:
+            self._sent[tag] = False
+            if len(self._sent) > _PENDING_ECHOES:
+                self._sent.popitem(last=False)
+
+    def unsent(self, tag: str) -> None:
+        """The write tagged ``tag`` failed or was refused: expect no echo of it."""
+        self._sent.pop(tag, None)
+
     def unchanged_since(self, handle: str, stamp: int) -> bool:
         """No invalidation of ``handle`` was read since ``stamp``."""
         return stamp >= self._floor and self._invalidated.get(handle, -1) <= stamp
@@ -141,8 +161,15 @@ class NearCache:
         The copy is dropped now; it comes back as ``stored`` when the write's echo
         arrives, unless another process's write was read meanwhile.
         """
+        echoed = self._sent.pop(tag, False)
         consistent = self.unchanged_since(handle, stamp)
         self.drop(handle)
+        if echoed:
+            # Every message published before the write was read before its echo,
+            # and nothing about the session since the load: keep the copy now.
+            if consistent and self._subscription is not None:
+                self._store(handle, stored)
+            return
         if consistent and self._subscription is not None:
             self._echoes[tag] = (handle, stored, self._tick)
             self._echo_of[handle] = tag

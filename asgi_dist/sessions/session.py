@@ -168,10 +168,9 @@ class Session(MutableMapping[str, Any]):
                 f"session[{key!r}] = {type(value).__name__} is not JSON-serialisable ({exc}); "
                 "store str, int, float, bool, None, and lists/dicts of them"
             ) from None
+        # Written even when it equals the value loaded: another request may have
+        # changed the key since, and the last writer of a key wins.
         old = self._dirty.get(key, self._raw.get(key)) if key in self._values else None
-        if old == text and key not in self._dirty:
-            self._values[key] = value  # the stored value already: nothing to write
-            return
         size = self._total() - (_size(key, old) if old is not None else 0) + _size(key, text)
         if size > self._max_size:
             raise SessionTooLarge(

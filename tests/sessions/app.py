@@ -6,6 +6,7 @@ environment for real uvicorn processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -32,8 +33,11 @@ async def read_all(request: Request) -> JSONResponse:
 async def write(request: Request) -> JSONResponse:
     # get_session() and request.session are the same object.
     assert get_session() is request.session
-    request.session[request.path_params["key"]] = request.path_params["value"]
-    return JSONResponse({"ok": True, "pid": os.getpid()})
+    key = request.path_params["key"]
+    loaded = request.session.get(key)  # loaded before the pause: a slow writer
+    await asyncio.sleep(float(request.query_params.get("pause", 0)))
+    request.session[key] = request.path_params["value"]
+    return JSONResponse({"ok": True, "pid": os.getpid(), "loaded": loaded})
 
 
 async def write_big(request: Request) -> Response:

@@ -39,3 +39,21 @@ async def test_the_same_key_written_concurrently_keeps_one_of_the_written_values
         await asyncio.gather(*(c.post(f"/set/k/v{i}", headers=cookie) for i in range(20)))
         # Last writer wins: the value is one that a request wrote, never a mix or a loss.
         assert (await c.get("/get/k")).json()["value"] in {f"v{i}" for i in range(20)}
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_the_last_writer_of_a_key_wins_even_writing_the_value_it_loaded(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    # A user switches a setting back in one tab while another tab changes it:
+    # the switch back, written last, is what stays.
+    dist = await session_dist(backend)
+    async with client(dist) as c:
+        await c.post("/set/theme/dark")
+        cookie = {"cookie": f"session={c.cookies['session']}"}
+        slow = asyncio.create_task(c.post("/set/theme/dark?pause=0.5", headers=cookie))
+        await asyncio.sleep(0.1)  # the slow request has loaded "dark"
+        assert (await c.post("/set/theme/light", headers=cookie)).status_code == 200
+        answer = await slow
+        assert answer.json()["loaded"] == "dark"
+        assert (await c.get("/get/theme")).json()["value"] == "dark"

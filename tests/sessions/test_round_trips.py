@@ -125,6 +125,31 @@ async def test_on_a_redis_url_requests_make_0_1_2_round_trips_on_the_multiplexed
     assert other == 0
 
 
+async def test_near_cached_writes_on_a_redis_url_make_one_round_trip_each(
+    session_dist: Callable[..., Any], redis_url: str
+) -> None:
+    # On the multiplexed connection a write's echo (read on the pub/sub connection)
+    # often arrives before the write's own reply: it must still count as ours.
+    dist = await session_dist("redis", redis=redis_url, near_cache=True)
+    backend = dist.runtime.redis
+    assert backend is not None and backend.multiplexed is not None
+    mux = backend.multiplexed
+
+    async def trips(call: Any) -> int:
+        before = mux.commands_sent
+        assert (await call).status_code == 200
+        return mux.commands_sent - before
+
+    async with client(dist) as c:
+        assert await trips(c.post("/set/k/v0")) == 1  # create
+        assert (await c.get("/get/k")).json()["value"] == "v0"  # warm
+        writes = [await trips(c.post(f"/set/k/v{n}")) for n in range(1, 21)]
+        assert writes == [1] * 20  # the save only: the copy stays
+        reads = [await trips(c.get("/get/k")) for _ in range(5)]
+        assert reads == [0] * 5
+        assert (await c.get("/get/k")).json()["value"] == "v20"
+
+
 class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
     """A real connection that counts the statements sent to the sessions table (other
     capabilities of the Dist, such as the outbox relay, share the pool)."""
