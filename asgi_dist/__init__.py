@@ -17,6 +17,9 @@ from asgi_dist.errors import (
     TransactionError,
 )
 from asgi_dist.middleware import DistMiddleware
+from asgi_dist.scheduling import SchedulerConfig
+from asgi_dist.sessions import SessionConfig
+from asgi_dist.transactions import TransactionConfig
 
 __version__ = "0.1.0"
 
@@ -31,9 +34,12 @@ __all__ = [
     "LockNotOwned",
     "LockTimeout",
     "NoRequestContext",
+    "SchedulerConfig",
     "SchedulerError",
+    "SessionConfig",
     "SessionError",
     "SessionTooLarge",
+    "TransactionConfig",
     "TransactionError",
     "__version__",
     "get_locks",

@@ -18,7 +18,9 @@ class SchedulerConfig:
         enabled: ``False`` keeps this process from leading and running jobs; it can
             still trigger, pause, resume and read history.
         backend: ``"redis"``, ``"postgres"`` or ``"memory"``; default the Dist's first.
-        history_limit: history records kept per job (oldest trimmed).
+        history_limit: history records kept per job (oldest trimmed); on PostgreSQL a
+            fire's row is also its claim and stays until ``claim_ttl``, but ``history()``
+            returns at most this many.
         shutdown_grace: seconds running jobs get at stop before they are cancelled.
         running_lease: seconds of the overlap lease, renewed every third of it.
         retry_backoff: base of the exponential backoff between attempts.

@@ -168,10 +168,16 @@ async def _renew_leases(
                 return
 
 
+def is_manual(fire_id: str) -> bool:
+    """A fire outside the job's schedule (``trigger()``, ``at()``): its id carries a
+    third part (``job:ms:trigger-…``); it follows no parent fire."""
+    return fire_id.rpartition(":")[2].startswith(("trigger-", "once-"))
+
+
 async def _wait_for_parents(store: SchedulerStore, fire: Fire, wait: float) -> str | None:
     """``None`` once every parent's run of the same fire succeeded, else why not."""
     parents = fire.job.options.after
-    if not parents:
+    if not parents or is_manual(fire.fire_id):
         return None
     deadline = time.monotonic() + wait
     delay = 0.02

@@ -50,7 +50,7 @@ from asgi_dist.scheduling.policies import (
     resolve_function,
     runnable,
 )
-from asgi_dist.scheduling.runner import Fire, RunSettings, run_fire
+from asgi_dist.scheduling.runner import Fire, RunSettings, is_manual, run_fire
 from asgi_dist.scheduling.schedules import (
     CronSchedule,
     OnceSchedule,
@@ -703,7 +703,8 @@ class Scheduler:
                 if other_job == job.name and not other_key.startswith(f"{fire_id}#"):
                     task.cancel()
         jitter_ms = jitter_cap_ms(job, fire_ms)
-        blocked = self._parents_without_fire(job, fire_ms)
+        # Run by hand (trigger) or once (at): no parent has a fire to wait for.
+        blocked = None if is_manual(fire_id) else self._parents_without_fire(job, fire_ms)
         lease_ms = round(self.config.running_lease * 1000)
         fire = Fire(
             job=job,

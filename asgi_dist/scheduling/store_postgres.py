@@ -235,10 +235,12 @@ class PostgresStore:
         return [r["fire_id"] for r in rows if r["before"] in ("claimed", "running")]
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
+        # A fire's row is also its claim, kept until claim_until so that no fire is
+        # claimed twice: the history shows the newest history_cap of them.
         rows = await self.pool.fetch(
             f"SELECT record FROM {self.fires} WHERE job = $1 ORDER BY fire_ms DESC LIMIT $2",
             job,
-            limit,
+            min(limit, self.history_cap),
         )
         return [json.loads(r["record"]) for r in rows]
 

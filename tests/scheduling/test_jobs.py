@@ -142,6 +142,49 @@ async def test_child_runs_after_its_parent_succeeded_for_the_same_fire(sched_dis
     assert all(int(h["fire_ms"]) % 1000 == 500 for h in skipped)
 
 
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_job_with_parents_runs_when_triggered_by_hand(
+    sched_dist: Any, backend: str
+) -> None:
+    # A trigger is outside the schedule: no parent has a fire to follow.
+    ran: list[str] = []
+    servers = {"redis": {}, "postgres": {"redis": None}}[backend]
+    dist = await sched_dist(start=False, **servers)
+
+    @dist.cron(NEVER)
+    async def parent(ctx: JobContext) -> None:
+        ran.append(ctx.job)
+
+    @dist.cron(NEVER, after=["parent"])
+    async def child(ctx: JobContext) -> None:
+        ran.append(ctx.job)
+
+    await dist.start()
+    await leading(dist)
+    record = await settle(dist, "child", await dist.scheduler.trigger("child"))
+    assert record["status"] == "succeeded", record
+    assert ran == ["child"]
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_history_returns_at_most_history_limit_records(sched_dist: Any, backend: str) -> None:
+    servers = {"redis": {}, "postgres": {"redis": None}}[backend]
+    dist = await sched_dist(start=False, scheduler=SchedulerConfig(history_limit=3), **servers)
+
+    @dist.cron(NEVER)
+    async def often(ctx: JobContext) -> None:
+        return None
+
+    await dist.start()
+    await leading(dist)
+    fires = []
+    for _ in range(6):
+        fires.append(await dist.scheduler.trigger("often"))
+        await settle(dist, "often", fires[-1])
+    history = await dist.scheduler.history("often", 100)
+    assert [h["fire_id"] for h in history] == fires[:-4:-1]  # the newest three
+
+
 async def test_pause_resume_and_trigger_from_a_node_that_does_not_lead(
     sched_dist: Any,
 ) -> None:
