@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import secrets
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -68,10 +69,13 @@ def new_token(owner: str) -> str:
 _background: set[asyncio.Task[Any]] = set()
 
 
-async def _clean_up(factory: Callable[[], Awaitable[Any]], what: str) -> None:
-    """``shielded(factory)``, waited for at most ``_CLEANUP_WAIT``; errors logged."""
+async def _clean_up(
+    factory: Callable[[], Awaitable[Any]], what: str, *, patient: bool = True
+) -> None:
+    """``shielded(factory)``, waited for at most ``_CLEANUP_WAIT`` (not at all unless
+    ``patient``: the backend just failed to answer); errors logged."""
     try:
-        async with asyncio.timeout(_CLEANUP_WAIT):
+        async with asyncio.timeout(_CLEANUP_WAIT if patient else 0):
             await shielded(factory)
     except TimeoutError:
         log.debug("%s: still running, left to finish in the background", what)
@@ -562,7 +566,9 @@ class _Gate:
         except BaseException:
             if turn.done() and not turn.cancelled():
                 self.leave(None)  # handed the turn while giving up: pass it on
-            else:
+            elif entry in self.waiters:
+                # Not there if another waiter's leave() already dropped it as
+                # cancelled (two giving up in one turn of the loop).
                 self.waiters.remove(entry)
             raise
 
@@ -893,6 +899,9 @@ async def acquire_lease(
         return attempt
     finally:
         won = attempt is not None and attempt.acquired
+        # After an attempt the backend did not answer, cleanups are not waited for
+        # (they finish when it answers): the caller's timeout stays a bound.
+        patient = not isinstance(sys.exc_info()[1], BackendUnavailable)
         if watch is not None:
             watch.close()
         try:
@@ -910,6 +919,7 @@ async def acquire_lease(
                 await _clean_up(
                     lambda: backend.leave(kind, name, token),  # type: ignore[attr-defined]
                     f"leave the wait for {kind} {name!r}",
+                    patient=patient,
                 )
         finally:
             if gate is not None:
@@ -925,7 +935,9 @@ async def acquire_lease(
             # entry behind; remove it, shielded, and hand on a lease granted
             # to it meanwhile.
             await _clean_up(
-                lambda: backend.release(kind, name, token), f"dequeue from {kind} {name!r}"
+                lambda: backend.release(kind, name, token),
+                f"dequeue from {kind} {name!r}",
+                patient=patient,
             )
 
 
@@ -972,6 +984,7 @@ async def _attempt(
         await _clean_up(
             lambda: backend.release(kind, name, token),
             f"undo an interrupted attempt on {kind} {name!r}",
+            patient=not timer.expired(),
         )
         if timer.expired():
             raise BackendUnavailable(

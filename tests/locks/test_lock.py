@@ -181,3 +181,28 @@ async def test_locks_refuse_to_be_taken_on_a_dist_that_is_not_running(make_dist)
         await lock.acquire(timeout=0)
     with pytest.raises(ConfigError, match="the Dist is not started"):
         await election.campaign(timeout=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_waiters_giving_up_together_get_lock_timeout_or_cancelled_error(
+    make_dist, backend: str
+) -> None:
+    # Several tasks of one process queue for one lock; those that give up in the
+    # same turn of the loop must each get their own error, nothing else.
+    dist: Dist = await make_dist(sessions=False)
+    lock = dist.lock("k", ttl=10, backend=backend)  # type: ignore[arg-type]
+    held = await lock.acquire()
+    for _ in range(5):
+        timed = [asyncio.create_task(lock.acquire(timeout=0.2)) for _ in range(4)]
+        outcomes = await asyncio.gather(*timed, return_exceptions=True)
+        assert all(isinstance(o, LockTimeout) for o in outcomes), outcomes
+    waiting = [asyncio.create_task(lock.acquire(timeout=10)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    waiting[0].cancel()
+    waiting[1].cancel()
+    outcomes = await asyncio.gather(*waiting[:2], return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    await held.release()
+    third = await asyncio.wait_for(waiting[2], 10)  # the one left is served
+    assert third.fence > held.fence
+    await third.release()
