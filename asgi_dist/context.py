@@ -54,6 +54,9 @@ class RequestHook(Protocol):
 
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None: ...
 
+    async def on_response_end(self, ctx: RequestContext) -> None:
+        """The last byte of the response was sent (background tasks may still run)."""
+
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None: ...
 
 

@@ -177,6 +177,16 @@ class DistMiddleware:
                     return
                 started = True
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # The response has ended; what runs now (background tasks) is not
+                # part of it, and must not hold its request locks.
+                for hook in reversed(entered):
+                    try:
+                        await hook.on_response_end(ctx)
+                    except Exception:
+                        log.exception(
+                            "request hook %s failed at the response end", type(hook).__name__
+                        )
 
         try:
             for hook in self._request_hooks():

@@ -207,6 +207,9 @@ async def test_a_hook_failing_before_the_response_replaces_the_success() -> None
         async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
             raise TransactionError("commit failed: serialization failure")
 
+        async def on_response_end(self, ctx: RequestContext) -> None:
+            return None
+
         async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
             return None
 

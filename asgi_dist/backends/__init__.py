@@ -49,6 +49,9 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.TooManyConnectionsError,
+    # A pooled connection left mid-operation by a lost server ("cannot switch to
+    # state ...; another operation is in progress"): our calls never share one.
+    asyncpg.InternalClientError,
     ConnectionError,
     TimeoutError,
 )
@@ -71,7 +74,8 @@ def as_backend_unavailable(
         and connection_lost(connection)
     )
     if lost or isinstance(exc, _OUTAGES):
-        origin = "PostgreSQL" if lost or isinstance(exc, asyncpg.PostgresError) else "a backend"
+        pg = (asyncpg.PostgresError, asyncpg.InternalClientError)
+        origin = "PostgreSQL" if lost or isinstance(exc, pg) else "a backend"
         if isinstance(exc, redis_errors.RedisError):
             origin = "Redis"
         return BackendUnavailable(

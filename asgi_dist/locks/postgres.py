@@ -107,6 +107,7 @@ class PostgresWakeups:
                 # to whichever client held the server connection.  Poll instead.
                 log.info("lease release notifications do not arrive here; waiters poll")
                 self._gave_up = True
+                await conn.remove_listener(self.channel, self._on_notify)
                 await self._pg.pool.release(conn)
                 return
         except BaseException:

@@ -119,6 +119,11 @@ class LockHook:
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         return None
 
+    async def on_response_end(self, ctx: RequestContext) -> None:
+        # "Released when the response ends": before any background task runs.
+        if ctx.locks is not None:
+            await ctx.locks.release_all()
+
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
         if ctx.locks is not None:
             await ctx.locks.release_all()

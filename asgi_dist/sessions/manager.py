@@ -54,6 +54,7 @@ class SessionManager:
     def __init__(self, runtime: Runtime, config: SessionConfig, secret_keys: list[str]) -> None:
         self.runtime = runtime
         self.config = config
+        self.clash_warned = False  # another middleware's session cookie, told once
         self.backend = config.backend or runtime.default_backend
         if not secret_keys:
             # Dist.check_serving() refuses to serve shared-store sessions without keys;
@@ -303,9 +304,34 @@ class _SessionHook:
         added: list[tuple[bytes, bytes]] = []
         await self.manager.commit(session, added, ctx.scope)
         session.committed = True
+        # A websocket's session is saved again when it ends; an HTTP one never.
+        session.sealed = ctx.scope["type"] == "http"
+        self._check_cookie_clash(ctx, session, message)
         if session.accessed or added:
             added.append((b"vary", b"Cookie"))
             message["headers"] = [*(message.get("headers") or ()), *added]
+
+    def _check_cookie_clash(self, ctx: RequestContext, session: Session, message: Message) -> None:
+        """Warn (once) when another middleware uses our cookie name or replaced the
+        session in the scope: both sessions would then break, with no error."""
+        if self.manager.clash_warned:
+            return
+        prefix = f"{self.manager.config.cookie_name}=".encode().lower()
+        theirs = any(
+            name.lower() == b"set-cookie" and value.lower().startswith(prefix)
+            for name, value in message.get("headers") or ()
+        )
+        if theirs or ctx.scope.get("session") is not session:
+            self.manager.clash_warned = True
+            log.warning(
+                "another middleware (Starlette's SessionMiddleware?) uses the session cookie "
+                "%r or replaced scope['session']: both sessions break; give one of them another "
+                "cookie name (SessionConfig(cookie_name=...)) and keep request.session for one",
+                self.manager.config.cookie_name,
+            )
+
+    async def on_response_end(self, ctx: RequestContext) -> None:
+        return None
 
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
         session = ctx.session

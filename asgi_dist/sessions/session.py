@@ -61,6 +61,7 @@ class Session(MutableMapping[str, Any]):
         "near_stamp",
         "origin",
         "resign",
+        "sealed",
         "version",
     )
 
@@ -91,6 +92,9 @@ class Session(MutableMapping[str, Any]):
         self.resign = False  # the cookie was signed with an older key
         self.had_cookie = False  # the request carried a valid cookie
         self.committed = False  # saved when the response (or websocket) started
+        # An HTTP response started: nothing saves the session any more, so a change
+        # (from a background task, say) is refused rather than silently lost.
+        self.sealed = False
         # A read-only copy left by regenerate() for its grace period: writes are dropped.
         self.moved = stored.moved if stored is not None else False
         self.origin = stored  # its metadata, for the near cache after a save
@@ -127,6 +131,7 @@ class Session(MutableMapping[str, Any]):
             if not value or len(value) > 512:
                 raise SessionError("session.user_id must be 1 to 512 characters long")
         self._accessed = True
+        self._check_open()
         if value != self._user_id:
             self._user_id = value
             self._user_changed = value != self._stored_user_id
@@ -140,6 +145,7 @@ class Session(MutableMapping[str, Any]):
         """
         if self._manager is None:
             raise SessionError("this session is not attached to a SessionManager")
+        self._check_open()
         await self._manager.regenerate(self)
 
     async def invalidate(self) -> None:
@@ -149,6 +155,7 @@ class Session(MutableMapping[str, Any]):
         """
         if self._manager is None:
             raise SessionError("this session is not attached to a SessionManager")
+        self._check_open()
         await self._manager.invalidate(self)
 
     # mapping --------------------------------------------------------------------
@@ -157,8 +164,17 @@ class Session(MutableMapping[str, Any]):
         self._accessed = True
         return self._values[key]
 
+    def _check_open(self) -> None:
+        if self.sealed:
+            raise SessionError(
+                "the session was saved when the response started, and this change would "
+                "be lost: change the session before returning the response (background "
+                "tasks cannot)"
+            )
+
     def __setitem__(self, key: str, value: Any) -> None:
         self._accessed = True
+        self._check_open()
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__} ({key!r})")
         try:
@@ -185,6 +201,7 @@ class Session(MutableMapping[str, Any]):
 
     def __delitem__(self, key: str) -> None:
         self._accessed = True
+        self._check_open()
         del self._values[key]
         self._dirty.pop(key, None)
         self._size = -1  # recounted when next needed

@@ -454,6 +454,9 @@ class TransactionHook:
         # A websocket accept has no status: accepting is success.
         await tx.finish(int(message.get("status", 200)))
 
+    async def on_response_end(self, ctx: RequestContext) -> None:
+        return None
+
     async def on_finish(self, ctx: RequestContext, error: BaseException | None) -> None:
         tx = ctx.tx
         if tx is None or tx._connection is None:

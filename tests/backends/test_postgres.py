@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 
 from asgi_dist import Dist
+from asgi_dist.backends import as_backend_unavailable
 from tests.helpers.processes import ProcessGroup
 
 STEPS = [
@@ -91,3 +92,13 @@ def test_app_migrations_need_postgres() -> None:
 
     with pytest.raises(ConfigError, match="needs PostgreSQL"):
         Dist().add_migrations("shop", ["SELECT 1"])
+
+
+def test_a_pooled_connection_left_mid_operation_counts_as_an_outage() -> None:
+    # Seen while PostgreSQL restarts under a lock backend: asyncpg reports the
+    # connection's broken state this way, outside its InterfaceError class.
+    broken = asyncpg.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    outage = as_backend_unavailable(broken)
+    assert outage is not None and "PostgreSQL is unavailable" in str(outage)
