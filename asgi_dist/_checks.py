@@ -8,10 +8,11 @@ a server's millisecond field, and ``True`` is not a number of seconds.
 from __future__ import annotations
 
 import math
+from urllib.parse import urlsplit
 
 from asgi_dist.errors import ConfigError
 
-__all__ = ["lease_ttl", "seconds"]
+__all__ = ["lease_ttl", "seconds", "shown_url"]
 
 
 def seconds(
@@ -38,3 +39,12 @@ def seconds(
 def lease_ttl(value: object, what: str = "ttl") -> float:
     """A lease's ttl: 0.01 to 86400 seconds (a lease must end)."""
     return seconds(value, what, low=0.01, high=86400)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages may show it: scheme, hosts and path, no credentials, and
+    nothing parsed that could fail (a port that is not a number stays as written)."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return repr(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

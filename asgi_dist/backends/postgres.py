@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from asgi_dist._checks import shown_url
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
 __all__ = ["PostgresBackend", "connection_lost", "describe_dsn"]
@@ -45,20 +46,15 @@ def _check_dsn(dsn: str) -> None:
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigError(
-            f"postgres={dsn.split('@')[-1]!r} is not a PostgreSQL URL: use "
+            f"postgres={shown_url(dsn)} is not a PostgreSQL URL: use "
             "'postgresql://user[:password]@host[:port]/database' (or pass an asyncpg.Pool)"
         )
     try:
         parts.port  # noqa: B018 - parsing it is the check
     except ValueError:
         raise ConfigError(
-            f"the PostgreSQL URL {_shown(dsn)} has a port that is not a number"
+            f"the PostgreSQL URL {shown_url(dsn)} has a port that is not a number"
         ) from None
-
-
-def _shown(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 # The server answered, and refused: a role, password or database that is wrong,

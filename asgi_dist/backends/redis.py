@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
+from asgi_dist._checks import shown_url
 from asgi_dist.backends.resp import MultiplexedRedis, ReplyCallback
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
@@ -118,7 +119,7 @@ def create_multiplexed(url: str, *, connect_timeout: float = 5.0) -> Multiplexed
 def _check_url(url: str) -> None:
     """Refuse a URL whose port or database is not a number, before anything connects."""
     parts = urlsplit(url)
-    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.scheme else repr(url)
+    shown = shown_url(url)
     if parts.scheme not in _SCHEMES:
         raise ConfigError(
             f"unsupported Redis URL scheme {parts.scheme!r} in {shown}: use "
