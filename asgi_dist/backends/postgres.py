@@ -135,38 +135,56 @@ class PostgresBackend:
 
     async def start(self) -> None:
         if self._pool is None:
-            assert self._dsn is not None
-            try:
-                self._pool = await asyncio.wait_for(
-                    asyncpg.create_pool(
-                        self._dsn,
-                        min_size=self._pool_size[0],
-                        max_size=self._pool_size[1],
-                        timeout=self.connect_timeout,
-                        command_timeout=60,
-                        **({"reset": _reset} if _POOL_RESET else {}),
-                    ),
-                    self.connect_timeout,
+            self._pool = await self._create_pool()
+            if await _shares_server_connections(self._pool):
+                # A pooler in transaction mode (PgBouncer): a prepared statement made on
+                # one server connection is missing on the next, so none are kept.
+                pool, self._pool = self._pool, None
+                pool.terminate()
+                self._pool = await self._create_pool(statement_cache_size=0)
+                log.warning(
+                    "PostgreSQL at %s is behind a pooler in transaction mode (PgBouncer): "
+                    "prepared statements are off, which costs a round trip per statement; "
+                    "use session pooling, or PgBouncer >= 1.21 with max_prepared_statements "
+                    "and pass your own asyncpg pool, to keep them",
+                    self.where,
                 )
-            except _REFUSALS as exc:
-                raise ConfigError(
-                    f"PostgreSQL at {self.where} refused the connection ({type(exc).__name__}: "
-                    f"{exc}): fix the user, password or database in the DSN (Dist(postgres=...) "
-                    "or ASGI_DIST_POSTGRES_DSN)"
-                ) from exc
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                answer = (
-                    f"did not answer within {self.connect_timeout:g}s"
-                    if isinstance(exc, TimeoutError)
-                    else "is unavailable"
-                )
-                raise BackendUnavailable(
-                    f"PostgreSQL at {self.where} {answer} ({type(exc).__name__}: "
-                    f"{exc or 'timeout'}); start it or fix the DSN (Dist(postgres=...) or "
-                    "ASGI_DIST_POSTGRES_DSN)"
-                ) from exc
             self.skips_reset = _POOL_RESET
         await self.migrate()
+
+    async def _create_pool(self, **options: Any) -> asyncpg.Pool:
+        assert self._dsn is not None
+        try:
+            pool: asyncpg.Pool = await asyncio.wait_for(
+                asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self._pool_size[0],
+                    max_size=self._pool_size[1],
+                    timeout=self.connect_timeout,
+                    command_timeout=60,
+                    **({"reset": _reset} if _POOL_RESET else {}),
+                    **options,
+                ),
+                self.connect_timeout,
+            )
+        except _REFUSALS as exc:
+            raise ConfigError(
+                f"PostgreSQL at {self.where} refused the connection ({type(exc).__name__}: "
+                f"{exc}): fix the user, password or database in the DSN (Dist(postgres=...) "
+                "or ASGI_DIST_POSTGRES_DSN)"
+            ) from exc
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            answer = (
+                f"did not answer within {self.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else "is unavailable"
+            )
+            raise BackendUnavailable(
+                f"PostgreSQL at {self.where} {answer} ({type(exc).__name__}: "
+                f"{exc or 'timeout'}); start it or fix the DSN (Dist(postgres=...) or "
+                "ASGI_DIST_POSTGRES_DSN)"
+            ) from exc
+        return pool
 
     async def release_reset(self, conn: asyncpg.Connection) -> None:
         """Give back a connection whose last round trip ran ``conn.get_reset_query()``.
@@ -240,6 +258,26 @@ class PostgresBackend:
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self.pool.fetchval(query, *args)
+
+
+async def _shares_server_connections(pool: asyncpg.Pool) -> bool:
+    """Whether two connections of ``pool`` run on shared server backends.
+
+    A direct connection (or a pooler in session mode) keeps one backend for its
+    life, and two connections never share one.  A pooler in transaction mode hands
+    each transaction any idle backend: the backend pids seen through two
+    connections, taking turns, then repeat across them or change within one (or a
+    prepared statement goes missing).  Six statements, once, at start.
+    """
+    seen: tuple[set[int], set[int]] = (set(), set())
+    try:
+        async with pool.acquire() as first, pool.acquire() as second:
+            for _ in range(3):
+                for conn, pids in zip((first, second), seen, strict=True):
+                    pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+    except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError):
+        return True
+    return len(seen[0]) > 1 or len(seen[1]) > 1 or bool(seen[0] & seen[1])
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

@@ -1,4 +1,4 @@
-"""The PostgreSQL lock behind PgBouncer in transaction pooling mode.
+"""The PostgreSQL backends behind PgBouncer in transaction pooling mode, on a plain DSN.
 
 Every lease operation is one statement with no session state, so it must work
 when consecutive statements of one client run on different server connections.
@@ -16,8 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from asgi_dist import SessionConfig, get_session, get_tx
+from asgi_dist.backends.postgres import _shares_server_connections
 from asgi_dist.backends.redis import create_redis_client
 from tests.helpers.processes import ProcessGroup
 from tests.helpers.servers import free_port, wait_port
@@ -34,10 +42,9 @@ pytestmark = pytest.mark.skipif(
 def bouncer_dsn(postgres_dsn: str) -> Iterator[str]:
     """A private PgBouncer in transaction pooling mode in front of the test database.
 
-    One server connection: every client's statements interleave on it, so any
-    session state a lease relied on would leak between processes.  (More would
-    also work for the leases, but Dist.start's migration check takes a session
-    advisory lock that transaction pooling can strand on another connection.)
+    Two server connections: every client's statements interleave on them, so any
+    session state (a prepared statement, a setting) a lease relied on would leak
+    between clients or go missing.
     """
     parts = urlsplit(postgres_dsn)
     workdir = Path(tempfile.mkdtemp(prefix="asgi-dist-pgbouncer-"))
@@ -51,7 +58,7 @@ def bouncer_dsn(postgres_dsn: str) -> Iterator[str]:
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {workdir / 'users.txt'}\n"
-        "pool_mode = transaction\ndefault_pool_size = 1\nmax_client_conn = 200\n"
+        "pool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\n"
         f"logfile = {workdir / 'pgbouncer.log'}\n"
     )
     # pgbouncer refuses to run as root unless told whom to become.
@@ -70,10 +77,9 @@ def bouncer_dsn(postgres_dsn: str) -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# Pools for PgBouncer's transaction mode (1.18) must not cache prepared statements.
+# A plain DSN: the Dist finds out at start that it is behind a transaction pooler.
 WORKER = """
 import asyncio, os, sys
-import asyncpg
 from asgi_dist import Dist
 from asgi_dist.backends.redis import create_redis_client
 from asgi_dist.scheduling import SchedulerConfig
@@ -81,9 +87,7 @@ from asgi_dist.scheduling import SchedulerConfig
 async def main():
     ns = os.environ["NS"]
     log = create_redis_client(os.environ["REDIS"])
-    pool = await asyncpg.create_pool(os.environ["BOUNCER"], statement_cache_size=0,
-                                     min_size=1, max_size=3)
-    async with Dist(postgres=pool, namespace=ns, sessions=False,
+    async with Dist(postgres=os.environ["BOUNCER"], namespace=ns, sessions=False,
                     scheduler=SchedulerConfig(enabled=False)) as dist:
         lock = dist.lock("counter", ttl=10, backend="postgres")
         for _ in range(25):
@@ -92,7 +96,6 @@ async def main():
                 await asyncio.sleep(0)
                 await log.set("{%s}:value" % ns, value + 1)
                 await log.rpush("{%s}:fences" % ns, held.fence)
-    await pool.close()
     await log.aclose()
 
 asyncio.run(main())
@@ -102,8 +105,6 @@ asyncio.run(main())
 async def test_four_processes_never_hold_the_postgres_lock_together_behind_pgbouncer(
     make_dist, processes: ProcessGroup, bouncer_dsn: str, redis_url: str, namespace: str
 ) -> None:
-    # Create the lease table directly (migrations take a session advisory lock).
-    await make_dist(redis=None, sessions=False)
     env = {"NS": namespace, "REDIS": redis_url, "BOUNCER": bouncer_dsn}
     workers = processes.python(WORKER, n=4, env=env)
     codes = await asyncio.to_thread(processes.wait_all, 90)
@@ -116,3 +117,44 @@ async def test_four_processes_never_hold_the_postgres_lock_together_behind_pgbou
         await log.aclose()
     assert value == 100, "increments were lost: two processes held the lock together"
     assert fences == sorted(fences) and len(set(fences)) == 100
+
+
+async def test_the_start_probe_tells_a_transaction_pooler_from_a_direct_connection(
+    bouncer_dsn: str, postgres_dsn: str
+) -> None:
+    for dsn, pooled in ((postgres_dsn, False), (bouncer_dsn, True)):
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            assert await _shares_server_connections(pool) is pooled, dsn
+        finally:
+            pool.terminate()
+
+
+async def test_sessions_and_request_transactions_work_behind_pgbouncer_on_a_plain_dsn(
+    make_dist, bouncer_dsn: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Statements of one client move between server connections: nothing may break."""
+    dist = await make_dist(
+        redis=None, postgres=bouncer_dsn, sessions=SessionConfig(backend="postgres")
+    )
+    assert "behind a pooler in transaction mode" in caplog.text
+
+    async def visit(request: Request) -> JSONResponse:
+        session = get_session()
+        session["visits"] = session.get("visits", 0) + 1
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {namespace}_visits VALUES ($1)", session["visits"])
+        await tx.publish("visited", {"n": session["visits"]})
+        return JSONResponse({"visits": session["visits"]})
+
+    await dist.runtime.postgres.pool.execute(f"CREATE TABLE {namespace}_visits (n int)")
+    app = dist.wrap(Starlette(routes=[Route("/", visit)]))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://test") as client:
+        for expected in range(1, 31):
+            response = await client.get("/")
+            assert response.status_code == 200, response.text
+            assert response.json() == {"visits": expected}
+    pool = dist.runtime.postgres.pool
+    assert await pool.fetchval(f"SELECT count(*) FROM {namespace}_visits") == 30
+    assert await pool.fetchval(f"SELECT count(*) FROM {namespace}_outbox") == 30
