@@ -75,6 +75,13 @@ class DistMiddleware:
                 f"DistMiddleware needs an ASGI app, got {app!r}: pass your Starlette, FastAPI "
                 "or Quart app (dist.wrap(app))"
             )
+        from asgi_dist.dist import Dist
+
+        if not isinstance(dist, Dist):
+            raise ConfigError(
+                f"DistMiddleware needs dist=Dist(...), got {dist!r}: "
+                "create one with Dist(...) or Dist.from_env() and pass it as dist="
+            )
         dist.check_serving()
         self.app = app
         self.dist = dist

@@ -368,6 +368,112 @@ while b"stop" not in sub.recv(1000):
 """
 
 
+# The floor with N processes: a token goes round a ring of N processes, each
+# PUBLISHing it to the next one's channel when its own subscription delivers it,
+# as a released lock goes to the process that has waited longest.  Each hop is
+# one hand-off's minimum: a PUBLISH, Redis, the next process waking from idle
+# with its caches cold from the N - 1 that ran since.  MODE=blocking uses plain
+# sockets; MODE=asyncio the same on an asyncio loop, as an ASGI app has.
+RING = """
+import asyncio, os, socket, time
+name, i, n = os.environ["NAME"], int(os.environ["I"]), int(os.environ["N"])
+port = int(os.environ["PORT"])
+def cmd(*a):
+    return ("*%d\\r\\n" % len(a) + "".join("$%d\\r\\n%s\\r\\n" % (len(x), x) for x in a)).encode()
+def messages(buf):
+    # Complete pub/sub pushes in buf (7 CRLFs each): payloads and the rest.
+    out = []
+    while buf.count(b"\\r\\n") >= 7:
+        parts = buf.split(b"\\r\\n", 7)
+        out.append(parts[6]); buf = parts[7]
+    return out, buf
+hops = []
+def on_token(payload, publish):
+    if payload == b"stop":
+        return False
+    hops.append(time.time() - float(payload))
+    publish(cmd("PUBLISH", "%s:%d" % (name, (i + 1) % n), repr(time.time())))
+    return True
+
+def blocking():
+    sub = socket.create_connection(("127.0.0.1", port))
+    pub = socket.create_connection(("127.0.0.1", port))
+    for s in (sub, pub):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sub.sendall(cmd("SUBSCRIBE", "%s:%d" % (name, i))); sub.recv(1000)
+    def publish(data):
+        pub.sendall(data); pub.recv(100)
+    publish(cmd("INCR", name + ":ready"))
+    buf = b""
+    while True:
+        buf += sub.recv(4096)
+        payloads, buf = messages(buf)
+        for payload in payloads:
+            if not on_token(payload, publish):
+                return pub
+
+async def evented():
+    sr, sw = await asyncio.open_connection("127.0.0.1", port)
+    pr, pw = await asyncio.open_connection("127.0.0.1", port)
+    for w in (sw, pw):
+        w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sw.write(cmd("SUBSCRIBE", "%s:%d" % (name, i))); await sr.read(1000)
+    pw.write(cmd("INCR", name + ":ready")); await pr.read(100)
+    def publish(data):
+        pw.write(data)  # replies are drained below, off the hop's path
+    async def drain():
+        while await pr.read(4096):
+            pass
+    drainer = asyncio.create_task(drain())
+    buf = b""
+    while True:
+        buf += await sr.read(4096)
+        payloads, buf = messages(buf)
+        for payload in payloads:
+            if not on_token(payload, publish):
+                drainer.cancel()
+                return
+
+if os.environ["MODE"] == "blocking":
+    blocking()
+else:
+    asyncio.run(evented())
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(cmd("RPUSH", name + ":hops", *[repr(h) for h in hops] or ["nan"])); s.recv(100)
+"""
+
+
+async def ring_hops(url: str, procs: int, mode: str, seconds: float) -> list[float]:
+    """Hop times of a token passed round ``procs`` processes for ``seconds``."""
+    name = f"bench:ring:{secrets.token_hex(4)}"
+    port = str(urlsplit(url).port or 6379)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            RING,
+            env=dict(os.environ, PORT=port, NAME=name, I=str(i), N=str(procs), MODE=mode),
+        )
+        for i in range(procs)
+    ]
+    client = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(6000):  # bounded: 60 s for the children to start
+            if int(await client.get(f"{name}:ready") or 0) == procs:
+                break
+            await asyncio.sleep(0.01)
+        await client.publish(f"{name}:0", repr(time.time()))
+        await asyncio.sleep(seconds)
+        for i in range(procs):
+            await client.publish(f"{name}:{i}", "stop")
+        for child in children:
+            await asyncio.wait_for(child.wait(), 30)
+        raw: list[bytes] = await client.lrange(f"{name}:hops", 0, -1)
+        return [float(h) for h in raw if h != b"nan"]
+    finally:
+        await client.aclose()
+
+
 async def floor_hops(url: str, gap: float, n: int = 1000) -> list[float]:
     """One-way hop times (half a PUBLISH ping-pong between two processes), with
     ``gap`` seconds of idleness before each, as a waiting process has."""
@@ -601,6 +707,21 @@ async def main() -> None:
         print(
             "\nA hand-off to another process needs at least one such hop (the release's "
             "message); its waiter has been idle, like the 2 ms row.\n"
+        )
+        print(f"## Floor with N processes: a token passed round a ring ({args.seconds:g} s each)\n")
+        print("| processes | sockets | hop p50 | p99 | p50 / RTT | p99 / RTT |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for procs in counts:
+            for mode in ("blocking", "asyncio"):
+                hops = await ring_hops(url, procs, mode, args.seconds)
+                p50, p99 = pct(hops, 0.5), pct(hops, 0.99)
+                print(
+                    f"| {procs} | {mode} | {p50 * 1e6:.0f} µs | {p99 * 1e6:.0f} µs "
+                    f"| {p50 / rtt:.1f} | {p99 / rtt:.1f} |"
+                )
+        print(
+            "\nEach hop is what a hand-off to the process that has waited longest cannot go "
+            "below: a PUBLISH and the next process waking, with nothing of a lock's own.\n"
         )
 
         print("## Ratios (asgi_dist vs redis-py, same run)\n")

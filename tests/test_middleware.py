@@ -261,3 +261,9 @@ async def test_a_request_whose_lock_is_taken_over_is_cancelled_and_answers_409(
     assert response.headers["retry-after"] == "1"
     assert "was lost during the request" in response.text
     assert reached_end == []
+
+
+@pytest.mark.parametrize("dist", [None, "redis://127.0.0.1:6379", Dist])
+def test_middleware_given_something_that_is_not_a_dist_says_what_to_pass(dist: object) -> None:
+    with pytest.raises(ConfigError, match=r"DistMiddleware needs dist=Dist\(\.\.\.\)"):
+        DistMiddleware(Starlette(), dist=dist)  # type: ignore[arg-type]

@@ -171,10 +171,12 @@ def locked(
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Decorate an endpoint so it runs only while holding the lock ``template``.
 
-    ``{field}`` in the template is filled from the request's path parameters
-    (``scope["path_params"]``), falling back to the endpoint's keyword
-    arguments.  The lock is held until the response ends; a busy lock
-    answers 409 with ``Retry-After`` (through :class:`~asgi_dist.LockTimeout`).
+    ``{field}`` in the template is filled from the endpoint's keyword arguments
+    (values as the framework converted them, so ``/orders/05`` and ``/orders/5``
+    name one lock when the endpoint gets ``order_id=5``), falling back to the
+    request's path parameters (``scope["path_params"]``).  The lock is held
+    until the response ends; a busy lock answers 409 with ``Retry-After``
+    (through :class:`~asgi_dist.LockTimeout`).
     """
     fields = _fields(template)
     # Validate the options once, where they enter.
@@ -190,9 +192,10 @@ def locked(
                 ctx: RequestContext | None = current_request("@dist.locked")
             except NoRequestContext:
                 ctx = None
-            params: dict[str, Any] = dict(kwargs)
+            params: dict[str, Any] = {}
             if ctx is not None:
                 params.update(ctx.scope.get("path_params") or {})
+            params.update(kwargs)
             missing = [f for f in fields if f not in params]
             if missing:
                 raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -60,3 +61,29 @@ async def test_fastapi_dependencies_resolve_inside_a_request() -> None:
     async with dist, httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         with pytest.raises(NoRequestContext, match="get_tx\\(\\) needs PostgreSQL"):
             await client.get("/tx")
+
+
+async def test_locked_names_the_lock_by_the_converted_fastapi_parameter() -> None:
+    """/orders/05/pay and /orders/5/pay both give the endpoint order_id=5: one lock."""
+    dist = Dist()
+    api = FastAPI()
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    @api.post("/orders/{order_id}/pay")
+    @dist.locked("order:{order_id}", timeout=0)
+    async def pay(order_id: int) -> dict[str, int]:
+        entered.set()
+        await go_on.wait()
+        return {"order_id": order_id}
+
+    transport = httpx.ASGITransport(app=dist.wrap(api))
+    async with dist, httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = asyncio.create_task(client.post("/orders/5/pay"))
+        await asyncio.wait_for(entered.wait(), 5)
+        try:  # bounded: with two locks, the second request would wait for go_on too
+            second = await asyncio.wait_for(client.post("/orders/05/pay"), 10)
+        finally:
+            go_on.set()
+        assert (await first).json() == {"order_id": 5}
+    assert second.status_code == 409, second.text
+    assert "Retry-After" in second.headers
