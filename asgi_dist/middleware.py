@@ -209,6 +209,10 @@ class DistMiddleware:
                     raise
                 raise lost from None
         except Exception as exc:
+            if _client_closed(scope, exc):
+                # An ordinary end, though Starlette tells the endpoint by raising:
+                # what the handler did stands, and nobody is left to hear of it.
+                return
             error = exc
             answer = error_response(exc)
             if answer is None or started:
@@ -225,6 +229,14 @@ class DistMiddleware:
                 except Exception:
                     log.exception("request hook %s failed to finish", type(hook).__name__)
             reset_current(token)
+
+
+def _client_closed(scope: Scope, exc: Exception) -> bool:
+    if scope["type"] != "websocket":
+        return False
+    from starlette.websockets import WebSocketDisconnect
+
+    return isinstance(exc, WebSocketDisconnect)
 
 
 def _install_exception_handlers(app: Any) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from asgi_dist._types import Message
 from asgi_dist.backends import Runtime
 from asgi_dist.context import RequestContext, RequestHook
-from asgi_dist.errors import ConfigError, SessionError
+from asgi_dist.errors import ConfigError, SessionError, SessionTooLarge
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.cookie import SessionCookie
 from asgi_dist.sessions.memory import MemorySessionStore
@@ -26,6 +26,7 @@ from asgi_dist.sessions.postgres import MIGRATIONS, PostgresSessionStore
 from asgi_dist.sessions.redis import RedisSessionStore
 from asgi_dist.sessions.session import Session
 from asgi_dist.sessions.store import (
+    TOO_LARGE,
     SessionInfo,
     SessionKey,
     SessionStore,
@@ -186,6 +187,16 @@ class SessionManager:
                         near.unsent(delta.tag)
                     raise
                 handle = session.key.handle
+                if version == TOO_LARGE:
+                    if near is not None:
+                        near.unsent(delta.tag)
+                    raise SessionTooLarge(
+                        f"this request's changes would make the stored session over "
+                        f"max_size={self.config.max_size} bytes, together with what concurrent "
+                        "requests stored meanwhile; nothing of this request was stored: keep "
+                        "large data elsewhere and put its id in the session, or raise "
+                        "SessionConfig(max_size=...)"
+                    )
                 if not version:
                     if near is not None:
                         near.unsent(delta.tag)

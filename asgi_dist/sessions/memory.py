@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.store import (
+    TOO_LARGE,
     SessionDelta,
     SessionInfo,
     SessionKey,
     StoredSession,
+    fields_size,
 )
 
 __all__ = ["MemorySessionStore"]
@@ -120,6 +122,9 @@ class MemorySessionStore:
         entry = self._live(key.handle, now)
         if entry is None or entry.moved:
             return 0
+        merged = {k: v for k, v in entry.fields.items() if k not in delta.delete}
+        if fields_size(merged | delta.set) > self.config.max_size:
+            return TOO_LARGE
         self._touch(entry, now)
         self._apply(key.handle, entry, delta)
         return 1

@@ -1,9 +1,13 @@
 """PostgreSQL session store: one table, JSONB, each operation one statement.
 
-The delta merge ``(data - deleted) || set`` is evaluated by ``UPDATE`` on the
-latest row version (READ COMMITTED re-reads a row it waited for), so two
-overlapping requests that change different keys both persist.  Expiry is
-decided by ``now()`` in every statement; a sweeper deletes the dead rows.
+``fields`` maps each session key to its value's JSON text, held as a JSONB
+string: a value reads back exactly as written (JSONB itself would turn ``1e16``
+into an integer and refuse ``\u0000``), and its size is known.  The delta merge
+``(fields - deleted) || set`` is evaluated by ``UPDATE`` on the latest row
+version (READ COMMITTED re-reads a row it waited for), so two overlapping
+requests that change different keys both persist, and the same statement
+refuses a merge over ``max_size``.  Expiry is decided by ``now()`` in every
+statement; a sweeper deletes the dead rows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from asgi_dist.backends import Runtime
 from asgi_dist.backends.postgres import PostgresBackend
 from asgi_dist.sessions.config import SessionConfig
 from asgi_dist.sessions.store import (
+    TOO_LARGE,
     SessionDelta,
     SessionInfo,
     SessionKey,
@@ -41,6 +46,13 @@ MIGRATIONS = [
     CREATE INDEX {ns}_sessions_user ON {ns}_sessions (user_id) WHERE user_id IS NOT NULL;
     CREATE INDEX {ns}_sessions_expires ON {ns}_sessions (expires);
     """,
+    # Values as exact JSON texts (see the module docstring).
+    """
+    ALTER TABLE {ns}_sessions ADD COLUMN fields jsonb NOT NULL DEFAULT '{{}}';
+    UPDATE {ns}_sessions SET fields = (
+        SELECT coalesce(jsonb_object_agg(k, v::text), '{{}}') FROM jsonb_each(data) AS e(k, v));
+    ALTER TABLE {ns}_sessions DROP COLUMN data;
+    """,
 ]
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -61,7 +73,7 @@ class PostgresSessionStore:
         expires = "least(now() + make_interval(secs => $2), created + make_interval(secs => $3))"
         self._load_sql = f"""
             WITH s AS (
-                SELECT key, data, user_id, created, accessed, expires, moved
+                SELECT key, fields, user_id, created, accessed, expires, moved
                 FROM {t} WHERE key = $1 AND expires > now()
             ), refreshed AS (
                 -- The idle timeout is refreshed at most every tenth of it.
@@ -70,7 +82,7 @@ class PostgresSessionStore:
                     AND s.accessed <= now() - make_interval(secs => $4)
                 RETURNING {t}.expires
             )
-            SELECT s.data::text AS data, s.user_id, s.moved,
+            SELECT s.fields::text AS fields, s.user_id, s.moved,
                 extract(epoch FROM s.created)::float8 AS created,
                 extract(epoch FROM s.accessed)::float8 AS accessed,
                 extract(epoch FROM coalesce((SELECT expires FROM refreshed), s.expires) - now())
@@ -78,26 +90,34 @@ class PostgresSessionStore:
             FROM s
         """
         self._create_sql = f"""
-            INSERT INTO {t} (key, data, user_id, created, accessed, expires)
+            INSERT INTO {t} (key, fields, user_id, created, accessed, expires)
             VALUES ($1, $4::text::jsonb, $5, now(), now(), {expires.replace("created", "now()")})
             ON CONFLICT (key) DO NOTHING RETURNING 1
         """
+        merged = "(fields - $4::text[]) || $5::text::jsonb"
+        fits = (
+            "(SELECT coalesce(sum(octet_length(k) + octet_length(v)), 0)"
+            f" FROM jsonb_each_text({merged}) AS e(k, v)) <= $8"
+        )
+        # Over max_size (concurrent requests each grew it), nothing changes and the
+        # row says so: its fields then lack what this request set or still hold
+        # what it deleted.
         self._save_sql = f"""
-            UPDATE {t} SET data = (data - $4::text[]) || $5::text::jsonb, accessed = now(),
-                expires = {expires},
-                user_id = CASE WHEN $6 THEN $7 ELSE user_id END
+            UPDATE {t} SET fields = CASE WHEN {fits} THEN {merged} ELSE fields END,
+                accessed = now(), expires = {expires},
+                user_id = CASE WHEN $6 AND {fits} THEN $7 ELSE user_id END
             WHERE key = $1 AND expires > now() AND NOT moved
-            RETURNING 1
+            RETURNING fields @> $5::text::jsonb AND NOT fields ?| $4::text[] AS applied
         """
         self._regenerate_sql = f"""
             WITH old AS (
                 UPDATE {t} SET moved = true,
                     expires = least(expires, now() + make_interval(secs => $4))
                 WHERE key = $1 AND expires > now() AND NOT moved
-                RETURNING data, user_id, created
+                RETURNING fields, user_id, created
             )
-            INSERT INTO {t} (key, data, user_id, created, accessed, expires)
-            SELECT $5, data, user_id, created, now(), {expires} FROM old
+            INSERT INTO {t} (key, fields, user_id, created, accessed, expires)
+            SELECT $5, fields, user_id, created, now(), {expires} FROM old
             RETURNING 1
         """
         self._delete_sql = f"DELETE FROM {t} WHERE key = $1"
@@ -162,9 +182,9 @@ class PostgresSessionStore:
         )
         if row is None:
             return None
-        data: dict[str, Any] = json.loads(row["data"])
+        fields: dict[str, str] = json.loads(row["fields"])
         return StoredSession(
-            fields={k: _encode(v) for k, v in data.items()},
+            fields=fields,
             user_id=row["user_id"],
             created=row["created"],
             last_access=row["accessed"],
@@ -174,8 +194,8 @@ class PostgresSessionStore:
 
     @staticmethod
     def _object(fields: dict[str, str]) -> str:
-        # Values are JSON texts already: join them without decoding.
-        return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
+        # Each value's JSON text becomes a JSONB string.
+        return _encode(fields)
 
     async def create(self, key: SessionKey, delta: SessionDelta) -> int:
         done = await self._call(
@@ -189,7 +209,7 @@ class PostgresSessionStore:
         return 1 if done == 1 else 0
 
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
-        done = await self._call(
+        applied = await self._call(
             "fetchval",
             self._save_sql,
             key.handle,
@@ -198,8 +218,12 @@ class PostgresSessionStore:
             self._object(delta.set),
             delta.user_changed,
             delta.user_id,
+            self.config.max_size,
         )
-        return 1 if done == 1 else 0  # no versions here: the near cache is Redis only
+        if applied is None:
+            return 0  # gone
+        # No versions here: the near cache is Redis only.
+        return 1 if applied else TOO_LARGE
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         done = await self._call(

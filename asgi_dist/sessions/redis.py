@@ -138,6 +138,7 @@ class RedisSessionStore:
             f"{key.handle} {delta.tag}" if delta.tag else key.handle,
             pairs,
             ["." + name for name in delta.delete],
+            self.config.max_size,
         ]
         # One JSON argument: packing each field as its own argument costs the client more.
         return self._save(self.backend.commands, keys, [_dumps(request)])

@@ -4,14 +4,17 @@
 -- ARGV[1]  the request as one JSON array (one argument is far cheaper for the client to
 --          pack than dozens):
 --          [mode "new"|"update", idle ms, absolute ms, user, channel, handle, message,
---           [field, value, field, value, ...], [deleted field, ...]]
+--           [field, value, field, value, ...], [deleted field, ...], max size]
 --          user: "" unchanged | "=" cleared | "=<uid>" set; channel: "" = no near cache;
 --          message: the handle and the writer's tag, so the writer knows its own echo
--- Returns the session's new version (its count of writes, >= 1), or 0 when it is gone
--- (expired, deleted or regenerated meanwhile) or, for "new", already exists.
+-- Returns the session's new version (its count of writes, >= 1), 0 when it is gone
+-- (expired, deleted or regenerated meanwhile) or, for "new", already exists, or -1,
+-- changing nothing, when the update would make the session larger than max size
+-- (concurrent requests that each grew it): keys plus values, as the client counts them.
 local req = cjson.decode(ARGV[1])
 local mode, idle, absolute = req[1], req[2], req[3]
 local user, channel, handle, message, pairs_, deleted = req[4], req[5], req[6], req[7], req[8], req[9]
+local max_size = req[10]
 local key = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,6 +31,28 @@ else
   if left <= 0 then
     redis.call('DEL', key)
     return 0
+  end
+  -- The size after this update (only one that sets something can grow it): the stored
+  -- fields less those deleted or replaced, plus the new values; user fields are
+  -- "." .. key, and the dot does not count.
+  if #pairs_ > 0 then
+    local changed = {}
+    local size = 0
+    for i = 1, #pairs_, 2 do
+      changed[pairs_[i]] = true
+      size = size + #pairs_[i] - 1 + #pairs_[i + 1]
+    end
+    for i = 1, #deleted do
+      changed[deleted[i]] = true
+    end
+    local stored = redis.call('HGETALL', key)
+    for i = 1, #stored, 2 do
+      local name = stored[i]
+      if string.sub(name, 1, 1) == '.' and not changed[name] then
+        size = size + #name - 1 + #stored[i + 1]
+      end
+    end
+    if size > max_size then return -1 end
   end
   redis.call('HSET', key, 'access', now)
   ttl = math.min(idle, left)

@@ -17,16 +17,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "TOO_LARGE",
     "SessionDelta",
     "SessionInfo",
     "SessionKey",
     "SessionStore",
     "StoredSession",
+    "fields_size",
     "new_session_id",
     "user_digest",
 ]
 
 SHARD_LENGTH = 2  # 4096 shards: spreads sessions over Cluster slots
+# What save() returns when the merged session would be over max_size.
+TOO_LARGE = -1
 _ID = re.compile(r"[A-Za-z0-9_-]{46}")
 
 
@@ -48,6 +52,11 @@ def _digest(value: str) -> str:
 def user_digest(user_id: str) -> str:
     """The user's index name: a hash, so that any user id is a safe key part."""
     return _digest("user:" + user_id)
+
+
+def fields_size(fields: dict[str, str]) -> int:
+    """A session's size as max_size counts it: keys (UTF-8) plus JSON texts (ASCII)."""
+    return sum(len(k.encode()) + len(v) for k, v in fields.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +139,10 @@ class SessionStore(Protocol):
         """Store a new session holding ``delta``: its version (>= 1), 0 if the key exists."""
 
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
-        """Apply only ``delta`` to a stored session: its new version (>= 1), or 0 when it
-        is gone (expired, invalidated or regenerated meanwhile: never resurrect it)."""
+        """Apply only ``delta`` to a stored session: its new version (>= 1), 0 when it
+        is gone (expired, invalidated or regenerated meanwhile: never resurrect it), or
+        :data:`TOO_LARGE`, changing nothing, when the stored session with ``delta``
+        applied would be over ``max_size`` (concurrent requests each grew it)."""
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         """Move the data to ``new`` atomically; ``old`` stays readable for the grace period."""

@@ -7,6 +7,7 @@ environment for real uvicorn processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
@@ -46,6 +47,18 @@ async def write_big(request: Request) -> Response:
     except SessionTooLarge as exc:
         return PlainTextResponse(str(exc), status_code=413)
     return PlainTextResponse("stored")
+
+
+async def put(request: Request) -> PlainTextResponse:
+    """Set every key of the JSON body (any JSON value, lone surrogates included)."""
+    for key, value in json.loads(await request.body()).items():
+        request.session[key] = value
+    return PlainTextResponse("stored")
+
+
+async def show(request: Request) -> PlainTextResponse:
+    """The session as Python's repr: exact types, and ASCII whatever the values."""
+    return PlainTextResponse(ascii(dict(request.session)))
 
 
 async def append(request: Request) -> JSONResponse:
@@ -92,6 +105,16 @@ async def ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
+async def ws_loop(websocket: WebSocket) -> None:
+    """The usual loop: it ends when the client leaves (WebSocketDisconnect)."""
+    await websocket.accept()
+    session = get_session()
+    while True:
+        key = await websocket.receive_text()
+        session[key] = "seen"
+        await websocket.send_text("ok")
+
+
 def routes() -> list[Any]:
     return [
         Route("/get/{key}", read),
@@ -105,6 +128,9 @@ def routes() -> list[Any]:
         Route("/noop", noop),
         Route("/id", session_id),
         WebSocketRoute("/ws", ws),
+        WebSocketRoute("/ws-loop", ws_loop),
+        Route("/put", put, methods=["POST"]),
+        Route("/show", show),
     ]
 
 

@@ -57,3 +57,25 @@ async def test_the_last_writer_of_a_key_wins_even_writing_the_value_it_loaded(
         answer = await slow
         assert answer.json()["loaded"] == "dark"
         assert (await c.get("/get/theme")).json()["value"] == "dark"
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_concurrent_requests_cannot_grow_the_stored_session_past_max_size(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    """Each request's own view is under max_size; the store refuses the merge over it."""
+    dist = await session_dist(backend, max_size=1000)
+    big = "x" * 600
+    async with client(dist) as c:
+        await c.post("/set/seed/0")
+        cookie = {"cookie": f"session={c.cookies['session']}"}
+        # Both load the session before either writes (the pause comes after the load).
+        first, second = await asyncio.gather(
+            c.post(f"/set/a/{big}?pause=0.3", headers=cookie),
+            c.post(f"/set/b/{big}?pause=0.3", headers=cookie),
+        )
+        assert sorted([first.status_code, second.status_code]) == [200, 500]
+        data = (await c.get("/all")).json()["data"]
+        assert set(data) in ({"seed", "a"}, {"seed", "b"})
+        # The session is not stuck: a small write still goes through.
+        assert (await c.post("/set/tiny/1")).status_code == 200

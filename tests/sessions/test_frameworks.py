@@ -83,3 +83,22 @@ def test_a_websocket_sees_the_session_and_its_changes_are_saved(
             assert ws.receive_json() == {"data": {"a": "1"}}
             ws.send_text("b")
         assert c.get("/all").json()["data"] == {"a": "1", "b": "from-websocket"}
+
+
+def test_a_websocket_loop_ended_by_the_client_closing_saves_its_changes(
+    redis_url: str, namespace: str
+) -> None:
+    """Starlette ends such a loop by raising WebSocketDisconnect: a normal end."""
+    dist = Dist(
+        redis_url,
+        namespace=namespace,
+        secret_keys=SECRET_KEYS,
+        scheduler=SchedulerConfig(enabled=False),
+    )
+    with TestClient(build(dist)) as c:
+        assert c.post("/set/a/1").status_code == 200
+        with c.websocket_connect("/ws-loop") as ws:
+            ws.send_text("chat")
+            assert ws.receive_text() == "ok"
+            ws.close(1000)
+        assert c.get("/all").json()["data"] == {"a": "1", "chat": "seen"}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
+from asgi_dist import SessionConfig
+from asgi_dist.sessions.postgres import MIGRATIONS
 from tests.sessions.conftest import client, set_cookie
 
 BACKENDS = ["redis", "postgres", "memory"]
@@ -212,3 +217,55 @@ async def test_the_size_limit_counts_deleted_and_replaced_keys_correctly() -> No
     with pytest.raises(SessionTooLarge):
         session["c"] = "w" * 100
     assert dict(session) == {"b": "z" * 900}
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_every_json_value_reads_back_exactly_on_every_store(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    """PostgreSQL's JSONB alone would refuse NUL and lone surrogates and read 1e16 as
+    an int; values are kept as their JSON text instead."""
+    dist = await session_dist(backend)
+    values = {
+        "nul": "a\x00b",
+        "surrogate": "\ud800",
+        "float": 1e16,
+        "tiny": 5e-324,
+        "nested": {"x": [1.0, 2, "é", None, True]},
+        "ü key": "ü",
+    }
+    body = json.dumps(values)
+    async with client(dist) as c:
+        assert (await c.post("/put", content=body)).status_code == 200
+        shown = ast.literal_eval((await c.get("/show")).text)
+    assert shown == values  # key order aside (PostgreSQL's is its own)
+    assert type(shown["float"]) is float
+
+
+async def test_sessions_stored_before_exact_values_are_migrated_to_them(
+    postgres_dsn: str, namespace: str, make_dist: Callable[..., Any]
+) -> None:
+    """Rows of the first schema (values as JSONB) get their JSON texts at start."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(MIGRATIONS[0].format(ns=namespace))
+        await conn.execute(
+            f"CREATE TABLE {namespace}_schema_migrations (capability text NOT NULL,"
+            " version int NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
+            " node_id text NOT NULL, PRIMARY KEY (capability, version))"
+        )
+        await conn.execute(
+            f"INSERT INTO {namespace}_schema_migrations VALUES ('sessions', 1, now(), 'old')"
+        )
+        await conn.execute(
+            f"INSERT INTO {namespace}_sessions (key, data, created, accessed, expires)"
+            """ VALUES ('k', '{"cart": [1, "a"], "n": 2.5}', now(), now(), now() + '1h')"""
+        )
+        await make_dist(redis=None, sessions=SessionConfig(backend="postgres"))
+        fields = await conn.fetchval(f"SELECT fields::text FROM {namespace}_sessions")
+    finally:
+        await conn.close()
+    assert {k: json.loads(v) for k, v in json.loads(fields).items()} == {
+        "cart": [1, "a"],
+        "n": 2.5,
+    }
