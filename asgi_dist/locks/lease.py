@@ -95,8 +95,16 @@ async def shielded(factory: Callable[[], Awaitable[Any]]) -> Any:
 
     task = asyncio.ensure_future(run())
     _background.add(task)
-    task.add_done_callback(_background.discard)
+    task.add_done_callback(_settled)
     return await asyncio.shield(task)
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # Retrieved: a caller that stopped waiting (cancelled, timed out) already
+        # answered for it, and asyncio would log it as "never retrieved".
+        log.debug("a shielded cleanup failed after its caller left: %r", task.exception())
 
 
 class Held:
