@@ -127,15 +127,27 @@ class TransactionalMessage:
                 log.error("transactional message %s: rollback failed (%s)", self.id, exc2)
 
     async def _decide(self, sql: str, what: str) -> None:
+        pool = self._postgres.pool
         with outages():
-            status = await self._postgres.pool.execute(sql, self.id)
-        if status.split()[-1] != "1":
-            raise TransactionError(
-                f"transactional message {self.id} could not {what}: check-back already decided "
-                "it (the body took longer than check_after and check() answered): the local "
-                "work and the message may disagree; make check() answer 'unknown' while the "
-                "work is in progress"
+            status = await pool.execute(sql, self.id)
+            if status.split()[-1] == "1":
+                return
+            # The body outlived check_after and check-back decided first: fine if it
+            # decided the same.  A committed row stays (state 0) until long after it
+            # is published; a rolled-back or discarded one is deleted.
+            state = await pool.fetchval(
+                f"SELECT state FROM {self._table} WHERE msg_id = $1", self.id
             )
+        committed = state == 0
+        if committed == (what == "commit"):
+            return
+        decided = "committed (sent)" if committed else "rolled back (discarded)"
+        raise TransactionError(
+            f"transactional message {self.id} could not {what}: check-back already {decided} "
+            f"it, because the body ran past check_after and check() answered (or stayed "
+            "'unknown' for max_checks checks): the local work and the message disagree; make "
+            "check() answer 'unknown' while the work is in progress, or raise check_after"
+        )
 
 
 class CheckBack:

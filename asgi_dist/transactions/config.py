@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from asgi_dist._checks import seconds
 from asgi_dist.errors import ConfigError
 
 __all__ = ["TransactionConfig"]
@@ -24,7 +25,8 @@ class TransactionConfig:
         relay_lease: lease of a claimed outbox partition; a relay paused longer than this
             loses it and cannot mark the rows it had claimed.
         stream_maxlen: approximate cap of every topic stream (``XADD MAXLEN ~``); ``None``
-            keeps everything.
+            keeps everything.  Entries trimmed before a consumer group read them are lost to
+            it: keep this well above the largest backlog.
         retention: published outbox rows are purged after this long.
         inbox_retention: consumer inbox rows (the dedup memory) are purged after this long;
             keep it longer than any redelivery can take.
@@ -35,7 +37,9 @@ class TransactionConfig:
             is claimed by another consumer of the group (``XAUTOCLAIM``).
         claim_interval: how often each consumer looks for reclaimable or retryable messages.
         retry_backoff: first delay before a failed message is delivered again; doubles per
-            attempt up to ``retry_backoff_max``.
+            attempt up to ``retry_backoff_max``.  A retry due later than ``reclaim_after``
+            waits in the process where the message failed; if that process stops, another
+            consumer retries it after ``reclaim_after``.
         check_after: first check-back of a transactional message left undecided (RocketMQ: 6 s).
         check_interval: delay between later check-backs (RocketMQ: 60 s).
         max_checks: check-backs before an undecided message is discarded (RocketMQ: 15).
@@ -66,23 +70,23 @@ class TransactionConfig:
     acquire_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("enabled", "relay"):
-                if not isinstance(value, bool):
-                    raise ConfigError(
-                        f"TransactionConfig({f.name}={value!r}) must be True or False"
-                    )
-                continue
-            if f.name == "stream_maxlen" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        for name in ("enabled", "relay"):
+            if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
-                    f"TransactionConfig({f.name}={value!r}) is invalid: use a positive number"
+                    f"TransactionConfig({name}={getattr(self, name)!r}) must be True or False"
                 )
-        for name in ("relay_batch", "max_checks", "max_payload"):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(f"TransactionConfig({name}=...) must be an integer")
+        for name, most in _COUNTS.items():
+            value = getattr(self, name)
+            if name == "stream_maxlen" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ConfigError(
+                    f"TransactionConfig({name}={value!r}) is invalid: use an integer from 1 "
+                    f"to {most:,}" + (", or None" if name == "stream_maxlen" else "")
+                )
+        for name, high in _DURATIONS.items():
+            # NaN or inf would pass a plain comparison and make the workers fail forever.
+            seconds(getattr(self, name), f"TransactionConfig: {name}", open_low=True, high=high)
         if self.retry_backoff_max < self.retry_backoff:
             raise ConfigError(
                 f"TransactionConfig(retry_backoff_max={self.retry_backoff_max!r}) is below "
@@ -93,3 +97,29 @@ class TransactionConfig:
                 f"TransactionConfig(claim_interval={self.claim_interval!r}) must be shorter "
                 f"than reclaim_after={self.reclaim_after!r}"
             )
+
+
+_DAY = 86_400.0
+# Upper bounds: finite, and far beyond any sensible setting.
+_COUNTS = {
+    "relay_batch": 100_000,
+    "stream_maxlen": 10**12,
+    "max_payload": 512 * 1024 * 1024,  # Redis' limit on one string
+    "max_checks": 10_000,
+}
+_DURATIONS = {
+    "relay_poll_interval": _DAY,
+    "relay_lease": _DAY,
+    "retention": 3650 * _DAY,
+    "inbox_retention": 3650 * _DAY,
+    "purge_interval": _DAY,
+    "reclaim_after": _DAY,
+    "claim_interval": _DAY,
+    "retry_backoff": _DAY,
+    "retry_backoff_max": _DAY,
+    "check_after": _DAY,
+    "check_interval": _DAY,
+    "check_timeout": _DAY,
+    "check_poll_interval": _DAY,
+    "acquire_timeout": _DAY,
+}

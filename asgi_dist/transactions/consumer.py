@@ -8,8 +8,10 @@ once: the second insert conflicts and the delivery is acknowledged unrun.
 While a handler runs, its entry is heartbeated (``XCLAIM ... IDLE 0``), so only
 entries of dead consumers, or failed ones waiting for their retry, go idle long
 enough for ``XAUTOCLAIM``.  A failed entry's idle time is set so that it becomes
-claimable after its backoff; after ``max_deliveries`` it moves to the group's
-dead-letter stream with the last error.
+claimable after its backoff (one longer than ``reclaim_after`` is first waited out
+here); after ``max_deliveries`` it moves to the group's dead-letter stream with the
+last error.  A COMMIT that PostgreSQL refuses (an error the handler caught aborted
+the transaction) is a failure too: the work is gone, so the message is not acked.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from redis import exceptions as redis_errors
 
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
 from asgi_dist.backends.postgres import connection_lost
-from asgi_dist.errors import BackendUnavailable, ConfigError
+from asgi_dist.errors import BackendUnavailable, ConfigError, TransactionError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message, validate_topic
 from asgi_dist.transactions.relay import Backoff, stream_key, wait_event
-from asgi_dist.transactions.transaction import Outbox, Transaction, raise_outage
+from asgi_dist.transactions.transaction import (
+    Outbox,
+    Transaction,
+    commit_transaction,
+    raise_outage,
+)
 
 __all__ = ["Consumer", "ConsumerSpec", "Handler", "dead_letter_key"]
 
@@ -118,6 +125,9 @@ class Consumer:
         self._dead_letter = redis.script(_PACKAGE, "dead_letter")
         self._prune = redis.script(_PACKAGE, "prune_consumers")
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Failed entries whose retry is due more than reclaim_after ahead, with the
+        # loop.time() it is due: kept (heartbeated) here until then (see _retry_in).
+        self._waiting: dict[str, float] = {}
         self._slot_freed = asyncio.Event()
         self._inbox_insert = (
             f"INSERT INTO {postgres.table('inbox')} (grp, msg_id) VALUES ($1, $2)"
@@ -184,6 +194,7 @@ class Consumer:
                 for stream_id, fields, deliveries in entries:
                     if stream_id in self._inflight:
                         continue
+                    self._waiting.pop(stream_id, None)
                     task = asyncio.create_task(
                         self._handle(stream_id, fields, deliveries), name=stream_id
                     )
@@ -264,11 +275,17 @@ class Consumer:
         return [(sid, fields, counts.get(sid, 2)) for sid, fields in claimed]
 
     async def _heartbeat(self) -> None:
-        """Keep the entries being handled un-idle, so no other consumer reclaims them."""
+        """Keep the entries being handled (or waiting for a distant retry) un-idle, so
+        no other consumer reclaims them."""
         interval = self.config.reclaim_after / 4
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            ids = list(self._inflight)
+            for sid, due in list(self._waiting.items()):
+                if due - loop.time() <= self.config.reclaim_after:
+                    del self._waiting[sid]
+                    await self._retry_in(sid, due - loop.time())
+            ids = [*self._inflight, *self._waiting]
             if not ids:
                 continue
             try:
@@ -278,6 +295,9 @@ class Consumer:
             except Exception as exc:
                 log.debug("consumer heartbeat failed: %s", exc)
                 continue
+            for sid, code in zip(ids, codes, strict=True):
+                if int(code) <= 0:  # acked or taken over meanwhile: not ours to retry
+                    self._waiting.pop(sid, None)
             lost = [sid for sid, code in zip(ids, codes, strict=True) if int(code) < 0]
             if lost:
                 log.warning(
@@ -345,13 +365,27 @@ class Consumer:
 
     async def _run_once(self, message: Message) -> None:
         async with self.postgres.pool.acquire() as conn:
+            tx = Transaction(self.outbox, conn)
+            # asyncpg's transaction object, so that conn.transaction() in the handler
+            # nests as a savepoint; the COMMIT is ours, to read PostgreSQL's answer.
+            transaction = conn.transaction()
             try:
-                async with conn.transaction():
+                await transaction.start()
+                try:
                     inbox = (self._inbox_insert, self.spec.group, uuid.UUID(message.id))
-                    if not await conn.fetchval(*inbox):
-                        log.debug("message %s already handled by %s", message.id, self.spec.group)
-                        return
-                    await self._call_handler(message, conn)
+                    first = bool(await conn.fetchval(*inbox))
+                    if first:
+                        await self._call_handler(message, tx)
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                what = "the handler's transaction"
+                try:
+                    await commit_transaction(conn, transaction, what=what, failed=tx.failed)
+                except TransactionError as refused:
+                    # An error the handler caught aborted its transaction: its work is
+                    # gone, so the message failed like a handler that raised.
+                    raise HandlerFailed(refused) from refused
             except HandlerFailed:
                 raise
             except Exception as exc:
@@ -359,12 +393,16 @@ class Consumer:
                 # that closed under the delivery makes even the ROLLBACK refuse, with an
                 # InterfaceError, and is an outage to wait out.
                 raise_outage(exc, conn)
-        self.handled += 1
+        if first:
+            self.handled += 1
+        else:
+            log.debug("message %s already handled by %s", message.id, self.spec.group)
 
-    async def _call_handler(self, message: Message, conn: asyncpg.Connection) -> None:
+    async def _call_handler(self, message: Message, tx: Transaction) -> None:
+        conn = tx.connection
         try:
             async with asyncio.timeout(self.spec.timeout):
-                await self.spec.handler(message, Transaction(self.outbox, conn))
+                await self.spec.handler(message, tx)
         except TimeoutError:
             raise HandlerFailed(
                 TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
@@ -393,9 +431,7 @@ class Consumer:
             await self._to_dead_letter(message.stream_id, error, message.attempt)
             return
         delay = min(
-            self.config.retry_backoff * 2 ** (message.attempt - 1),
-            self.config.retry_backoff_max,
-            self.config.reclaim_after,
+            self.config.retry_backoff * 2 ** (message.attempt - 1), self.config.retry_backoff_max
         )
         log.warning(
             "consumer %s/%s: message %s attempt %d failed (%s); retry in %.1fs",
@@ -406,16 +442,29 @@ class Consumer:
             error,
             delay,
         )
-        # Make the entry look idle for (reclaim_after - delay): XAUTOCLAIM takes it in `delay`.
-        idle = int((self.config.reclaim_after - delay) * 1000)
+        await self._retry_in(message.stream_id, delay)
+
+    async def _retry_in(self, stream_id: str, delay: float) -> None:
+        """Make a failed entry claimable by any member of the group in ``delay`` seconds.
+
+        XAUTOCLAIM takes entries idle for ``reclaim_after``, so an idle time of
+        ``reclaim_after - delay`` schedules the retry.  Redis cannot make an entry
+        idle for less than nothing (XCLAIM turns a delivery time in the future into
+        now), so a longer delay is waited out here first: the entry is heartbeated
+        like a running one and handed over once it is due within ``reclaim_after``.
+        Should this process stop meanwhile, another member takes the entry after
+        ``reclaim_after``: retried earlier than planned, never lost.
+        """
+        reclaim_after = self.config.reclaim_after
+        if delay > reclaim_after:
+            self._waiting[stream_id] = asyncio.get_running_loop().time() + delay
+        idle = int((reclaim_after - min(max(delay, 0.0), reclaim_after)) * 1000)
         try:
             await self._claim_owned(
-                self.redis.client,
-                [self.stream],
-                [self.spec.group, self.name, idle, message.stream_id],
+                self.redis.client, [self.stream], [self.spec.group, self.name, idle, stream_id]
             )
-        except Exception as exc2:  # it stays pending: reclaimed after reclaim_after
-            log.warning("consumer %s could not schedule a retry: %s", self.spec.group, exc2)
+        except Exception as exc:  # it stays pending: reclaimed after reclaim_after
+            log.warning("consumer %s could not schedule a retry: %s", self.spec.group, exc)
 
     async def _to_dead_letter(self, stream_id: str, error: str, deliveries: int) -> None:
         try:

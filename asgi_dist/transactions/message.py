@@ -38,7 +38,7 @@ def encode_payload(payload: Any, max_bytes: int) -> str:
             f"the message payload is not JSON ({exc}): publish dicts, lists, strings, numbers, "
             "booleans or None (convert dates, decimals and objects first)"
         ) from None
-    size = len(text.encode())
+    size = len(_utf8(text, "the message payload"))
     if size > max_bytes:
         raise TransactionError(
             f"the message payload is {size} bytes; the limit is {max_bytes} "
@@ -59,13 +59,36 @@ def encode_headers(headers: Mapping[str, str] | None) -> str | None:
             f"message headers must be a mapping of at most {_MAX_HEADERS} str -> str, "
             f"got {headers!r}"
         )
-    return json.dumps(dict(headers), separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(dict(headers), separators=(",", ":"), ensure_ascii=False)
+    _utf8(text, "the message headers")
+    return text
 
 
 def validate_key(key: str | None) -> str | None:
     if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
         raise TransactionError(f"message key {key!r} must be None or a string of 1-512 characters")
+    if key is not None:
+        # PostgreSQL text cannot hold NUL: refused here, before a round trip that
+        # would abort the caller's transaction.
+        if "\x00" in key:
+            raise TransactionError(
+                f"message key {key!r} contains a NUL character, which PostgreSQL text "
+                "cannot store: remove it (or encode the key, e.g. in hex)"
+            )
+        _utf8(key, "the message key")
     return key
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (e.g. from a bad decode) cannot be stored."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise TransactionError(
+            f"{what} contains {text[exc.start : exc.end]!r}, a lone surrogate that UTF-8 cannot "
+            "encode (usually text decoded with errors='surrogateescape'): fix or re-decode it "
+            "before publishing"
+        ) from None
 
 
 def partition_of(key: str | None, msg_id: uuid.UUID) -> int:

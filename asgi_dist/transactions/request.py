@@ -22,7 +22,14 @@ from asgi_dist._types import Message, Scope
 from asgi_dist.backends import PostgresBackend, as_backend_unavailable
 from asgi_dist.context import RequestContext
 from asgi_dist.errors import BackendUnavailable, ConfigError, TransactionError
-from asgi_dist.transactions.transaction import Outbox, Transaction, raise_outage
+from asgi_dist.transactions.transaction import (
+    Outbox,
+    Transaction,
+    commit_transaction,
+    end_transaction,
+    forget_top_transaction,
+    raise_outage,
+)
 
 __all__ = ["RequestTransaction", "TransactionHook", "TransactionOptions", "transactional"]
 
@@ -31,6 +38,7 @@ log = logging.getLogger("asgi_dist.transactions")
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 _ISOLATIONS = ("read_committed", "repeatable_read", "serializable")
 _OPTIONS_ATTR = "__asgi_dist_transaction__"
+_WHAT = "the request transaction"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -137,7 +145,9 @@ class RequestTransaction(Transaction):
         self._scope = scope
         self._transaction: Any = None
         self._options = DEFAULT_OPTIONS
-        self._state: Literal["idle", "beginning", "open", "committed", "rolled back"] = "idle"
+        self._state: Literal["idle", "beginning", "open", "committed", "rolled back", "closed"] = (
+            "idle"
+        )
         # Set while a second task of the request waits for the first one's BEGIN.
         self._begun: asyncio.Event | None = None
 
@@ -145,7 +155,8 @@ class RequestTransaction(Transaction):
     def state(self) -> str:
         """``idle`` (never used), ``open``, ``committed`` or ``rolled back``.
 
-        ``beginning`` while the first query takes a connection and sends BEGIN.
+        ``beginning`` while the first query takes a connection and sends BEGIN;
+        ``closed`` when an HTTP response started before it was used.
         """
         return self._state
 
@@ -182,13 +193,27 @@ class RequestTransaction(Transaction):
                 if self._begun is None:
                     self._begun = asyncio.Event()
                 await self._begun.wait()
+            elif self._scope["type"] == "websocket":
+                # A websocket works after its handshake: once a transaction is decided
+                # (at the accept, or by commit()), the next use begins another.
+                await self._give_back()
+                self._state = "idle"
             else:
-                raise TransactionError(
-                    f"the request transaction is already {self._state} (it is decided when "
-                    "the response starts): do database work before returning the response"
-                )
+                raise self._too_late()
         assert self._connection is not None
         return self._connection
+
+    def _too_late(self) -> TransactionError:
+        if self._state == "closed":
+            what = "was not used before the response started"
+        else:
+            what = f"is already {self._state} (it is decided when the response starts)"
+        return TransactionError(
+            f"the request transaction {what}, so work done in it now would be lost: do the "
+            "database work before returning the response, or, in a background task, open "
+            "a transaction of your own from the pool "
+            "(`async with pool.acquire() as conn, conn.transaction(): ...`)"
+        )
 
     async def _begin(self) -> None:
         options = self._options = options_for(self._scope)
@@ -234,8 +259,11 @@ class RequestTransaction(Transaction):
         if self._state != "open":
             return
         self._ready = False
+        assert self._connection is not None
         try:
-            await self._transaction.commit()
+            await commit_transaction(
+                self._connection, self._transaction, what=_WHAT, failed=self.failed
+            )
         except Exception as exc:
             self._commit_failed(exc)
         self._state = "committed"
@@ -252,6 +280,8 @@ class RequestTransaction(Transaction):
 
     def _commit_failed(self, exc: Exception) -> NoReturn:
         self._state = "rolled back"
+        if isinstance(exc, TransactionError):
+            raise exc
         lost = self._lost(exc)
         if lost is not None:
             raise lost from exc
@@ -288,13 +318,11 @@ class RequestTransaction(Transaction):
                 await self._give_back()
 
     async def _end(self, commit: bool) -> None:
-        """COMMIT or ROLLBACK in a message of our own.
+        """COMMIT or ROLLBACK in a message of our own (:func:`end_transaction`).
 
         On a pool we made, the message also carries the pool's reset query, which a
         hand-written ``async with pool.acquire() as conn, conn.transaction()`` sends
-        in a second round trip on release, and the connection goes back here.  Our
-        own COMMIT also shows PostgreSQL's answer: ``ROLLBACK`` for a transaction an
-        earlier (caught) error aborted, which asyncpg's ``commit()`` would let pass.
+        in a second round trip on release, and the connection goes back here.
         """
         conn = self._connection
         assert conn is not None
@@ -309,26 +337,15 @@ class RequestTransaction(Transaction):
                 sql = "COMMIT;" if commit else "ROLLBACK;"
         except asyncpg.InterfaceError:
             sql = None  # the connection closed: asyncpg's commit()/rollback() refuse and say so
-        if sql is None or not _forget_top_transaction(self._transaction):
+        if sql is None or not forget_top_transaction(self._transaction):
             await (self.commit() if commit else self.rollback())
             return
         # asyncpg no longer tracks the transaction, as after its own commit().
         self._ready = False
         self._state = "rolled back"  # until PostgreSQL confirms the COMMIT
         try:
-            if await conn.execute(sql) == "ROLLBACK" and commit:
-                raise TransactionError(
-                    "PostgreSQL rolled the request transaction back: a statement in it "
-                    "failed earlier (an error, even a caught one, aborts the transaction)"
-                )
+            await end_transaction(conn, sql, commit=commit, what=_WHAT, failed=self.failed)
         except Exception as exc:
-            # An aborted transaction stays open after its failed statement: end it
-            # quietly here rather than have the pool's release complain about it.
-            with contextlib.suppress(Exception):
-                if conn.is_in_transaction():
-                    await conn.execute("ROLLBACK")
-            if isinstance(exc, TransactionError):
-                raise
             if commit:
                 self._commit_failed(exc)
             self._rollback_failed(exc)
@@ -411,20 +428,6 @@ def _closing_sql(reset_query: str) -> str | None:
     return sql
 
 
-def _forget_top_transaction(transaction: Any) -> bool:
-    """Detach asyncpg's top-level transaction object from its connection.
-
-    asyncpg's own ``commit()`` and ``rollback()`` do this before they send theirs;
-    we send ours in a message of our own, so we do it ourselves (asyncpg internals:
-    returns False, and the caller falls back to asyncpg's, if they ever change).
-    """
-    conn = getattr(transaction, "_connection", None)
-    if conn is None or getattr(conn, "_top_xact", None) is not transaction:
-        return False
-    conn._top_xact = None
-    return True
-
-
 class TransactionHook:
     """Gives every request a :class:`RequestTransaction` when PostgreSQL is configured.
 
@@ -436,6 +439,11 @@ class TransactionHook:
         self.outbox = outbox
         self.postgres = postgres
         self.acquire_timeout = acquire_timeout
+        # What get_tx() returns in an HTTP request whose response started before it
+        # used its transaction (a background task): one that refuses work nothing
+        # would commit.  Shared by all such requests, so they allocate nothing.
+        self._closed = RequestTransaction(self, {"type": "http"})
+        self._closed._state = "closed"
 
     def transaction(self, scope: Scope) -> RequestTransaction:
         """The request transaction of ``scope`` (called once per request, by ``get_tx()``)."""
@@ -450,6 +458,11 @@ class TransactionHook:
     async def on_response_start(self, ctx: RequestContext, message: Message) -> None:
         tx = ctx.tx
         if tx is None or tx._state != "open":
+            if message["type"] == "http.response.start":
+                if tx is None:
+                    ctx.tx = self._closed
+                elif tx._state == "idle":
+                    tx._state = "closed"
             return
         # A websocket accept has no status: accepting is success.
         await tx.finish(int(message.get("status", 200)))
@@ -461,10 +474,31 @@ class TransactionHook:
         tx = ctx.tx
         if tx is None or tx._connection is None:
             return  # the usual case: decided and released when the response started
+        # An HTTP transaction still open here never saw its response start: it rolls
+        # back.  A websocket's work after the accept commits if the websocket ended
+        # without an error (a client's disconnect is no error).
+        commit = ctx.scope["type"] == "websocket" and tx._state == "open" and _clean_end(error)
         # Shielded: a cancelled request (client gone) must still return its connection.
-        closing = asyncio.ensure_future(tx.close())
+        closing = asyncio.ensure_future(_commit_websocket(tx, ctx) if commit else tx.close())
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(closing)
         if not closing.done():
             # We were cancelled; let the close finish on its own, then re-raise.
             raise asyncio.CancelledError
+
+
+def _clean_end(error: BaseException | None) -> bool:
+    """A websocket that returned, or whose client disconnected; not one that raised or
+    was cancelled (e.g. by its server shutting down)."""
+    if error is None:
+        task = asyncio.current_task()
+        return task is None or not task.cancelling()
+    websockets = sys.modules.get("starlette.websockets")
+    return websockets is not None and isinstance(error, websockets.WebSocketDisconnect)
+
+
+async def _commit_websocket(tx: RequestTransaction, ctx: RequestContext) -> None:
+    try:
+        await tx.finish(200)
+    except Exception as exc:  # the client has gone: the log is the only one to tell
+        log.error("websocket %s: its transaction was not saved: %s", ctx.scope.get("path"), exc)

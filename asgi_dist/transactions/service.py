@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from asgi_dist._checks import seconds
 from asgi_dist.backends import Runtime
 from asgi_dist.context import RequestHook
 from asgi_dist.errors import ConfigError
@@ -263,11 +264,10 @@ class TransactionService:
         after = self.config.check_after if check_after is None else check_after
         every = self.config.check_interval if check_interval is None else check_interval
         limit = self.config.max_checks if max_checks is None else max_checks
-        for what, value in (("check_after", after), ("check_interval", every)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{what}={value!r} must be a positive number of seconds")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"max_checks={limit!r} must be an integer >= 1")
+        after = seconds(after, "check_after", open_low=True, high=86_400)
+        every = seconds(every, "check_interval", open_low=True, high=86_400)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ConfigError(f"max_checks={limit!r} is invalid: use an integer from 1 to 10,000")
         postgres = self.runtime.require_postgres("transactional_message")
         return TransactionalMessage(
             postgres,
@@ -277,7 +277,7 @@ class TransactionService:
             checker=name,
             key=key,
             headers=headers,
-            check_after=float(after),
-            check_interval=float(every),
+            check_after=after,
+            check_interval=every,
             max_checks=limit,
         )

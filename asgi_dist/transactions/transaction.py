@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from asgi_dist.backends import PostgresBackend, as_backend_unavailable
+from asgi_dist.errors import TransactionError
 from asgi_dist.transactions.message import (
     encode_headers,
     encode_payload,
@@ -22,7 +23,15 @@ from asgi_dist.transactions.message import (
     validate_topic,
 )
 
-__all__ = ["Outbox", "Transaction", "outages", "raise_outage"]
+__all__ = [
+    "Outbox",
+    "Transaction",
+    "commit_transaction",
+    "end_transaction",
+    "forget_top_transaction",
+    "outages",
+    "raise_outage",
+]
 
 
 class Outbox:
@@ -89,6 +98,10 @@ class Transaction:
         self._connection = connection
         # True while queries may go straight to the connection (no lazy BEGIN pending).
         self._ready = connection is not None
+        # The last statement that failed.  Any error aborts the whole transaction, even
+        # one the caller caught, and PostgreSQL then answers its COMMIT with ROLLBACK:
+        # this names the cause when that happens.
+        self.failed: Exception | None = None
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -107,7 +120,7 @@ class Transaction:
         try:
             result: str = await conn.execute(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc, conn)
+            self._raise(exc, conn)
         return result
 
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's signature
@@ -115,14 +128,14 @@ class Transaction:
         try:
             await conn.executemany(command, args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc, conn)
+            self._raise(exc, conn)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109 - asyncpg's signature
         conn: asyncpg.Connection = self._connection if self._ready else await self._conn()
         try:
             rows: list[Any] = await conn.fetch(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc, conn)
+            self._raise(exc, conn)
         return rows
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
@@ -130,7 +143,7 @@ class Transaction:
         try:
             return await conn.fetchrow(query, *args, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc, conn)
+            self._raise(exc, conn)
 
     async def fetchval(
         self,
@@ -143,7 +156,7 @@ class Transaction:
         try:
             return await conn.fetchval(query, *args, column=column, timeout=timeout)
         except Exception as exc:
-            raise_outage(exc, conn)
+            self._raise(exc, conn)
 
     async def publish(
         self,
@@ -157,8 +170,79 @@ class Transaction:
         Messages with the same ``key`` reach the topic stream in publish order.
         """
         conn = await self._conn()
-        with outages(conn):
+        try:
             return await self._outbox.insert(conn, topic, payload, key, headers)
+        except Exception as exc:
+            self._raise(exc, conn)
+
+    def _raise(self, exc: Exception, conn: asyncpg.Connection) -> NoReturn:
+        if isinstance(exc, asyncpg.PostgresError):  # the server's error aborted the transaction
+            self.failed = exc
+        raise_outage(exc, conn)
+
+
+def forget_top_transaction(transaction: Any) -> bool:
+    """Detach asyncpg's top-level transaction object from its connection.
+
+    asyncpg's own ``commit()`` and ``rollback()`` do this before they send theirs;
+    we send ours (:func:`end_transaction`), so we do it ourselves (asyncpg internals:
+    returns False, and the caller falls back to asyncpg's, if they ever change).
+    """
+    conn = getattr(transaction, "_connection", None)
+    if conn is None or getattr(conn, "_top_xact", None) is not transaction:
+        return False
+    conn._top_xact = None
+    return True
+
+
+async def end_transaction(
+    conn: asyncpg.Connection,
+    sql: str,
+    *,
+    commit: bool,
+    what: str,
+    failed: BaseException | None = None,
+) -> None:
+    """Send ``sql``, our own COMMIT or ROLLBACK of the top transaction, and judge the answer.
+
+    PostgreSQL answers the COMMIT of a transaction that an earlier error aborted
+    (even one the caller caught) with ``ROLLBACK``, which asyncpg's ``commit()`` lets
+    pass as success; here it raises :class:`TransactionError` naming ``what``, and
+    ``failed``, the statement that failed, if known.  ``sql`` may carry statements
+    around the COMMIT (a pool's reset); one of them failing leaves the transaction
+    open, so it is rolled back here before the error propagates.  The caller has
+    detached asyncpg's transaction object (:func:`forget_top_transaction`).
+    """
+    try:
+        tag = await conn.execute(sql)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            if conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+        if commit and isinstance(exc, asyncpg.InFailedSQLTransactionError):
+            raise _refused(what, failed) from exc
+        raise
+    if commit and tag == "ROLLBACK":
+        raise _refused(what, failed)
+
+
+async def commit_transaction(
+    conn: asyncpg.Connection, transaction: Any, *, what: str, failed: BaseException | None
+) -> None:
+    """COMMIT asyncpg's top-level ``transaction`` on ``conn``; see :func:`end_transaction`."""
+    if not forget_top_transaction(transaction):
+        await transaction.commit()  # asyncpg's internals changed: its own, unchecked commit
+        return
+    await end_transaction(conn, "COMMIT;", commit=True, what=what, failed=failed)
+
+
+def _refused(what: str, failed: BaseException | None) -> TransactionError:
+    cause = f" ({type(failed).__name__}: {failed})" if failed is not None else ""
+    return TransactionError(
+        f"PostgreSQL refused to commit {what} and rolled it back: a statement in it failed "
+        f"earlier{cause}, and an error aborts the whole transaction even when it is caught; "
+        "run a step that may fail in a savepoint (`async with tx.connection.transaction():`)"
+    )
 
 
 def raise_outage(exc: Exception, connection: asyncpg.Connection | None = None) -> NoReturn:

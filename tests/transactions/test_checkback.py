@@ -72,12 +72,34 @@ async def test_a_message_unknown_after_max_checks_is_discarded(
         "payments.done", {"order": 3}, check=undecided, check_after=0.2, check_interval=0.2,
         max_checks=3,
     )  # fmt: skip
-    with pytest.raises(TransactionError, match="check-back already decided"):
+    with pytest.raises(TransactionError, match=r"check-back already rolled back \(discarded\)"):
         async with message:
             # The body outlives every check: check-back gives up and discards it.
             await eventually(lambda: _is_zero(half_rows(pg, dist)), 10, "discarded")
     assert asked == [1, 2, 3]
     assert await stream_ids(redis_client, dist) == []
+
+
+async def test_a_body_slower_than_check_after_exits_cleanly_when_check_back_committed(
+    dist: Dist, pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    done: set[int] = set()
+
+    async def work_done(message: Message) -> CheckResult:
+        return CheckResult.COMMIT if message.payload["order"] in done else CheckResult.UNKNOWN
+
+    message = dist.transactional_message(
+        "payments.done", {"order": 4}, check=work_done, check_after=0.2, check_interval=0.2
+    )
+    async with message:
+        done.add(4)  # the local work committed; something slow follows
+        await eventually(lambda: _is_zero(half_rows(pg, dist)), 10, "committed by check-back")
+    # Check-back decided as the body would have: no error, and the message leaves once.
+
+    async def published() -> bool:
+        return await stream_ids(redis_client, dist) == [message.id]
+
+    await eventually(published, 10, "message published")
 
 
 @pytest.mark.parametrize(("mode", "published"), [("after-commit", True), ("before-commit", False)])

@@ -28,6 +28,39 @@ def test_bad_transaction_config_is_refused(kwargs: dict[str, Any]) -> None:
         TransactionConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "valid"),
+    [
+        ("reclaim_after", float("nan"), "seconds more than 0 and at most 86400"),
+        ("relay_lease", float("inf"), "seconds more than 0 and at most 86400"),
+        ("retry_backoff_max", float("inf"), "seconds more than 0 and at most 86400"),
+        ("inbox_retention", float("nan"), "seconds more than 0"),
+        ("stream_maxlen", 1.5, "an integer from 1 to"),
+        ("relay_batch", 10**9, "an integer from 1 to 100,000"),
+    ],
+)
+def test_non_finite_or_fractional_config_is_refused_naming_option_and_range(
+    name: str, value: float, valid: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"TransactionConfig.*{name}=") as raised:
+        TransactionConfig(**{name: value})
+    assert valid in str(raised.value)
+
+
+async def test_bad_transactional_message_timings_are_refused(
+    make_dist: Callable[..., Any],
+) -> None:
+    dist: Dist = await make_dist(sessions=False)
+
+    async def check(message: Message) -> bool:
+        return True
+
+    for name in ("check_after", "check_interval"):
+        for value in (float("nan"), float("inf"), 0, -1):
+            with pytest.raises(ConfigError, match=f"{name}={value!r} is invalid: use a number"):
+                dist.transactional_message("orders", {}, check=check, **{name: value})
+
+
 async def test_bad_consumer_registrations_are_refused(make_dist: Callable[..., Any]) -> None:
     dist: Dist = await make_dist(start=False)
 

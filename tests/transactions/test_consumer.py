@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from asgi_dist import Dist
 from asgi_dist.transactions import Message, Transaction
 from asgi_dist.transactions.consumer import Consumer, ConsumerSpec
+from tests.transactions.settings import FAST
 from tests.transactions.waiting import eventually
 
 
@@ -171,3 +176,59 @@ async def test_names_of_dead_consumers_are_pruned_but_not_those_with_pending_ent
     assert await consumer.prune(idle=0.0) == 1
     members = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "g")}
     assert members == {"me", "dead-with-pending"}  # its pending entry is not dropped
+
+
+async def test_work_lost_to_an_error_the_handler_caught_is_retried_not_acked(
+    fast_dist: Callable[..., Any],
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dist: Dist = await fast_dist()
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (n int)")
+    attempts: list[int] = []
+
+    @dist.consumer("work", group="g", max_deliveries=2)
+    async def handle(message: Message, tx: Transaction) -> None:
+        attempts.append(message.attempt)
+        await tx.execute(f"INSERT INTO {ns}_effects VALUES (1)")
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await tx.execute("SELECT 1 / $1::int", 0)  # aborts the transaction, caught
+        # PostgreSQL answers this transaction's COMMIT with ROLLBACK.
+
+    await publish(dist, "work", [{}])
+    dead = f"{{{ns}:topic:work}}:dead:g"
+    await eventually(lambda: redis_client.xlen(dead), 15, "dead-lettered")
+    error = (await redis_client.xrange(dead))[0][1][b"error"].decode()
+    assert "refused to commit" in error and "DivisionByZeroError" in error
+    assert attempts == [1, 2]
+    assert await pg.fetchval(f"SELECT count(*) FROM {ns}_effects") == 0
+    assert await pg.fetchval(f"SELECT count(*) FROM {ns}_inbox") == 0
+    assert dist.transactions.consumers[0].handled == 0
+    assert "attempt 1 failed (TransactionError: PostgreSQL refused to commit" in caplog.text
+
+
+async def test_retry_backoff_keeps_doubling_past_reclaim_after(
+    fast_dist: Callable[..., Any],
+) -> None:
+    config = replace(FAST, reclaim_after=1.0, retry_backoff=0.4, retry_backoff_max=30.0)
+    dist: Dist = await fast_dist(transactions=config)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    @dist.consumer("work", group="g", max_deliveries=4)
+    async def handle(message: Message, tx: Transaction) -> None:
+        times.append(loop.time())
+        raise RuntimeError("fails every time")
+
+    await publish(dist, "work", [{}])
+
+    async def four() -> bool:
+        return len(times) == 4
+
+    await eventually(four, 15, "four attempts")
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # 0.4, 0.8, then 1.6 s: past reclaim_after (1 s), which used to cap it.
+    assert 1.5 <= gaps[2] < 3.0, gaps
+    assert gaps[0] < gaps[1] < gaps[2], gaps

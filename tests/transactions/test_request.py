@@ -19,7 +19,7 @@ from starlette.routing import Route
 from asgi_dist import ConfigError, Dist, TransactionError, get_tx
 from asgi_dist import get_session as get_session_
 from asgi_dist.integrations.fastapi import TxDep
-from asgi_dist.transactions import TransactionConfig, transactional
+from asgi_dist.transactions import Transaction, TransactionConfig, transactional
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -535,3 +535,121 @@ async def test_a_session_that_cannot_be_stored_fails_the_request_before_the_comm
     assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0, "the insert was committed"
     assert shown == {"items": [], "kept": "before"}
     assert "session['items']" in caplog.text
+
+
+@pytest.mark.parametrize("used_before", [False, True])
+async def test_get_tx_in_a_background_task_raises_instead_of_losing_the_work(
+    dist: Dist, pg: asyncpg.Connection, used_before: bool
+) -> None:
+    from starlette.background import BackgroundTask
+
+    orders = f"{dist.namespace}_orders"
+    errors: list[Exception] = []
+
+    async def later() -> None:
+        try:
+            await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (2)")
+        except TransactionError as exc:
+            errors.append(exc)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        if used_before:
+            await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (1)")
+        return PlainTextResponse("ok", background=BackgroundTask(later))
+
+    app = dist.wrap(Starlette(routes=[Route("/later", endpoint, methods=["POST"])]))
+    async with client(app) as http:
+        response = await http.post("/later")  # the ASGI transport runs the background task
+    assert response.status_code == 200
+    assert len(errors) == 1
+    assert "before returning the response" in str(errors[0])
+    assert "open a transaction of your own" in str(errors[0])
+    saved = [r["id"] for r in await pg.fetch(f"SELECT id FROM {orders}")]
+    assert saved == ([1] if used_before else [])
+
+
+@pytest.mark.parametrize(
+    ("ending", "saved"), [("close", True), ("client disconnect", True), ("raise", False)]
+)
+async def test_a_websocket_commits_its_work_after_the_accept_unless_it_fails(
+    dist: Dist, pg: asyncpg.Connection, ending: str, saved: bool
+) -> None:
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    orders = f"{dist.namespace}_orders"
+    held: list[asyncpg.Connection] = []
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await get_tx().execute(f"INSERT INTO {orders} (id) VALUES (43)")
+        held.append(get_tx().connection)
+        if ending == "raise":
+            raise RuntimeError("the websocket failed")
+        if ending == "client disconnect":
+            await websocket.receive_text()  # raises WebSocketDisconnect
+        await websocket.close()
+
+    app = dist.wrap(Starlette(routes=[WebSocketRoute("/ws", ws)]))
+    incoming: list[dict[str, Any]] = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1001}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "query_string": b"",
+             "headers": [], "scheme": "ws", "server": ("test", 80), "client": ("c", 1),
+             "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}}  # fmt: skip
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders} WHERE id = 43") == int(saved)
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        await held[0].fetchval("SELECT 1")
+
+
+async def test_an_explicit_commit_after_a_caught_error_raises(
+    dist: Dist, pg: asyncpg.Connection
+) -> None:
+    orders = f"{dist.namespace}_orders"
+
+    async def swallow(request: Request) -> PlainTextResponse:
+        tx = get_tx()
+        await tx.execute(f"INSERT INTO {orders} (id) VALUES (4)")
+        with contextlib.suppress(asyncpg.DataError):
+            await tx.execute("SELECT 1 / $1::int", 0)
+        try:
+            await tx.commit()
+        except TransactionError as exc:
+            return PlainTextResponse(str(exc), status_code=409)
+        return PlainTextResponse("committed")
+
+    app = dist.wrap(Starlette(routes=[Route("/swallow", swallow, methods=["POST"])]))
+    async with client(app) as http:
+        response = await http.post("/swallow")
+    assert response.status_code == 409
+    assert "refused to commit" in response.text and "DivisionByZeroError" in response.text
+    assert await pg.fetchval(f"SELECT count(*) FROM {orders}") == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"payload": {"name": "\ud800"}}, "lone surrogate"),
+        ({"key": "order-\x00"}, "NUL"),
+        ({"key": "order-\udcff"}, "lone surrogate"),
+        ({"headers": {"trace": "\ud800"}}, "lone surrogate"),
+    ],
+)
+async def test_text_postgresql_cannot_store_is_refused_before_any_round_trip(
+    dist: Dist, bad: dict[str, Any], named: str
+) -> None:
+    pool = dist.runtime.require_postgres("test").pool
+    async with pool.acquire() as conn, conn.transaction():
+        tx = Transaction(dist.transactions.outbox, conn)
+        kwargs = {"payload": {}, **bad}
+        with pytest.raises(TransactionError, match=named):
+            await tx.publish("orders.created", **kwargs)
+        # Refused before the server saw it: the caller's transaction is still usable.
+        assert await conn.fetchval("SELECT 1") == 1
