@@ -5,9 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from asgi_dist._checks import seconds
 from asgi_dist.errors import ConfigError
 
 __all__ = ["SchedulerConfig"]
+
+_DAY = 86_400.0
+# (option, lowest, highest seconds): every bound finite, so that no duration
+# overflows a server's millisecond field or sleeps forever.
+_DURATIONS = (
+    ("shutdown_grace", 0.0, _DAY),
+    ("running_lease", 1.0, _DAY),  # renewed every third of it: shorter is all renewals
+    ("retry_backoff", 0.0, _DAY),
+    ("retry_backoff_max", 0.0, _DAY),
+    ("dependency_wait", 0.0, 7 * _DAY),
+    ("claim_ttl", 0.0, 7 * _DAY),  # a minimum: it also outlives two periods of the job
+    # A healthy node starts a received fire within milliseconds.
+    ("redeliver_after", 0.1, _DAY),
+)
 
 
 @dataclass(frozen=True)
@@ -58,24 +73,7 @@ class SchedulerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"SchedulerConfig({name}={value!r}) must be an integer >= 1")
-        for name in (
-            "shutdown_grace",
-            "running_lease",
-            "retry_backoff",
-            "retry_backoff_max",
-            "dependency_wait",
-            "claim_ttl",
-            "redeliver_after",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"SchedulerConfig({name}={value!r}) must be seconds >= 0")
-        if self.redeliver_after < 0.1:
-            raise ConfigError(
-                f"SchedulerConfig(redeliver_after={self.redeliver_after!r}) must be at least "
-                "0.1 s (a healthy node starts a received fire within milliseconds)"
-            )
-        if self.running_lease < 1:
-            raise ConfigError(
-                f"SchedulerConfig(running_lease={self.running_lease!r}) must be at least 1 s"
-            )
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"SchedulerConfig: enabled={self.enabled!r} must be True or False")
+        for name, low, high in _DURATIONS:
+            seconds(getattr(self, name), f"SchedulerConfig: {name}", low=low, high=high)

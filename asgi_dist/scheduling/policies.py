@@ -40,17 +40,29 @@ def runnable(
 
 
 def function_path(func: Any) -> str:
+    """``module:qualname`` of a one-off's function, refused unless every node can import
+    it: the leader, whichever node that is, resolves the path (nothing is pickled)."""
     check_function(func, default_name(func))
-    path = f"{func.__module__}:{func.__qualname__}"
+    module = getattr(func, "__module__", None) or "?"
+    qualname = getattr(func, "__qualname__", None) or repr(func)
+    path = f"{module}:{qualname}"
+    fix = (
+        "a one-off must be a module-level async function in a module that every node "
+        "imports (e.g. myapp/tasks.py), so that whichever node leads can import it"
+    )
+    if module == "__main__":
+        raise ConfigError(
+            f"at(): {qualname} is defined in __main__, the script this process runs, which "
+            f"other nodes cannot import: {fix}"
+        )
+    if "<" in qualname:  # <lambda>, <locals>: a closure or nested function
+        raise ConfigError(f"at(): {path} is nested or a lambda: {fix}")
     try:
         resolved = resolve_function(path)
     except Exception:
         resolved = None
     if resolved is not func:
-        raise ConfigError(
-            f"at(): {path} cannot be imported by its path; a one-off must be a module-level "
-            "async function so that whichever node leads can import it"
-        )
+        raise ConfigError(f"at(): {path} cannot be imported by its path: {fix}")
     return path
 
 

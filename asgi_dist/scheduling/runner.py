@@ -42,9 +42,11 @@ class Fire:
     jitter_cap_ms: int = 0
     blocked: str | None = None  # why it cannot follow its parents, known before it starts
     broadcast: bool = False  # one shard of a broadcast: its outcome goes under "shards"
-    # Renews the fire's run lease while it runs (Redis store: if this node dies, the
-    # lease expires and the leader records the fire as lost).
-    keepalive: Callable[[], Awaitable[None]] | None = None
+    # Renews the fire's run lease while it runs (if this node dies, the lease expires
+    # and the leader records the fire as lost); called with an attempt number, it also
+    # records the fire running that attempt.  False: the fire is no longer this node's
+    # to run (recorded lost), so nothing more of it may start.
+    keepalive: Callable[[int | None], Awaitable[bool]] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,39 +84,40 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
         if blocked is not None:
             status, error = "skipped", blocked
             return status
-        started_ms = int(time.time() * 1000)
-        t0 = time.monotonic()
+        # The claim (or the hand-over's compare-and-set) took the run lease just now: a
+        # first attempt right after it needs no check.  After any wait (jitter,
+        # parents, backoff) the node may have frozen past the lease and the fire been
+        # recorded lost, so the start is checked and recorded in one step.
+        waited = fire.jitter_cap_ms > 0 or _follows_parents(fire)
         for attempt in range(1, job.options.retries + 2):
-            ctx = JobContext(
-                job=job.name,
-                fire_time=utc(fire.fire_ms),
-                fire_id=fire.fire_id,
-                fence=fire.fence,
-                attempt=attempt,
-                node_id=fire.node_id,
-                shard_index=fire.shard_index,
-                shard_total=fire.shard_total,
-                payload=fire.payload,
-            )
-            try:
-                if job.options.timeout is None:
-                    await job.func(ctx)
-                else:
-                    await asyncio.wait_for(job.func(ctx), job.options.timeout)
-            except TimeoutError:
-                error = f"attempt {attempt} timed out after {job.options.timeout:g}s"
-            except Exception as exc:
-                error = f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]
-                log.warning("job %s fire %s failed: %s", job.name, fire.fire_id, error)
-            else:
-                status, error = "succeeded", None
+            if attempt > 1:
+                await asyncio.sleep(
+                    backoff(attempt - 1, settings.backoff_base, settings.backoff_max)
+                )
+            if attempt > 1 or waited:
+                try:
+                    ours = await _start_attempt(fire, attempt)
+                except Exception as exc:
+                    error = f"attempt {attempt} not started: its run lease could not be renewed"
+                    error = f"{error} ({type(exc).__name__}: {exc})"[:2000]
+                    log.warning("job %s fire %s: %s", job.name, fire.fire_id, error)
+                    continue
+                if not ours:
+                    # Recorded lost by the store (finish leaves that record alone).
+                    status, error = "lost", f"attempt {attempt} not started: the fire was lost"
+                    log.warning("job %s fire %s: %s", job.name, fire.fire_id, error)
+                    return status
+            if not started_ms:
+                started_ms = int(time.time() * 1000)
+                t0 = time.monotonic()
+            error = await _attempt(fire, attempt)
+            if error is None:
+                status = "succeeded"
                 break
-            if attempt <= job.options.retries:
-                await asyncio.sleep(backoff(attempt, settings.backoff_base, settings.backoff_max))
         return status
     except asyncio.CancelledError:
         status = "cancelled"
-        error = error or "cancelled (shutdown, or replaced by a newer fire)"
+        error = error or "cancelled (shutdown, replaced by a newer fire, or lost)"
         raise
     finally:
         if renewer is not None:
@@ -128,32 +131,78 @@ async def run_fire(store: SchedulerStore, fire: Fire, settings: RunSettings) -> 
         }
         if started_ms:
             patch["started_at"] = started_ms
-        if fire.broadcast:
-            # Shards finish independently: each writes its own entry, never the
-            # fire's overall status.
-            patch = {f"shard_{fire.shard_index}": patch}
+        # Shards finish independently: each reports its own outcome, and the store
+        # settles the fire's status once all have (see store.settle_shard).
+        shard = (fire.shard_index, fire.shard_total) if fire.broadcast else None
         # Shielded: a cancelled run must still say so in its history.
         with contextlib.suppress(Exception):
             await asyncio.shield(
                 asyncio.wait_for(
-                    store.finish(job.name, fire.fire_id, patch, release=fire.leased), 5.0
+                    store.finish(job.name, fire.fire_id, patch, release=fire.leased, shard=shard),
+                    5.0,
                 )
             )
+
+
+async def _attempt(fire: Fire, attempt: int) -> str | None:
+    """Call the job once; ``None`` if it succeeded, else what went wrong."""
+    job = fire.job
+    ctx = JobContext(
+        job=job.name,
+        fire_time=utc(fire.fire_ms),
+        fire_id=fire.fire_id,
+        fence=fire.fence,
+        attempt=attempt,
+        node_id=fire.node_id,
+        shard_index=fire.shard_index,
+        shard_total=fire.shard_total,
+        payload=fire.payload,
+    )
+    try:
+        if job.options.timeout is None:
+            await job.func(ctx)
+        else:
+            await asyncio.wait_for(job.func(ctx), job.options.timeout)
+    except TimeoutError:
+        return f"attempt {attempt} timed out after {job.options.timeout:g}s"
+    except Exception as exc:
+        error = f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]
+        log.warning("job %s fire %s failed: %s", job.name, fire.fire_id, error)
+        return error
+    return None
+
+
+async def _start_attempt(fire: Fire, attempt: int) -> bool:
+    """Renew the run lease and record the fire running ``attempt``, in one round trip;
+    False if the fire was lost meanwhile (it must not start)."""
+    if fire.keepalive is None:
+        return True  # the memory store (one process) or a broadcast shard
+    return await fire.keepalive(attempt)
 
 
 async def _renew_leases(
     store: SchedulerStore, fire: Fire, lease_ms: int, runner: asyncio.Task[Any]
 ) -> None:
-    """Keep the job's running lease (overlap) and the fire's run lease (Redis: proof that
-    its node lives); if the running lease now names another fire (replace), cancel this run."""
+    """Keep the job's running lease (overlap) and the fire's run lease (proof that its
+    node lives).  If the running lease now names another fire (replace), or the fire
+    was recorded lost (this node froze past its run lease), cancel this run: the
+    cluster no longer counts it as running, so it must not go on."""
     leased = fire.leased
     while leased or fire.keepalive is not None:
         await asyncio.sleep(lease_ms / 3000)
         if fire.keepalive is not None:
             try:
-                await fire.keepalive()
+                alive = await fire.keepalive(None)
             except Exception:
                 log.warning("could not renew the run lease of %s", fire.fire_id, exc_info=True)
+            else:
+                if not alive:
+                    log.warning(
+                        "fire %s was recorded lost (its run lease lapsed): cancelling its run",
+                        fire.fire_id,
+                    )
+                    runner.cancel()
+                    return
         if not leased:
             continue
         try:
@@ -174,10 +223,14 @@ def is_manual(fire_id: str) -> bool:
     return fire_id.rpartition(":")[2].startswith(("trigger-", "once-"))
 
 
+def _follows_parents(fire: Fire) -> bool:
+    return bool(fire.job.options.after) and not is_manual(fire.fire_id)
+
+
 async def _wait_for_parents(store: SchedulerStore, fire: Fire, wait: float) -> str | None:
     """``None`` once every parent's run of the same fire succeeded, else why not."""
     parents = fire.job.options.after
-    if not parents or is_manual(fire.fire_id):
+    if not _follows_parents(fire):
         return None
     deadline = time.monotonic() + wait
     delay = 0.02

@@ -52,6 +52,7 @@ from asgi_dist.scheduling.policies import (
 )
 from asgi_dist.scheduling.runner import Fire, RunSettings, is_manual, run_fire
 from asgi_dist.scheduling.schedules import (
+    MAX_PERIOD,
     CronSchedule,
     OnceSchedule,
     Schedule,
@@ -154,9 +155,11 @@ class Scheduler:
         aligned to the UNIX epoch plus ``offset`` so every node names the same fires."""
         for label, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours)):
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < math.inf
             ):
-                raise ConfigError(f"every({label}={value!r}) must be a non-negative number")
+                raise ConfigError(f"every({label}={value!r}) must be a finite number >= 0")
         total = (seconds or 0) + minutes * 60 + hours * 3600
         schedule = interval(total, offset=offset)
         options = JobOptions(
@@ -405,12 +408,18 @@ class Scheduler:
                 raise ConfigError(
                     f"at(when={when!r}) is naive: pass an aware datetime (e.g. tzinfo=UTC)"
                 )
-            at_ms = to_ms(when)
-        elif isinstance(when, int | float) and not isinstance(when, bool) and 0 <= when < math.inf:
-            at_ms = await self.store.now_ms() + round(when * 1000)
-        else:
+        elif (
+            isinstance(when, bool) or not isinstance(when, int | float) or not 0 <= when < math.inf
+        ):
             raise ConfigError(
                 f"at(when={when!r}): pass an aware datetime or a finite number of seconds >= 0"
+            )
+        now = await self.store.now_ms()
+        at_ms = to_ms(when) if isinstance(when, datetime) else now + round(when * 1000)
+        if at_ms - now > MAX_PERIOD * 1000:
+            raise ConfigError(
+                f"at(when={when!r}) is more than {MAX_PERIOD:.0f} s (10 years) ahead: a "
+                "one-off must fall within ten years of now"
             )
         fire_id = f"{job_name}:{at_ms}:once-{secrets.token_hex(3)}"
         entry = {
@@ -636,7 +645,11 @@ class Scheduler:
             members = await dispatcher.members() or [self.runtime.node_id]
             entry["members"] = members
             patch = {"status": "dispatched", "shard_total": len(members), "members": members}
-            await self.store.finish(job.name, fire_id, patch, release=False)
+            if not await self.store.finish(job.name, fire_id, patch, release=False):
+                # Recorded lost while this leader was frozen after the claim: it is
+                # never started, on any shard.
+                log.warning("broadcast fire %s was lost before its hand-over", fire_id)
+                return
             await dispatcher.send_broadcast(entry)
         else:
             # On the stream first, then "dispatched" by a compare-and-set that loses
@@ -734,15 +747,16 @@ class Scheduler:
 
     def _keepalive(
         self, job: Job, fire_id: str, lease_ms: int
-    ) -> Callable[[], Awaitable[None]] | None:
+    ) -> Callable[[int | None], Awaitable[bool]] | None:
         """Renews the run lease taken at the claim (or at the start of a handed-over
-        fire); not for broadcast shards (one fire, many runs)."""
-        store = self.store
+        fire), and records each attempt's start; not for broadcast shards (one fire,
+        many runs)."""
+        store, node = self.store, self.runtime.node_id
         if isinstance(store, MemoryStore) or job.options.broadcast:
             return None
 
-        async def keepalive() -> None:
-            await store.keep_running(job.name, fire_id, lease_ms)
+        async def keepalive(attempt: int | None) -> bool:
+            return await store.keep_running(job.name, fire_id, lease_ms, attempt=attempt, node=node)
 
         return keepalive
 
@@ -769,33 +783,66 @@ class Scheduler:
                 options = JobOptions(retries=int(entry["retries"]), timeout=entry["timeout"])
                 job = Job(str(entry["job"]), func, OnceSchedule(int(entry["fire_ms"])), options)
             except Exception as exc:
-                log.error("one-off %s cannot run: %s", entry.get("fire_id"), exc)
+                # Every fire not run is recorded in history: a deployment whose leader
+                # lacks the function (or another version of it) says so there.
+                error = (
+                    f"one-off {entry.get('func')!r} cannot run on leader "
+                    f"{self.runtime.node_id}: {type(exc).__name__}: {exc}; deploy the module "
+                    "that defines it on every node"
+                )
+                log.error("one-off %s: %s", entry.get("fire_id"), error)
+                await self._record_unrunnable(entry, error)
                 await self.store.drop_once(entry)
                 continue
             await self._claim_extra(job, entry, "once")
             await self.store.drop_once(entry)
 
+    async def _record_unrunnable(self, entry: dict[str, Any], error: str) -> None:
+        """Record a queued fire that cannot start as ``failed`` (claimed, so recorded once)."""
+        try:
+            job_name = validate_job_name(entry["job"])
+            fire_ms, fire_id = int(entry["fire_ms"]), str(entry["fire_id"])
+        except (KeyError, TypeError, ValueError, ConfigError):
+            return  # not even a job to file it under (logged by the caller)
+        claim = self._extra_claim(job_name, fire_ms, fire_id, "once", "allow", "failed")
+        claim.record["error"] = error[:2000]
+        result = await self.store.claim(claim)
+        if result.status == "stale":
+            raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
+
     async def _claim_extra(self, job: Job, entry: dict[str, Any], kind: str) -> None:
         """Claim a fire outside the job's sequence (manual trigger or one-off)."""
         fire_ms, fire_id = int(entry["fire_ms"]), str(entry["fire_id"])
-        claim = Claim(
-            job=job.name,
-            fire_ms=fire_ms,
-            fire_id=fire_id,
-            expected_next=None,
-            new_next=None,
-            advance=False,
-            fence=self.fence,
-            intent="run",
-            record=self._record(job.name, fire_id, fire_ms, kind),
-            overlap=job.options.overlap if kind == "trigger" else "allow",
-            lease_ms=round(self.config.running_lease * 1000),
-            claim_ttl_ms=round(self.config.claim_ttl * 1000),
-            signature="",
-        )
+        overlap = job.options.overlap if kind == "trigger" else "allow"
+        claim = self._extra_claim(job.name, fire_ms, fire_id, kind, overlap, "run")
         result = await self.store.claim(claim)
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
             self._tracked.add(job.name)  # a one-off's name is no registered job
             await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))
+
+    def _extra_claim(
+        self,
+        job: str,
+        fire_ms: int,
+        fire_id: str,
+        kind: str,
+        overlap: str,
+        intent: Literal["run", "failed"],
+    ) -> Claim:
+        return Claim(
+            job=job,
+            fire_ms=fire_ms,
+            fire_id=fire_id,
+            expected_next=None,
+            new_next=None,
+            advance=False,
+            fence=self.fence,
+            intent=intent,
+            record=self._record(job, fire_id, fire_ms, kind),
+            overlap=overlap,
+            lease_ms=round(self.config.running_lease * 1000),
+            claim_ttl_ms=round(self.config.claim_ttl * 1000),
+            signature="",
+        )

@@ -14,7 +14,7 @@ occurrence.  A daily job therefore fires exactly once per civil day.
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -23,9 +23,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from croniter.croniter import CroniterBadCronError, CroniterBadDateError, CroniterError
 
+from asgi_dist._checks import seconds
 from asgi_dist.errors import ConfigError
 
 __all__ = [
+    "MAX_PERIOD",
     "CronSchedule",
     "IntervalSchedule",
     "OnceSchedule",
@@ -55,6 +57,10 @@ _NICKNAMES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+# The longest interval, and the farthest ahead a one-off may be set: ten years keeps
+# every fire time, claim TTL (2 periods) and history timestamp inside a datetime and
+# a PostgreSQL bigint of milliseconds.
+MAX_PERIOD = 10 * 365 * 86_400.0
 # Bound on candidates examined for one answer: a seconds-level schedule walks at
 # most one repeated DST hour (3,600 candidates) before it leaves it.
 _MAX_CANDIDATES = 10_000
@@ -159,6 +165,47 @@ def _validate_fields(fields: list[str]) -> None:
                 f"cron field {name!r} = {value!r} is invalid in {' '.join(fields)!r}: use "
                 f"{_RANGES[name]}, with '*', ',', '-' and '/'; the fields are {', '.join(names)}"
             ) from None
+        _refuse_reversed_ranges(name, value, fields)
+
+
+_BOUNDS = {
+    "second": (0, 59),
+    "minute": (0, 59),
+    "hour": (0, 23),
+    "day of month": (1, 31),
+    "month": (1, 12),
+    "day of week": (0, 6),
+}
+_NAMES = {
+    **{m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun"), 1)},
+    **{m: i for i, m in enumerate(("jul", "aug", "sep", "oct", "nov", "dec"), 7)},
+    **{d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
+}
+_RANGE = re.compile(r"([0-9a-z]+)-([0-9a-z]+)(/[0-9]+)?")
+
+
+def _refuse_reversed_ranges(name: str, value: str, fields: list[str]) -> None:
+    """A range runs low to high, as in Vixie cron and POSIX.  croniter would read
+    ``22-2`` as wrapping around; that lax reading is refused so that an expression
+    means the same here as in every other cron (write the wrap as two ranges)."""
+    for part in value.lower().split(","):
+        match = _RANGE.fullmatch(part)
+        if match is None:
+            continue
+        low, high = (_NAMES.get(b, int(b) if b.isdigit() else -1) for b in match.group(1, 2))
+        if low > high >= 0:
+            first, last = _BOUNDS[name]
+            step = match.group(3) or ""
+            wrapped = f"{_span(low, last, step)},{_span(first, high, step)}"
+            raise ConfigError(
+                f"cron field {name!r} = {value!r} has the reversed range {part!r} in "
+                f"{' '.join(fields)!r}: a range runs from low to high ({first}-{last}); "
+                f"for one that wraps around write both parts, e.g. {wrapped!r}"
+            )
+
+
+def _span(low: int, high: int, step: str) -> str:
+    return str(low) if low == high else f"{low}-{high}{step}"
 
 
 @dataclass(frozen=True)
@@ -193,19 +240,19 @@ class OnceSchedule:
         return self.at_ms if self.at_ms > ms else None
 
 
-def interval(seconds: float, *, offset: float = 0.0) -> IntervalSchedule:
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise ConfigError(f"every(seconds={seconds!r}) must be a positive number of seconds")
-    if seconds < 0.01:
-        raise ConfigError(f"every(seconds={seconds!r}) is below the 10 ms resolution")
-    if not isinstance(offset, int | float) or not 0 <= offset < seconds:
-        raise ConfigError(f"offset={offset!r} must be between 0 and seconds={seconds!r}")
-    return IntervalSchedule(round(seconds * 1000), round(offset * 1000))
+def interval(every: float, *, offset: float = 0.0) -> IntervalSchedule:
+    every = seconds(every, "every(seconds)", open_low=True)
+    if every > MAX_PERIOD:
+        raise ConfigError(
+            f"every(seconds={every!r}) exceeds the longest interval, {MAX_PERIOD:.0f} s "
+            "(10 years): use cron for calendar schedules, or at() for a single run"
+        )
+    if every < 0.01:
+        raise ConfigError(f"every(seconds={every!r}) is below the 10 ms resolution")
+    offset = seconds(offset, "every(offset)")
+    if offset >= every:
+        raise ConfigError(f"every(offset={offset!r}) must be below seconds={every!r}")
+    return IntervalSchedule(round(every * 1000), round(offset * 1000))
 
 
 def period_after(schedule: Schedule, fire_ms: int) -> int | None:

@@ -22,11 +22,13 @@ __all__ = [
     "ClaimStatus",
     "JobState",
     "SchedulerStore",
+    "settle_shard",
 ]
 
 ClaimStatus = Literal[
     "claimed",  # this node must run the fire
     "missed",  # recorded as missed by the misfire policy; not run
+    "failed",  # recorded as failed before any start (a one-off the leader cannot import)
     "skipped",  # overlap=forbid and the previous run holds the running lease
     "paused",  # the job is paused; recorded, not run
     "duplicate",  # another leader already claimed this fire
@@ -54,7 +56,7 @@ class Claim:
     new_next: int | None
     advance: bool
     fence: int
-    intent: Literal["run", "missed"]
+    intent: Literal["run", "missed", "failed"]
     record: dict[str, Any]
     overlap: str
     lease_ms: int
@@ -88,16 +90,32 @@ class SchedulerStore(Protocol):
 
     async def claim(self, claim: Claim) -> ClaimResult: ...
 
-    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
-        """Merge ``patch`` into the fire's history record; release the running lease if ours."""
+    async def finish(
+        self,
+        job: str,
+        fire_id: str,
+        patch: dict[str, Any],
+        *,
+        release: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> bool:
+        """Merge ``patch`` into the fire's history record, unless it was recorded ``lost``;
+        release the running lease if ours.  ``shard=(index, total)``: the outcome of one
+        shard of a broadcast, merged as :func:`settle_shard` says.  False if the record
+        was left alone (recorded lost, or trimmed)."""
         ...
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         """Extend the running lease while it still names ``fire_id``."""
         ...
 
-    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
-        """Renew the run lease a claimed fire holds while its node runs it."""
+    async def keep_running(
+        self, job: str, fire_id: str, lease_ms: int, *, attempt: int | None = None, node: str = ""
+    ) -> bool:
+        """Renew the run lease a claimed fire holds while its node runs it; with
+        ``attempt``, also record the fire ``running`` that attempt on ``node``, in the
+        same step.  False once the fire is not this node's to run: its lease lapsed
+        (it is then recorded ``lost``), or it was reaped, or it ended."""
         ...
 
     async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
@@ -138,3 +156,25 @@ class SchedulerStore(Protocol):
     async def wait_wakeup(self, seconds: float) -> bool:
         """Wait for a trigger, one-off or pause (True), or ``seconds`` (False)."""
         ...
+
+
+def settle_shard(record: dict[str, Any], index: int, total: int, patch: dict[str, Any]) -> None:
+    """Merge one broadcast shard's outcome into the fire's ``record`` (``finish.lua`` does
+    the same on Redis): under ``shards[str(index)]``, and once all ``total`` reported,
+    the fire's own status: ``succeeded`` if every shard succeeded, else ``failed`` if
+    any failed, else the status of the lowest shard that did not succeed."""
+    shards = record.setdefault("shards", {})
+    shards[str(index)] = patch
+    record["shard_total"] = total
+    reported = [(i, shards[str(i)]) for i in range(total) if str(i) in shards]
+    if len(reported) < total:
+        return
+    record["attempt"] = max((int(s.get("attempt") or 0) for _, s in reported), default=0)
+    unhappy = [(i, s) for i, s in reported if s.get("status") != "succeeded"]
+    failed = [(i, s) for i, s in unhappy if s.get("status") == "failed"]
+    if not unhappy:
+        record["status"], record["error"] = "succeeded", None
+        return
+    pick, shard = (failed or unhappy)[0]
+    record["status"] = shard.get("status")
+    record["error"] = f"shard {pick} of {total}: {shard.get('error') or shard.get('status')}"

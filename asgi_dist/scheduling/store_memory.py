@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState
+from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState, settle_shard
 
 __all__ = ["MemoryStore"]
 
@@ -101,12 +101,27 @@ class MemoryStore:
             s.history.pop(next(iter(s.history)))
         return ClaimResult(status, str(now), now)
 
-    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
+    async def finish(
+        self,
+        job: str,
+        fire_id: str,
+        patch: dict[str, Any],
+        *,
+        release: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> bool:
         s = self._job(job)
-        if fire_id in s.history:
-            s.history[fire_id].update(json.loads(json.dumps(patch)))
+        record = s.history.get(fire_id)
+        written = record is not None and record.get("status") != "lost"
+        if record is not None and written:
+            patch = json.loads(json.dumps(patch))
+            if shard is None:
+                record.update(patch)
+            else:
+                settle_shard(record, *shard, patch)
         if release and s.running is not None and s.running[0] == fire_id:
             s.running = None
+        return written
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         s = self._job(job)
@@ -115,8 +130,20 @@ class MemoryStore:
         s.running = (fire_id, time.monotonic() + lease_ms / 1000)
         return True
 
-    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
-        return None  # one process: a fire cannot outlive the node that runs it
+    async def keep_running(
+        self, job: str, fire_id: str, lease_ms: int, *, attempt: int | None = None, node: str = ""
+    ) -> bool:
+        # One process: a fire cannot outlive the node that runs it, so nothing lapses.
+        record = self._job(job).history.get(fire_id)
+        if record is None:
+            return True  # trimmed by the history cap
+        if record.get("status") not in ("claimed", "running"):
+            return False
+        if attempt is not None:
+            if record["status"] != "running":
+                record["started_at"] = await self.now_ms()
+            record.update(status="running", attempt=attempt, node=node)
+        return True
 
     async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
         return []

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from asgi_dist.backends import PostgresBackend
-from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState
+from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState, settle_shard
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -56,6 +56,15 @@ MIGRATIONS = [
 ]
 
 _NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
+
+def _lost(record: str, before: str) -> str:
+    """SQL: ``record`` (a fire that was ``before``, claimed or running) recorded lost."""
+    return (
+        f"{record} || jsonb_build_object('status', 'lost', 'lost_at', {_NOW_MS}, 'error', 'node '"
+        f" || coalesce({record}->>'node', '?') || ' stopped renewing the run lease of this '"
+        f" || {before} || ' fire (died or froze); the fire is not started again')"
+    )
 
 
 class PostgresStore:
@@ -181,11 +190,29 @@ class PostgresStore:
             )
             return ClaimResult(status, str(now), now)
 
-    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
+    async def finish(
+        self,
+        job: str,
+        fire_id: str,
+        patch: dict[str, Any],
+        *,
+        release: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            if shard is not None:
+                raw = await conn.fetchval(
+                    f"SELECT record FROM {self.fires} WHERE job = $1 AND fire_id = $2 FOR UPDATE",
+                    job,
+                    fire_id,
+                )
+                record = {} if raw is None else json.loads(raw)
+                settle_shard(record, *shard, patch)
+                patch = record
+            # A fire recorded lost stays lost: its node lost the run lease.
+            outcome = await conn.execute(
                 f"UPDATE {self.fires} SET record = record || $3::jsonb"
-                f" WHERE job = $1 AND fire_id = $2",
+                f" WHERE job = $1 AND fire_id = $2 AND record->>'status' IS DISTINCT FROM 'lost'",
                 job,
                 fire_id,
                 json.dumps(patch),
@@ -197,6 +224,7 @@ class PostgresStore:
                     job,
                     fire_id,
                 )
+        return bool(outcome == "UPDATE 1")
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         updated = await self.pool.fetchval(
@@ -208,24 +236,44 @@ class PostgresStore:
         )
         return updated is not None
 
-    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
-        await self.pool.execute(
-            f"UPDATE {self.fires} SET run_until = now() + $3 * interval '1 millisecond'"
-            f" WHERE job = $1 AND fire_id = $2 AND run_until IS NOT NULL",
+    async def keep_running(
+        self, job: str, fire_id: str, lease_ms: int, *, attempt: int | None = None, node: str = ""
+    ) -> bool:
+        """One statement, like ``alive.lua``: renew the run lease and, before an attempt,
+        record the fire running; a lapsed lease records it lost instead.  SET sees the
+        row as it was, and the row lock orders this against :meth:`reap_lost`."""
+        lost = _lost("record", "(record->>'status')")
+        alive = await self.pool.fetchval(
+            f"WITH renewed AS (UPDATE {self.fires} SET"
+            f" run_until = CASE WHEN run_until > now()"
+            f"  THEN now() + $3::bigint * interval '1 millisecond' END,"
+            f" record = CASE"
+            f"  WHEN run_until <= now() THEN {lost}"
+            f"  WHEN $4::int IS NULL THEN record"
+            f"  ELSE record || jsonb_build_object('status', 'running', 'attempt', $4::int,"
+            f"   'node', $5::text) || CASE WHEN record->>'status' = 'running' THEN '{{}}'::jsonb"
+            f"   ELSE jsonb_build_object('started_at', {_NOW_MS}) END"
+            f" END"
+            f" WHERE job = $1 AND fire_id = $2 AND run_until IS NOT NULL"
+            f"  AND record->>'status' IN ('claimed', 'running')"
+            f" RETURNING run_until IS NOT NULL AS alive)"
+            # No row at all: trimmed by the history cap, not reaped; the run goes on.
+            f" SELECT coalesce((SELECT alive FROM renewed),"
+            f"  NOT EXISTS (SELECT 1 FROM {self.fires} WHERE job = $1 AND fire_id = $2))",
             job,
             fire_id,
             lease_ms,
+            attempt,
+            node,
         )
+        return bool(alive)
 
     async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
         rows = await self.pool.fetch(
             f"WITH due AS (SELECT fire_id, record->>'status' AS before FROM {self.fires}"
             f"  WHERE job = $1 AND run_until < now() LIMIT $2 FOR UPDATE SKIP LOCKED)"
             f" UPDATE {self.fires} f SET run_until = NULL, record = CASE"
-            f"  WHEN due.before IN ('claimed', 'running') THEN f.record || jsonb_build_object("
-            f"   'status', 'lost', 'lost_at', {_NOW_MS}, 'error', 'node '"
-            f"   || coalesce(f.record->>'node', '?') || ' stopped renewing the run lease of this '"
-            f"   || due.before || ' fire (died or froze); the fire is not started again')"
+            f"  WHEN due.before IN ('claimed', 'running') THEN {_lost('f.record', 'due.before')}"
             f"  ELSE f.record END"
             f" FROM due WHERE f.job = $1 AND f.fire_id = due.fire_id"
             f" RETURNING f.fire_id, due.before",

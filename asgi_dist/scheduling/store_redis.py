@@ -115,20 +115,34 @@ class RedisStore:
         server_ms = int(detail) if status not in ("early", "moved", "stale", "duplicate") else 0
         return ClaimResult(status, detail, server_ms)  # type: ignore[arg-type]
 
-    async def finish(self, job: str, fire_id: str, patch: dict[str, Any], *, release: bool) -> None:
-        await self._finish(
+    async def finish(
+        self,
+        job: str,
+        fire_id: str,
+        patch: dict[str, Any],
+        *,
+        release: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> bool:
+        shard_args: list[Any] = ["", ""] if shard is None else list(shard)
+        written = await self._finish(
             self.client,
             [self.job_key(job, "hist"), self.job_key(job, "running")],
-            [fire_id, json.dumps(patch), "1" if release else "0"],
+            [fire_id, json.dumps(patch), "1" if release else "0", *shard_args],
         )
+        return bool(written)
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
         ok = await self._renew(self.client, [self.job_key(job, "running")], [fire_id, lease_ms])
         return bool(ok)
 
-    async def keep_running(self, job: str, fire_id: str, lease_ms: int) -> None:
-        """Renew the run lease of a fire this node is running (see ``reap.lua``)."""
-        await self._alive(self.client, [self.job_key(job, "active")], [fire_id, lease_ms])
+    async def keep_running(
+        self, job: str, fire_id: str, lease_ms: int, *, attempt: int | None = None, node: str = ""
+    ) -> bool:
+        """Renew the run lease of a fire this node is running (see ``alive.lua``)."""
+        keys = [self.job_key(job, "hist"), self.job_key(job, "active")]
+        args = [fire_id, lease_ms, "" if attempt is None else attempt, node]
+        return bool(await self._alive(self.client, keys, args))
 
     async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
         """Record as lost the fires of ``job`` whose node stopped renewing the run lease."""

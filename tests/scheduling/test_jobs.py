@@ -228,6 +228,29 @@ async def test_one_off_runs_once_at_its_time(sched_dist: Any) -> None:
     assert record["started_at"] >= record["fire_ms"]
 
 
+async def test_a_one_off_the_leader_cannot_import_is_recorded_failed(sched_dist: Any) -> None:
+    dist = await sched_dist()
+    await leading(dist)
+    # Queued by a node whose deployment has a module this leader lacks.
+    now = await dist.scheduler.store.now_ms()
+    fire_id = f"reminder:{now}:once-abc123"
+    entry = {
+        "job": "reminder",
+        "func": "tests.scheduling.not_deployed_here:reminder",
+        "fire_ms": now,
+        "fire_id": fire_id,
+        "payload": None,
+        "retries": 0,
+        "timeout": None,
+    }
+    await dist.scheduler.store.add_once(entry, now)
+    record = await settle(dist, "reminder", fire_id)
+    assert record["status"] == "failed" and record["kind"] == "once", record
+    assert "tests.scheduling.not_deployed_here:reminder" in record["error"], record
+    assert "ModuleNotFoundError" in record["error"] and "deploy" in record["error"], record
+    assert await dist.scheduler.store.due_once(now, 10) == []
+
+
 async def test_shutdown_cancels_running_jobs_after_the_grace_and_records_it(
     sched_dist: Any,
 ) -> None:

@@ -57,6 +57,11 @@ def test_bad_cron_string_is_refused_at_decoration() -> None:
         ({"jitter": float("nan")}, "jitter=nan"),
         ({"timeout": float("nan")}, "timeout=nan"),
         ({"timeout": float("inf")}, "timeout=inf"),
+        ({"timeout": 1e12}, r"timeout=1000000000000.0 is invalid: .* at most 604800"),
+        ({"jitter": 1e9}, r"jitter=1000000000.0 is invalid: .* at most 86400"),
+        ({"misfire_grace": 1e300}, "misfire_grace"),
+        ({"minutes": float("nan")}, "minutes=nan"),
+        ({"offset": float("nan")}, "offset"),
         ({"run_on": "moon"}, "run_on"),
         ({"name": "bad name{}"}, "job name"),
     ],
@@ -94,6 +99,35 @@ def test_scheduler_config_is_validated() -> None:
         SchedulerConfig(backend="mongo")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"claim_ttl": float("nan")}, "claim_ttl=nan is invalid: .* at least 0 and at most"),
+        ({"retry_backoff": float("inf")}, "retry_backoff=inf"),
+        ({"retry_backoff_max": float("inf")}, "retry_backoff_max=inf"),
+        ({"running_lease": float("inf")}, "running_lease=inf"),
+        ({"running_lease": 0.5}, "running_lease=0.5 is invalid: .* at least 1"),
+        ({"shutdown_grace": float("nan")}, "shutdown_grace=nan"),
+        ({"dependency_wait": 1e12}, "dependency_wait"),
+        ({"redeliver_after": float("inf")}, "redeliver_after=inf"),
+        ({"enabled": "no"}, "enabled='no' must be True or False"),
+        ({"enabled": 0}, "enabled=0 must be True or False"),
+    ],
+)
+def test_scheduler_config_refuses_nan_infinite_and_non_bool_values(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SchedulerConfig(**options)
+
+
+@pytest.mark.parametrize("seconds", [1e17, 11 * 365 * 86_400])
+def test_an_interval_longer_than_ten_years_is_refused(seconds: float) -> None:
+    with pytest.raises(ConfigError, match="longest interval, 315360000 s"):
+        memory_dist().every(seconds=seconds)(job)
+    memory_dist().every(hours=24 * 365 * 9)(job)  # nine years is fine
+
+
 async def test_operations_on_unknown_jobs_raise_scheduler_error() -> None:
     dist = memory_dist()
     async with dist:
@@ -119,6 +153,40 @@ async def test_one_off_function_must_be_importable_and_time_aware() -> None:
         for never in (float("inf"), float("nan"), -1):
             with pytest.raises(ConfigError, match="finite number of seconds"):
                 await dist.scheduler.at(never, job)
+
+
+async def test_one_off_more_than_ten_years_ahead_is_refused() -> None:
+    from datetime import UTC, datetime
+
+    dist = memory_dist()
+    async with dist:
+        for far in (1e17, 11 * 365 * 86_400.0, datetime(9000, 1, 1, tzinfo=UTC)):
+            with pytest.raises(ConfigError, match="10 years"):
+                await dist.scheduler.at(far, job)
+        assert await dist.scheduler.at(9 * 365 * 86_400.0, job)
+
+
+async def test_one_off_defined_in_main_or_nested_is_refused_naming_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    async def reminder(ctx: JobContext) -> None:
+        return None
+
+    # As if defined in the script this process runs: importable here, nowhere else.
+    reminder.__module__, reminder.__qualname__ = "__main__", "reminder"
+    monkeypatch.setattr(sys.modules["__main__"], "reminder", reminder, raising=False)
+
+    async def nested(ctx: JobContext) -> None:
+        return None
+
+    dist = memory_dist()
+    async with dist:
+        with pytest.raises(ConfigError, match=r"defined in __main__.*every node imports"):
+            await dist.scheduler.at(1.0, reminder)
+        with pytest.raises(ConfigError, match=r"nested or a lambda.*module-level"):
+            await dist.scheduler.at(1.0, nested)
 
 
 async def test_running_after_a_broadcast_job_is_refused(make_dist: Any) -> None:

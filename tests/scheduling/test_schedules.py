@@ -142,3 +142,21 @@ def test_cron_that_never_fires_and_unknown_zone_are_refused() -> None:
 def test_non_positive_interval_is_refused(seconds: float) -> None:
     with pytest.raises(ConfigError):
         interval(seconds)
+
+
+@pytest.mark.parametrize(
+    ("expression", "field", "fix"),
+    [
+        ("5-1 * * * *", "minute", "'5-59,0-1'"),
+        ("0 22-2 * * *", "hour", "'22-23,0-2'"),
+        ("0 0 * nov-feb *", "month", "'11-12,1-2'"),
+        ("0 0 * * sat-sun", "day of week", "'6,0'"),
+    ],
+)
+def test_a_reversed_cron_range_is_refused_with_the_wrapped_form(
+    expression: str, field: str, fix: str
+) -> None:
+    # croniter alone would read these as wrapping around; Vixie cron refuses them.
+    with pytest.raises(ConfigError, match=f"cron field '{field}' .* reversed range .*{fix}"):
+        CronSchedule(expression)
+    CronSchedule("0 9-17 * * mon-fri")

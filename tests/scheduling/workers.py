@@ -3,11 +3,12 @@
 Every run appends ``{fire_id, job, pid, fence}`` to the Redis list ``<namespace>:runs``,
 so the test can prove each fire ran exactly once across processes.
 
-``JOBS=redeliver`` runs one ``run_on="any"`` job (``RUN_ON=leader``: a leader job);
-with ``VICTIM=receive`` this node freezes itself (SIGSTOP) on its first delivery,
-before the compare-and-set that starts the fire, and with ``VICTIM=run`` its first
-run hangs; either way it first writes ``{fire_id, node, pid}`` to
-``<namespace>:victim`` for the test.
+``JOBS=redeliver`` runs one ``run_on="any"`` job (``RUN_ON=leader``: a leader job;
+``RETRIES=n``: n retries); with ``VICTIM=receive`` this node freezes itself (SIGSTOP)
+on its first delivery, before the compare-and-set that starts the fire, with
+``VICTIM=run`` its first run hangs, and with ``VICTIM=freeze`` its first run freezes
+the node and, once woken, fails (so a retry would be due); either way it first
+writes ``{fire_id, node, pid}`` to ``<namespace>:victim`` for the test.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
 
     async def record(ctx: JobContext) -> None:
         entry = {"fire_id": ctx.fire_id, "job": ctx.job, "pid": os.getpid(), "fence": ctx.fence}
+        entry["attempt"] = ctx.attempt
         await client.rpush(runs, json.dumps(entry))
 
     if os.environ.get("JOBS") == "dispatch":
@@ -77,13 +79,20 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
 
         run_on: Any = os.environ.get("RUN_ON", "any")
 
-        @dist.every(seconds=0.5, run_on=run_on)
+        retries = int(os.environ.get("RETRIES", "0"))
+
+        @dist.every(seconds=0.5, run_on=run_on, retries=retries)
         async def anywhere(ctx: JobContext) -> None:
             await record(ctx)
             if victim == "run" and not hooked:
                 hooked.append(ctx.fire_id)
                 await confess(ctx.fire_id)
                 await asyncio.sleep(60)  # the test SIGKILLs this node mid-run
+            if victim == "freeze" and not hooked:
+                hooked.append(ctx.fire_id)
+                await confess(ctx.fire_id)
+                os.kill(os.getpid(), signal.SIGSTOP)  # frozen mid-run until the test wakes it
+                raise RuntimeError("woken past the run lease: no retry of this fire may start")
 
         if victim == "receive":
             start_fire = Dispatcher.start_fire
