@@ -332,11 +332,13 @@ class RedisLeases:
         if not leases:
             return []
         for retry in (True, False):
-            # One pipeline: redis-py splits it per shard on Cluster.
+            # One pipeline, which redis-py splits per shard on Cluster.  Its cluster
+            # pipeline refuses .evalsha() (a script's keys could span shards), so the
+            # command goes in by name: ours has one key, routed by its slot.
             pipe = self.redis.client.pipeline(transaction=False)
             for r in leases:
                 lease = self.keys(r.kind, r.name)[self.variant.renew_key]
-                pipe.evalsha(self._renew.sha, 1, lease, r.token, _ms(r.ttl))
+                pipe.execute_command("EVALSHA", self._renew.sha, 1, lease, r.token, _ms(r.ttl))
             results = await pipe.execute(raise_on_error=False)
             if retry and any(isinstance(x, redis_errors.NoScriptError) for x in results):
                 # A restarted or failed-over node lost its script cache.

@@ -97,6 +97,10 @@ class RedlockLeases:
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
         started = time.monotonic()
+        # The lease is counted from here, not from when the attempt returns: the
+        # holder's renew deadline (and so its ``lost``) must come before the leases
+        # the servers granted at the start of the attempt can expire.
+        sent = asyncio.get_running_loop().time()
         ms = max(1, round(ttl * 1000))
 
         async def grant(server: RedisBackend) -> Any:
@@ -109,8 +113,11 @@ class RedlockLeases:
         validity = ttl - (time.monotonic() - started) - drift
         if len(granted) >= self.quorum and validity > 0:
             fence = max(int(r[1]) for r in granted)
-            if await self._raise_fences(kind, name, fence) >= self.quorum:
-                return Attempt(True, fence, validity)
+            raised = await self._raise_fences(kind, name, fence)
+            # Raising the fences took time of the validity too.
+            validity = ttl - (time.monotonic() - started) - drift
+            if raised >= self.quorum and validity > 0:
+                return Attempt(True, fence, validity, renewed_at=sent)
         # No majority (or too slow): undo what we got, so others are not blocked.
         await self.release(kind, name, token)
         self._check_outage(results)

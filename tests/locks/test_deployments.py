@@ -102,3 +102,21 @@ async def test_a_redis_that_may_evict_any_key_is_warned_about_at_start(
                 assert "set maxmemory-policy noeviction" in evicting[0]
         finally:
             server.close()
+
+
+async def test_held_locks_and_a_leadership_outlive_their_ttl_on_redis_cluster(
+    make_dist, cluster_url: str
+) -> None:
+    """The watchdog's batched renewal must work across the cluster's shards."""
+    dist: Dist = await make_dist(redis=cluster_url, postgres=None, sessions=False)
+    helds = [await dist.lock(f"k{i}", ttl=1.2).acquire() for i in range(20)]
+    election = dist.election("e", ttl=1.5, renew_deadline=1.0, retry=0.3)
+    async with election.leadership() as term:
+        await asyncio.sleep(2.5)  # several renewal periods past both ttls
+        assert not term.lost.is_set()
+        assert election.is_leader
+    assert not [h.name for h in helds if h.lost.is_set()]
+    with pytest.raises(LockTimeout):
+        await dist.lock("k7").acquire(timeout=0)
+    for h in helds:
+        await h.release()

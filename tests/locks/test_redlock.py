@@ -65,6 +65,35 @@ async def test_quorum_lock_is_renewed_past_its_ttl(make_dist, three_servers) -> 
             await quorum.lock("job").acquire(timeout=0)
 
 
+async def test_a_slow_grant_counts_its_lease_from_the_start_of_the_attempt(
+    make_dist, three_servers: list[RedisServer]
+) -> None:
+    """The servers' leases run from when they granted, early in a slow attempt: the
+    holder must call its lease lost before they can expire, not a whole renew
+    deadline after the attempt returned."""
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    quorum = dist.locks.redlock([s.url for s in three_servers], server_timeout=0.8)
+    loop = asyncio.get_running_loop()
+    three_servers[2].pause()  # the attempt waits out its server timeout
+    try:
+        started = loop.time()
+        held = await quorum.lock("job", ttl=2.0).acquire(timeout=5)
+        assert loop.time() - started >= 0.8
+        for server in three_servers[:2]:
+            server.pause()  # no renewal can succeed now
+        try:
+            await asyncio.wait_for(held.lost.wait(), 5)
+            lost_after = loop.time() - started
+        finally:
+            for server in three_servers[:2]:
+                server.resume()
+    finally:
+        three_servers[2].resume()
+    # The servers granted within the first moments: their leases end about 2 s after
+    # `started`; the holder knew before that.
+    assert lost_after < 2.0
+
+
 def test_redlock_needs_an_odd_number_of_servers() -> None:
     dist = Dist(sessions=False)
     with pytest.raises(ConfigError, match="odd"):
