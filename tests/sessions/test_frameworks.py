@@ -70,13 +70,7 @@ async def test_quart_views_use_get_session(session_dist: Callable[..., Any]) -> 
 def test_a_websocket_sees_the_session_and_its_changes_are_saved(
     redis_url: str, namespace: str
 ) -> None:
-    dist = Dist(
-        redis_url,
-        namespace=namespace,
-        secret_keys=SECRET_KEYS,
-        scheduler=SchedulerConfig(enabled=False),
-    )
-    # TestClient runs the lifespan (which starts the Dist) in its own event loop.
+    dist = _redis_dist(redis_url, namespace)
     with TestClient(build(dist)) as c:
         assert c.post("/set/a/1").status_code == 200
         with c.websocket_connect("/ws") as ws:
@@ -89,12 +83,7 @@ def test_a_websocket_loop_ended_by_the_client_closing_saves_its_changes(
     redis_url: str, namespace: str
 ) -> None:
     """Starlette ends such a loop by raising WebSocketDisconnect: a normal end."""
-    dist = Dist(
-        redis_url,
-        namespace=namespace,
-        secret_keys=SECRET_KEYS,
-        scheduler=SchedulerConfig(enabled=False),
-    )
+    dist = _redis_dist(redis_url, namespace)
     with TestClient(build(dist)) as c:
         assert c.post("/set/a/1").status_code == 200
         with c.websocket_connect("/ws-loop") as ws:
@@ -102,3 +91,13 @@ def test_a_websocket_loop_ended_by_the_client_closing_saves_its_changes(
             assert ws.receive_text() == "ok"
             ws.close(1000)
         assert c.get("/all").json()["data"] == {"a": "1", "chat": "seen"}
+
+
+def _redis_dist(redis_url: str, namespace: str) -> Dist:
+    # TestClient runs the lifespan (which starts the Dist) in its own event loop.
+    return Dist(
+        redis_url,
+        namespace=namespace,
+        secret_keys=SECRET_KEYS,
+        scheduler=SchedulerConfig(enabled=False),
+    )
