@@ -366,10 +366,23 @@ class RedisBackend:
             )
 
     async def _check_channels(self) -> None:
-        """Fail at start, not at the first wake-up, if the Redis user may not use
-        this namespace's pub/sub channels: Redis 7 gives a new ACL user none, and
-        then lock releases fail and waiters are never woken."""
+        """Fail at start, not at the first request, if the Redis user may not use this
+        namespace's keys or pub/sub channels: Redis 7 gives a new ACL user no channels,
+        and then lock releases fail and waiters are never woken."""
         ns = self.namespace
+        try:
+            for key in (f"{ns}:probe", f"{{{ns}}}:probe"):  # the two forms of key we use
+                await asyncio.wait_for(self.client.exists(key), self.connect_timeout)
+        except redis_errors.NoPermissionError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"the Redis user of {self.where} may not use asgi_dist's keys ({exc}); grant "
+                f"them with ACL SETUSER <user> '~{ns}*' '~{{{ns}*' (keys of a lock, a session "
+                "or a job share a Cluster slot through a {hash tag}, so both forms are used)"
+            ) from exc
+        except (TimeoutError, OSError, redis_errors.RedisError) as exc:
+            await self.stop()
+            raise self.unavailable(exc) from exc
         try:
             for channel in (f"{ns}:probe", f"{{{ns}}}:probe"):  # the two forms we use
                 await asyncio.wait_for(self.client.publish(channel, b""), self.connect_timeout)

@@ -204,6 +204,28 @@ async def test_a_redis_user_without_channel_rights_is_refused_at_start_with_the_
         server.close()
 
 
+async def test_a_redis_user_without_the_hash_tagged_keys_is_refused_at_start_with_the_fix(
+    namespace: str,
+) -> None:
+    # A grant of '~ns:*' misses the keys that carry a {hash tag}: the first lock or
+    # session would fail with a raw NOPERM, so the Dist refuses to start instead.
+    server = RedisServer().start()
+    try:
+        server.cli(
+            "ACL", "SETUSER", "app", "on", ">pw", f"~{namespace}:*", "&*", "+@all",
+        )  # fmt: skip
+        url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+        dist = Dist(redis=url, postgres=None, namespace=namespace, sessions=False)
+        with pytest.raises(ConfigError, match=r"ACL SETUSER <user> '~t_\w+\*' '~\{t_\w+\*'"):
+            await dist.start()
+        server.cli("ACL", "SETUSER", "app", f"~{{{namespace}*")
+        async with Dist(redis=url, postgres=None, namespace=namespace, sessions=False) as dist:
+            async with dist.lock("x") as held:
+                assert held.fence >= 1
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("link", ["resp", "redis-py"])
 async def test_a_refused_subscribe_fails_the_subscriber_instead_of_leaving_it_waiting(
     namespace: str, link: str
