@@ -81,9 +81,16 @@ class Election:
         self._watchdog = watchdog
         # Live terms of this name in this process, shared by every Election
         # object of the same service, so is_leader does not depend on which
-        # object asks.
-        shared = terms if terms is not None else {}
-        self._terms = shared.setdefault((id(backend), name), set())
+        # object asks; a name's entry lasts only while it has a live term.
+        self._shared = terms if terms is not None else {}
+        self._key = (id(backend), name)
+
+    def _forget(self, term: Held) -> None:
+        terms = self._shared.get(self._key)
+        if terms is not None:
+            terms.discard(term)
+            if not terms:
+                del self._shared[self._key]
 
     def __repr__(self) -> str:
         return f"<Election {self.name!r} backend={self.backend.name} leader={self.is_leader}>"
@@ -91,7 +98,8 @@ class Election:
     @property
     def is_leader(self) -> bool:
         """Whether this process holds a live term of this election right now."""
-        return any(not t.lost.is_set() and not t.released for t in self._terms)
+        terms = self._shared.get(self._key, ())
+        return any(not t.lost.is_set() and not t.released for t in terms)
 
     async def leader(self) -> str | None:
         """The node id of the current leader (any process), or None."""
@@ -160,7 +168,7 @@ class Election:
             watchdog=self._watchdog,
             renewed_at=attempt.renewed_at,
         )
-        self._terms.add(term)
-        term.on_end(lambda held: self._terms.discard(term))
+        self._shared.setdefault(self._key, set()).add(term)
+        term.on_end(self._forget)
         log.info("%s leads %r (term %d)", self.node_id, self.name, term.fence)
         return term

@@ -814,7 +814,9 @@ async def acquire_lease(
             attempt = Attempt(False, 0, -1.0)
             gate = None
         else:
-            if register:
+            if not register:
+                gate = None  # a try-once caller takes no turn (and no count) here
+            else:
                 # The turn is free: take it before the attempt, which queues us.
                 if gate is None:
                     gate = _gates[gate_key] = _Gate()

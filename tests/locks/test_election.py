@@ -172,6 +172,8 @@ async def test_terms_are_fenced_and_leaving_the_block_resigns(make_dist, backend
     assert await a.leader() == other.node_id
     await second.release()
     assert await a.leader() is None
+    # Nothing per name is kept once no term of it lives (names may be many).
+    assert not dist.locks._terms and not other.locks._terms
 
 
 async def test_waiting_follower_is_woken_by_the_resignation(make_dist) -> None:

@@ -206,3 +206,23 @@ async def test_waiters_giving_up_together_get_lock_timeout_or_cancelled_error(
     third = await asyncio.wait_for(waiting[2], 10)  # the one left is served
     assert third.fence > held.fence
     await third.release()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_per_name_bookkeeping_is_freed_after_busy_try_once_attempts(
+    make_dist, backend: str
+) -> None:
+    """A 409 from @dist.locked is a try-once attempt on a lock this process holds:
+    thousands of names must leave nothing behind in the process."""
+    from asgi_dist.locks import lease
+
+    dist: Dist = await make_dist(sessions=False)
+    before = len(lease._gates)
+    for i in range(50):
+        lock = dist.lock(f"order:{i}", ttl=5, backend=backend)  # type: ignore[arg-type]
+        async with lock:
+            with pytest.raises(LockTimeout):
+                await lock.acquire(timeout=0)
+        # and a waiter that got it at once, after the holder left
+        await (await lock.acquire(timeout=1)).release()
+    assert len(lease._gates) == before
