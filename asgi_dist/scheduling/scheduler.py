@@ -544,10 +544,15 @@ class Scheduler:
                     sent = await dispatcher.redeliver(min_idle_ms, config.max_deliveries)
                     if sent:
                         log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
+                registered = {j.name for j in self.registry}
                 for job in sorted(self._tracked):
                     lost = await store.reap_lost(job)
                     if lost:
                         log.warning("scheduler: fires lost with their node: %s", lost)
+                    if job not in registered and not await store.has_runs(job):
+                        # A one-off's name, all of its runs over: nothing left to
+                        # reap (names given to at() may be countless).
+                        self._tracked.discard(job)
             except Exception as exc:
                 log.warning("scheduler recovery pass failed: %s", exc)
             await asyncio.sleep(pause)

@@ -123,6 +123,10 @@ class SchedulerStore(Protocol):
         expired (their node died or froze); returns their fire ids."""
         ...
 
+    async def has_runs(self, job: str) -> bool:
+        """Whether any fire of ``job`` still holds a run lease (one reap_lost may find)."""
+        ...
+
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         """Newest first."""
         ...

@@ -148,6 +148,9 @@ class MemoryStore:
     async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
         return []
 
+    async def has_runs(self, job: str) -> bool:
+        return False  # one process: nothing of it can die apart from the rest
+
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         records = sorted(self._job(job).history.values(), key=lambda r: r.get("fire_ms", 0))
         return [dict(r) for r in reversed(records)][:limit]

@@ -282,6 +282,15 @@ class PostgresStore:
         )
         return [r["fire_id"] for r in rows if r["before"] in ("claimed", "running")]
 
+    async def has_runs(self, job: str) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {self.fires}"
+                " WHERE job = $1 AND run_until IS NOT NULL)",
+                job,
+            )
+        )
+
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         # A fire's row is also its claim, kept until claim_until so that no fire is
         # claimed twice: the history shows the newest history_cap of them.

@@ -150,6 +150,9 @@ class RedisStore:
         lost = await self._reap(self.client, keys, [limit])
         return [_decode(f) for f in lost]
 
+    async def has_runs(self, job: str) -> bool:
+        return bool(await self.client.zcard(self.job_key(job, "active")))
+
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         ids = await self.client.zrevrange(self.job_key(job, "hidx"), 0, limit - 1)
         if not ids:

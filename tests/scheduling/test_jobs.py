@@ -384,3 +384,26 @@ async def test_scheduler_survives_a_redis_restart_and_resumes(
     redis_server.start()
     await runs_after(before + 3)
     assert len(set(seen)) == len(seen)
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_one_off_names_are_not_tracked_after_their_runs(
+    sched_dist: Any, backend: str
+) -> None:
+    """Names given to at() may be countless: the leader stops reaping one once its
+    runs are over, instead of one more round trip per recovery pass for good."""
+    dist = await sched_dist(scheduler=SchedulerConfig(backend=backend, running_lease=1.0))
+    await leading(dist)
+    key = dist.namespace
+    ids = [
+        await dist.scheduler.at(0.1, one_off, name=f"once-{i}", payload={"key": key})
+        for i in range(5)
+    ]
+    for i, fire_id in enumerate(ids):
+        assert (await settle(dist, f"once-{i}", fire_id))["status"] == "succeeded"
+    registered = {j.name for j in dist.scheduler.registry}
+    for _ in range(40):  # recovery passes every running_lease / 2
+        if dist.scheduler._tracked <= registered:
+            break
+        await asyncio.sleep(0.1)
+    assert dist.scheduler._tracked <= registered
