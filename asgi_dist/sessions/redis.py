@@ -66,6 +66,7 @@ class RedisSessionStore:
         self._delete = backend.script(_PACKAGE, "delete")
         self._user_script = backend.script(_PACKAGE, "user_sessions")
         self._keys: dict[SessionKey, str] = {}
+        self._prefix = f"{backend.namespace}:session:"
 
     async def start(self) -> None:
         return None
@@ -139,6 +140,7 @@ class RedisSessionStore:
             pairs,
             ["." + name for name in delta.delete],
             self.config.max_size,
+            self._prefix,
         ]
         # One JSON argument: packing each field as its own argument costs the client more.
         return self._save(self.backend.commands, keys, [_dumps(request)])

@@ -4,7 +4,8 @@
 -- ARGV[1]  the request as one JSON array (one argument is far cheaper for the client to
 --          pack than dozens):
 --          [mode "new"|"update", idle ms, absolute ms, user, channel, handle, message,
---           [field, value, field, value, ...], [deleted field, ...], max size]
+--           [field, value, field, value, ...], [deleted field, ...], max size,
+--           session key prefix ("<namespace>:session:")]
 --          user: "" unchanged | "=" cleared | "=<uid>" set; channel: "" = no near cache;
 --          message: the handle and the writer's tag, so the writer knows its own echo
 -- Returns the session's new version (its count of writes, >= 1), 0 when it is gone
@@ -14,7 +15,7 @@
 local req = cjson.decode(ARGV[1])
 local mode, idle, absolute = req[1], req[2], req[3]
 local user, channel, handle, message, pairs_, deleted = req[4], req[5], req[6], req[7], req[8], req[9]
-local max_size = req[10]
+local max_size, prefix = req[10], req[11]
 local key = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -76,6 +77,21 @@ if user ~= '' then
       redis.call('SADD', KEYS[2], handle)
       -- Every member ends within the absolute timeout of its creation.
       redis.call('PEXPIRE', KEYS[2], absolute)
+      -- A user who keeps logging in would keep the index alive, and with it every
+      -- ended session's entry: past a few members, each login forgets some dead ones
+      -- (as list_user does), so the index stays about as large as the live sessions.
+      if redis.call('SCARD', KEYS[2]) > 16 then
+        local uid = string.sub(user, 2)
+        for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[2], 8)) do
+          local dot = string.find(member, '.', 1, true)
+          if dot then
+            local other = '{' .. prefix .. string.sub(member, 1, dot - 1) .. '}:' ..
+              string.sub(member, dot + 1)
+            local meta = redis.call('HMGET', other, 'uid', 'moved')
+            if meta[1] ~= uid or meta[2] then redis.call('SREM', KEYS[2], member) end
+          end
+        end
+      end
     end
   end
 end

@@ -71,3 +71,27 @@ async def test_the_user_index_forgets_expired_sessions_on_its_next_access(
     finally:
         await short.aclose()
         await long.aclose()
+
+
+async def test_a_user_who_keeps_logging_in_does_not_grow_the_index_without_bound(
+    session_dist: Callable[..., Any],
+) -> None:
+    """Each login renews the index's TTL, so it never expires by itself: logins
+    forget ended sessions as they go, without anyone calling list_user."""
+    from asgi_dist.sessions.store import user_digest
+
+    dist = await session_dist("redis", idle_timeout=1.0, absolute_timeout=60.0)
+    redis = dist.runtime.redis
+    index = redis.key("session_user", user_digest("erin"))
+
+    async def logins(n: int) -> None:
+        for _ in range(n):
+            async with client(dist) as c:  # a new browser each time
+                await c.post("/set/k/v")
+                await c.post("/login/erin")
+
+    await logins(40)
+    await asyncio.sleep(1.2)  # all 40 ended by their idle timeout
+    await logins(40)
+    assert await redis.client.scard(index) <= 48  # the 40 live ones, and few dead
+    assert len(await dist.sessions.list_user("erin")) == 40
