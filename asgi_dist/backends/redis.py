@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -370,30 +370,30 @@ class RedisBackend:
         namespace's keys or pub/sub channels: Redis 7 gives a new ACL user no channels,
         and then lock releases fail and waiters are never woken."""
         ns = self.namespace
+        await self._probe(
+            lambda name: self.client.exists(name),
+            f"may not use asgi_dist's keys ({{}}); grant them with ACL SETUSER <user> "
+            f"'~{ns}*' '~{{{{{ns}*' (keys of a lock, a session or a job share a Cluster slot "
+            "through a {{hash tag}}, so both forms are used)",
+        )
+        await self._probe(
+            lambda name: self.client.publish(name, b""),
+            f"may not publish to asgi_dist's channels ({{}}); locks, elections and session "
+            f"caches need them: grant them with ACL SETUSER <user> '&{ns}*' '&{{{{{ns}*' (or "
+            "allchannels); Redis 7 gives a new ACL user no channels (acl-pubsub-default "
+            "resetchannels)",
+        )
+
+    async def _probe(self, call: Callable[[str], Awaitable[Any]], refused: str) -> None:
+        """``call`` on both forms of name this namespace uses; a refusal is a ConfigError
+        saying ``refused`` (its ``{}`` gets Redis's words)."""
+        ns = self.namespace
         try:
-            for key in (f"{ns}:probe", f"{{{ns}}}:probe"):  # the two forms of key we use
-                await asyncio.wait_for(self.client.exists(key), self.connect_timeout)
+            for name in (f"{ns}:probe", f"{{{ns}}}:probe"):
+                await asyncio.wait_for(call(name), self.connect_timeout)
         except redis_errors.NoPermissionError as exc:
             await self.stop()
-            raise ConfigError(
-                f"the Redis user of {self.where} may not use asgi_dist's keys ({exc}); grant "
-                f"them with ACL SETUSER <user> '~{ns}*' '~{{{ns}*' (keys of a lock, a session "
-                "or a job share a Cluster slot through a {hash tag}, so both forms are used)"
-            ) from exc
-        except (TimeoutError, OSError, redis_errors.RedisError) as exc:
-            await self.stop()
-            raise self.unavailable(exc) from exc
-        try:
-            for channel in (f"{ns}:probe", f"{{{ns}}}:probe"):  # the two forms we use
-                await asyncio.wait_for(self.client.publish(channel, b""), self.connect_timeout)
-        except redis_errors.NoPermissionError as exc:
-            await self.stop()
-            raise ConfigError(
-                f"the Redis user of {self.where} may not publish to asgi_dist's channels "
-                f"({exc}); locks, elections and session caches need them: grant them with "
-                f"ACL SETUSER <user> '&{ns}*' '&{{{ns}*' (or allchannels); Redis 7 "
-                "gives a new ACL user no channels (acl-pubsub-default resetchannels)"
-            ) from exc
+            raise ConfigError(f"the Redis user of {self.where} " + refused.format(exc)) from exc
         except (TimeoutError, OSError, redis_errors.RedisError) as exc:
             await self.stop()
             raise self.unavailable(exc) from exc
