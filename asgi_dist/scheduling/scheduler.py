@@ -69,7 +69,10 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger("asgi_dist.scheduling")
 
+_stray: set[asyncio.Task[None]] = set()
 _MAX_SLEEP = 5.0  # the leader re-reads the server clock (and its term) at least this often
+# Bound on waiting for the recovery task at the end of a term (it then ends by itself).
+_RECOVERY_EXIT = 5.0
 _PRUNE_EVERY = 600.0  # the leader forgets dead nodes' consumer names this often...
 _CONSUMER_GONE_MS = 3_600_000  # ...once idle an hour with nothing pending
 
@@ -471,14 +474,23 @@ class Scheduler:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
         self._tracked = {j.name for j in self.registry}
-        recovery = self._start_recovery()
+        ended = asyncio.Event()
+        recovery = self._start_recovery(ended)
         try:
             await self._lead_loop(term)
         finally:
             if recovery is not None:
+                # A cancellation swallowed inside a client library (seen with redis-py
+                # while Redis restarts under load) would leave the task looping, and an
+                # unbounded wait for it would hold a term that claims nothing, for good:
+                # the loop also ends on `ended`, and the wait is bounded.
+                ended.set()
                 recovery.cancel()
-                with contextlib.suppress(BaseException):
-                    await recovery
+                await asyncio.wait({recovery}, timeout=_RECOVERY_EXIT)
+                if not recovery.done():
+                    log.warning("scheduler: the recovery task ignored its cancellation")
+                    _stray.add(recovery)  # referenced until it ends at its next turn
+                    recovery.add_done_callback(_stray.discard)
 
     async def _lead_loop(self, term: _Term) -> None:
         """Claim due fires, then sleep until the next one (or a wake-up), while leading."""
@@ -515,16 +527,16 @@ class Scheduler:
             # read on a wake-up, or every _MAX_SLEEP in case one was lost.
             check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
 
-    def _start_recovery(self) -> asyncio.Task[None] | None:
+    def _start_recovery(self, ended: asyncio.Event) -> asyncio.Task[None] | None:
         """While leading: record the fires whose node died before they finished, and
         hand out again the run_on="any" fires that no node started.  Followers do
         neither; the memory store has no other node to lose."""
         store = self.store
         if isinstance(store, MemoryStore):
             return None
-        return asyncio.create_task(self._recover_forever(store), name="scheduler-recovery")
+        return asyncio.create_task(self._recover_forever(store, ended), name="scheduler-recovery")
 
-    async def _recover_forever(self, store: SchedulerStore) -> None:
+    async def _recover_forever(self, store: SchedulerStore, ended: asyncio.Event) -> None:
         config, dispatcher = self.config, self._dispatcher
         redeliver = dispatcher is not None and any(j.options.run_on == "any" for j in self.registry)
         # Half the bounds: a stuck entry waits at most 1.5 x redeliver_after, a dead
@@ -535,7 +547,7 @@ class Scheduler:
         min_idle_ms = round(config.redeliver_after * 1000)
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
-        while True:
+        while not ended.is_set():
             try:
                 if redeliver and dispatcher is not None:
                     if loop.time() >= next_prune:
@@ -555,7 +567,8 @@ class Scheduler:
                         self._tracked.discard(job)
             except Exception as exc:
                 log.warning("scheduler recovery pass failed: %s", exc)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), pause)
 
     async def _fire_due(self, job: Job, now: int) -> None:
         """Claim every fire of ``job`` due at ``now``, deciding late ones by the misfire policy."""

@@ -407,3 +407,42 @@ async def test_one_off_names_are_not_tracked_after_their_runs(
             break
         await asyncio.sleep(0.1)
     assert dist.scheduler._tracked <= registered
+
+
+async def test_a_recovery_task_that_swallows_its_cancellation_does_not_stall_the_leader(
+    sched_dist: Any,
+) -> None:
+    """A client library may swallow a cancellation (redis-py did, while Redis restarted
+    under load): the term must still end, and the next one claim fires."""
+    dist = await sched_dist(start=False, scheduler=SchedulerConfig(running_lease=1.0))
+
+    @dist.cron(NEVER)
+    async def idle(ctx: JobContext) -> None: ...  # the recovery task reaps its runs
+
+    await dist.start()
+    await leading(dist)
+    store = dist.scheduler.store
+    reap, now_ms = store.reap_lost, store.now_ms
+    failures = {"now": 0}
+
+    async def stubborn_reap(job: str, limit: int = 1000) -> list[str]:
+        try:
+            await asyncio.sleep(10)  # where the cancellation finds it
+        except asyncio.CancelledError:
+            return []  # swallowed, as a buggy client would
+        return list(await reap(job, limit))
+
+    async def failing_once(*args: Any) -> int:
+        if failures["now"] == 0:
+            failures["now"] += 1
+            raise ConnectionError("Redis restarted")
+        return int(await now_ms(*args))
+
+    store.reap_lost = stubborn_reap  # type: ignore[method-assign]
+    await asyncio.sleep(0.7)  # the recovery task is running its passes
+    terms = dist.scheduler.terms
+    store.now_ms = failing_once  # type: ignore[method-assign]
+    deadline = time.monotonic() + 15
+    while dist.scheduler.terms == terms or not dist.scheduler.leading:
+        assert time.monotonic() < deadline, "the leader stalled after its term ended"
+        await asyncio.sleep(0.05)
