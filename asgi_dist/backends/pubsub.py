@@ -215,6 +215,19 @@ class PubSubHub:
             raise
         return sub
 
+    def listening(self, channel: str) -> bool:
+        """Whether a message published on ``channel`` now reaches its listeners: the
+        connection is up and the channel's subscription is acknowledged on it (after a
+        reconnect, once its listeners had their ``None``).  A cache that invalidation
+        messages keep current may serve only while this holds: between a dropped
+        connection and the resync, messages are lost and nobody is told yet."""
+        return (
+            self._link is not None
+            and channel in self._wanted
+            and channel not in self._unsynced
+            and not self._pending.get(channel)
+        )
+
     def subscribe_now(self, channel: str, callback: Listener) -> Subscription | None:
         """:meth:`subscribe` without waiting, if ``channel`` is subscribed already
         (acknowledged, on a live connection, perhaps lingering); else None."""

@@ -28,7 +28,8 @@ class SessionConfig:
         absolute_timeout: seconds after creation after which the session ends whatever
             its activity (``regenerate()`` keeps the creation time).
         max_size: bound in bytes on the JSON of all keys and values of one session.
-        same_site: ``"lax"``, ``"strict"`` or ``"none"`` (``"none"`` needs ``secure``).
+        same_site: ``"lax"``, ``"strict"`` or ``"none"`` (``"none"`` always sends
+            ``Secure``, as browsers require; ``secure=False`` is refused with it).
         secure: ``"auto"`` sets ``Secure`` on https/wss requests; ``True``/``False`` force it.
         path, domain: cookie scope.
         host_prefix: name the cookie ``__Host-<cookie_name>`` (Secure, Path=/, no Domain):

@@ -25,6 +25,7 @@ __all__ = ["SessionCookie"]
 _SALT = "asgi_dist.session"
 _VERIFIED_CACHE = 10_000
 _MAX_VERSION_DIGITS = 18
+_MAX_CANDIDATES = 4  # cookies of our name tried per request
 
 
 class SessionCookie:
@@ -55,10 +56,22 @@ class SessionCookie:
 
     def read(self, scope: Scope) -> tuple[str | None, bool, int]:
         """``(session id, signed with an older key, version)`` from the request, or
-        ``(None, False, 0)``."""
-        raw = self._find(scope)
-        if raw is None or len(raw) > self.config.max_cookie_length:
-            return None, False, 0  # absent, or absurd: ignored unread
+        ``(None, False, 0)``.
+
+        A browser sends every cookie of that name in scope (another app's on a parent
+        domain, or one of another path), ours not necessarily first: the first that
+        verifies is ours.
+        """
+        # A few at most: a header stuffed with candidates must not cost an HMAC each.
+        for raw in self._find(scope)[:_MAX_CANDIDATES]:
+            found = self._verify(raw)
+            if found[0] is not None:
+                return found
+        return None, False, 0
+
+    def _verify(self, raw: str) -> tuple[str | None, bool, int]:
+        if len(raw) > self.config.max_cookie_length:
+            return None, False, 0  # absurd: ignored unread
         known = self._verified.get(raw)
         if known is not None:
             return known
@@ -88,20 +101,24 @@ class SessionCookie:
             self._verified.clear()
         self._verified[raw] = result
 
-    def _find(self, scope: Scope) -> str | None:
+    def _find(self, scope: Scope) -> list[str]:
+        """The values of every cookie of our name, in the order the browser sent them."""
         prefix = self._name_bytes + b"="
+        found: list[str] = []
         for name, value in scope.get("headers", ()):
             if name != b"cookie" or prefix not in value:
                 continue
             for part in value.split(b";"):
                 part = part.strip()
                 if part.startswith(prefix):
-                    found: bytes = part[len(prefix) :].strip(b'"')
-                    return found.decode("latin-1")
-        return None
+                    found.append(part[len(prefix) :].strip(b'"').decode("latin-1"))
+        return found
 
     def _secure(self, scope: Scope) -> bool:
-        if self.config.host_prefix or self.config.partitioned:
+        # Browsers drop a __Host-, Partitioned or SameSite=None cookie without Secure,
+        # and a TLS-terminating proxy makes the request plain http here: the session
+        # would silently never stick.  (Browsers take Secure cookies from localhost.)
+        if self.config.host_prefix or self.config.partitioned or self.config.same_site == "none":
             return True
         if self.config.secure == "auto":
             return scope.get("scheme") in ("https", "wss")

@@ -73,9 +73,7 @@ class SessionManager:
     def _make_store(self) -> SessionStore:
         if self.backend == "redis":
             redis = self.runtime.require_redis("SessionConfig(backend='redis')")
-            return RedisSessionStore(
-                redis, self.config, self.channel if self.config.near_cache else ""
-            )
+            return RedisSessionStore(redis, self.config, self.channel)
         if self.config.near_cache:
             raise ConfigError(
                 "SessionConfig(near_cache=True) needs the Redis session store (its writes "
@@ -137,8 +135,13 @@ class SessionManager:
         stored = near.get(handle, min_version)
         if stored is not None:
             return stored, stamp
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         stored = await self.store.load(key)
         if stored is not None:
+            # The store's ttl as of now, at least (it answered after ``started``): the
+            # copy kept here, or after this request's write, never outlives the session.
+            stored.ttl = max(0.0, stored.ttl - (loop.time() - started))
             near.put(handle, stored, stamp)
         return stored, stamp
 
@@ -150,6 +153,8 @@ class SessionManager:
         )
         session = Session(self, session_id, stored, max_size=self.config.max_size)
         session.near_stamp = stamp
+        if self._near is not None:
+            session.loaded_at = asyncio.get_running_loop().time()
         session.had_cookie = session_id is not None
         session.resign = resign and stored is not None
         return session
@@ -161,13 +166,17 @@ class SessionManager:
         if session.is_new:
             if session.has_content:
                 full = session.full_delta()
+                sent = asyncio.get_running_loop().time()
                 version = await self.store.create(session.key, full)
                 if not version:
                     raise SessionError("a new session id collided with a stored one; retry")
                 session.mark_saved(full)
                 session.version = version
                 if self._near is not None:
-                    self._near.created(session.key.handle, self._stored_view(session))
+                    # Its timeouts started when the store ran the create, after ``sent``.
+                    ttl = min(self.config.idle_timeout, self.config.absolute_timeout)
+                    ttl -= asyncio.get_running_loop().time() - sent
+                    self._near.created(session.key.handle, self._stored_view(session, ttl))
                 cookie_needed = True
             else:
                 if session.invalidated and session.had_cookie and headers is not None:
@@ -218,7 +227,7 @@ class SessionManager:
                     else:
                         # Loaded state + delta is the stored state unless another write
                         # crossed: the near cache checks that when the echo comes back.
-                        view = self._stored_view(session)
+                        view = self._stored_view(session, self._ttl_after_save(session))
                         near.saved(handle, delta.tag, view, session.near_stamp)
             elif not session.regenerated:
                 cookie_needed = False  # re-sign with the newest key on the next write only
@@ -227,12 +236,33 @@ class SessionManager:
             headers.append(self.cookie.set_header(session.id, scope, version))
             session.resign = False
 
-    def _stored_view(self, session: Session) -> StoredSession:
-        """What the store holds after this request's write, as this request knows it."""
+    def follow_store(self, session: Session, headers: list[tuple[bytes, bytes]],
+                     scope: Any) -> None:  # fmt: skip
+        """The cookie of a request that failed (5xx), which writes nothing: it still
+        follows what the store did already (``regenerate()``, ``invalidate()``), or the
+        browser would be left holding an id that is gone."""
+        if session.regenerated and not session.is_new:
+            version = session.version if self._near is not None else 0
+            headers.append(self.cookie.set_header(session.id, scope, version))
+        elif session.invalidated and session.had_cookie:
+            headers.append(self.cookie.expire_header(scope))
+
+    def _ttl_after_save(self, session: Session) -> float:
+        """At least how long the store keeps ``session`` after this request's write
+        (and perhaps no longer): the write refreshed the idle timeout, not the absolute
+        one, which ends no sooner than the ttl as loaded (or, for a session this
+        request created, the absolute timeout) less the time since the load."""
+        elapsed = asyncio.get_running_loop().time() - session.loaded_at
         origin = session.origin
-        ttl = min(self.config.idle_timeout, self.config.absolute_timeout)
+        bound = origin.ttl if origin is not None else self.config.absolute_timeout
+        return min(self.config.idle_timeout, bound - elapsed)
+
+    def _stored_view(self, session: Session, ttl: float) -> StoredSession:
+        """What the store holds after this request's write, as this request knows it,
+        ``ttl`` seconds from now at least."""
+        origin = session.origin
         if origin is not None:
-            created, last_access, ttl = origin.created, origin.last_access, origin.ttl
+            created, last_access = origin.created, origin.last_access
         else:
             created = last_access = time.time()  # informational only
         return StoredSession(
@@ -313,7 +343,12 @@ class _SessionHook:
         if session is None:
             return
         added: list[tuple[bytes, bytes]] = []
-        await self.manager.commit(session, added, ctx.scope)
+        if message["type"] == "http.response.start" and message.get("status", 200) >= 500:
+            # The request failed (an unhandled error, or the app said so): like its
+            # transaction, its changes are dropped, not half of them kept.
+            self.manager.follow_store(session, added, ctx.scope)
+        else:
+            await self.manager.commit(session, added, ctx.scope)
         session.committed = True
         # A websocket's session is saved again when it ends; an HTTP one never.
         session.sealed = ctx.scope["type"] == "http"

@@ -146,15 +146,14 @@ class MemorySessionStore:
         self._touch(moved, now)
         self._sessions[new.handle] = moved
         if entry.user_id is not None:
-            users = self._users.setdefault(entry.user_id, set())
-            users.discard(old.handle)
-            users.add(new.handle)
+            self._users.setdefault(entry.user_id, set()).add(new.handle)
         if self.config.regenerate_grace > 0:
+            # Readable as this user for the grace period, as on Redis and PostgreSQL;
+            # still indexed, so that invalidate_user ends it too.
             entry.moved = True
-            entry.user_id = None
             entry.expires = min(entry.expires, now + self.config.regenerate_grace)
         else:
-            self._sessions.pop(old.handle, None)
+            self._drop(old.handle)
         return True
 
     async def delete(self, key: SessionKey, user_id: str | None) -> None:
@@ -165,13 +164,13 @@ class MemorySessionStore:
         out = []
         for handle in sorted(self._users.get(user_id, set())):
             entry = self._live(handle, now)
-            if entry is not None and entry.user_id == user_id:
+            if entry is not None and entry.user_id == user_id and not entry.moved:
                 out.append(SessionInfo(handle, user_id, entry.wall_created, entry.wall_access))
         return out
 
     async def invalidate_user(self, user_id: str) -> list[str]:
         sessions = await self.list_user(user_id)
-        for info in sessions:
-            self._drop(info.handle)
+        for handle in list(self._users.get(user_id, ())):
+            self._drop(handle)  # regenerated copies in their grace period too
         self._users.pop(user_id, None)
         return [info.handle for info in sessions]

@@ -8,8 +8,10 @@ store round trip at all.
 
 Consistency rules:
 
-* A copy is served only while the process is subscribed; on a reconnect
-  (messages may have been lost) everything is dropped.
+* A copy is served only while the process is subscribed and its pub/sub
+  connection is up: from the moment that connection drops until its
+  subscription is restored, invalidations are lost and no copy is served; on
+  the reconnect (messages may have been lost) everything is dropped.
 * A load that raced with an invalidation of the same session is not cached:
   every invalidation bumps a tick, and a load stamped before the last
   invalidation of its handle is discarded.
@@ -47,16 +49,17 @@ _PENDING_ECHOES = 1_000  # own writes awaiting their echo
 class _Entry:
     stored: StoredSession
     fresh_until: float  # loop time
+    ends: float  # loop time when the store ends the session, unless accessed again
 
 
-def _copy(stored: StoredSession) -> StoredSession:
+def _copy(stored: StoredSession, ttl: float) -> StoredSession:
     # The request's Session owns (and mutates) its fields dict: never share one.
     return StoredSession(
         dict(stored.fields),
         stored.user_id,
         stored.created,
         stored.last_access,
-        stored.ttl,
+        ttl,
         stored.moved,
         stored.version,
     )
@@ -73,9 +76,11 @@ class NearCache:
         self._invalidated: OrderedDict[str, int] = OrderedDict()  # handle -> tick
         self._floor = 0  # loads stamped before this tick are never cached
         self._subscription: Subscription | None = None
+        self._hub: PubSubHub | None = None
         self._tags = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())
-        # tag -> (handle, state after the write, tick of the writer's own drop)
-        self._echoes: OrderedDict[str, tuple[str, StoredSession, int]] = OrderedDict()
+        # tag -> (handle, state after the write, tick of the writer's own drop, loop
+        # time when the store ends the session unless accessed again)
+        self._echoes: OrderedDict[str, tuple[str, StoredSession, int, float]] = OrderedDict()
         self._echo_of: dict[str, str] = {}  # handle -> tag of its pending echo
         # Tags of writes sent but not yet answered -> whether their echo came
         # already: on its own connection, the echo may be read before the reply.
@@ -86,7 +91,14 @@ class NearCache:
         self.misses = 0
 
     async def start(self, hub: PubSubHub) -> None:
+        self._hub = hub
         self._subscription = await hub.subscribe(self.channel, self._on_message)
+
+    @property
+    def listening(self) -> bool:
+        """Invalidations reach this process now (subscribed, connection up)."""
+        hub = self._hub
+        return self._subscription is not None and hub is not None and hub.listening(self.channel)
 
     def stop(self) -> None:
         if self._subscription is not None:
@@ -132,8 +144,9 @@ class NearCache:
             self.drop(handle)
             return
         # Our own write came back: everything published before it was read already.
-        _, stored, own_tick = echo
+        _, stored, own_tick, ends = echo
         if self._invalidated.get(handle) == own_tick:
+            stored.ttl = ends - asyncio.get_running_loop().time()
             self._store(handle, stored)
 
     def tag(self) -> str:
@@ -142,7 +155,7 @@ class NearCache:
 
     def sending(self, tag: str) -> None:
         """This process is about to send the write tagged ``tag``."""
-        if self._subscription is not None:
+        if self.listening:
             self._sent[tag] = False
             if len(self._sent) > _PENDING_ECHOES:
                 self._sent.popitem(last=False)
@@ -156,7 +169,8 @@ class NearCache:
         return stamp >= self._floor and self._invalidated.get(handle, -1) <= stamp
 
     def saved(self, handle: str, tag: str, stored: StoredSession, stamp: int) -> None:
-        """This process wrote ``handle`` (tagged ``tag``) over state loaded at ``stamp``.
+        """This process wrote ``handle`` (tagged ``tag``) over state loaded at ``stamp``;
+        ``stored.ttl`` counts from now.
 
         The copy is dropped now; it comes back as ``stored`` when the write's echo
         arrives, unless another process's write was read meanwhile.
@@ -167,14 +181,15 @@ class NearCache:
         if echoed:
             # Every message published before the write was read before its echo,
             # and nothing about the session since the load: keep the copy now.
-            if consistent and self._subscription is not None:
+            if consistent and self.listening:
                 self._store(handle, stored)
             return
-        if consistent and self._subscription is not None:
-            self._echoes[tag] = (handle, stored, self._tick)
+        if consistent and self.listening:
+            ends = asyncio.get_running_loop().time() + stored.ttl
+            self._echoes[tag] = (handle, stored, self._tick, ends)
             self._echo_of[handle] = tag
             if len(self._echoes) > _PENDING_ECHOES:
-                old_tag, (old_handle, _, _) = self._echoes.popitem(last=False)
+                old_tag, (old_handle, *_) = self._echoes.popitem(last=False)
                 if self._echo_of.get(old_handle) == old_tag:
                     del self._echo_of[old_handle]
 
@@ -197,7 +212,7 @@ class NearCache:
 
     def created(self, handle: str, stored: StoredSession) -> None:
         """A session this process just created: nobody else knows its id yet."""
-        if self._subscription is not None:
+        if self.listening:
             self._store(handle, stored)
 
     def drop(self, handle: str) -> None:
@@ -217,30 +232,37 @@ class NearCache:
         """The cached copy, unless it is older than ``min_version`` (the version the
         client's cookie saw written): then the client must not read behind its own write."""
         entry = self._entries.get(handle)
-        if entry is None or self._subscription is None or entry.stored.version < min_version:
+        # Not listening (the pub/sub connection dropped and is not restored yet): an
+        # invalidation published meanwhile is lost, so no copy can be trusted.
+        if entry is None or not self.listening or entry.stored.version < min_version:
             self.misses += 1
             return None
-        if asyncio.get_running_loop().time() >= entry.fresh_until:
+        now = asyncio.get_running_loop().time()
+        if now >= entry.fresh_until:
             del self._entries[handle]
             self.misses += 1
             return None
         self._entries.move_to_end(handle)
         self.hits += 1
-        return _copy(entry.stored)
+        # Its ttl as of now, not as of the load: a write through this copy keeps the
+        # writer's copy only as long as the store keeps the session (see _store).
+        return _copy(entry.stored, entry.ends - now)
 
     def put(self, handle: str, stored: StoredSession, stamp: int) -> None:
-        if self._subscription is None or stored.moved:
+        if not self.listening or stored.moved:
             return
         if not self.unchanged_since(handle, stamp):
             return  # an invalidation crossed this load
         self._store(handle, stored)
 
     def _store(self, handle: str, stored: StoredSession) -> None:
+        """Keep ``stored``, whose ``ttl`` counts from now (at least what the store
+        keeps it: a copy never outlives the session's absolute timeout)."""
         lifetime = min(self.config.near_cache_ttl, self.config.refresh_interval, stored.ttl)
         if lifetime <= 0:
             return
-        fresh_until = asyncio.get_running_loop().time() + lifetime
-        self._entries[handle] = _Entry(_copy(stored), fresh_until)
+        now = asyncio.get_running_loop().time()
+        self._entries[handle] = _Entry(_copy(stored, stored.ttl), now + lifetime, now + stored.ttl)
         self._entries.move_to_end(handle)
         while len(self._entries) > self.config.near_cache_size:
             self._entries.popitem(last=False)

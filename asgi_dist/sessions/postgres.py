@@ -26,6 +26,7 @@ from asgi_dist.sessions.store import (
     SessionInfo,
     SessionKey,
     StoredSession,
+    store_outage,
 )
 
 __all__ = ["MIGRATIONS", "PostgresSessionStore"]
@@ -162,16 +163,28 @@ class PostgresSessionStore:
             async with asyncio.timeout(self.config.store_timeout):
                 conn = await pool.acquire()
                 return await getattr(conn, method)(query, *args)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError) as exc:
             if conn is not None:
                 # asyncpg would cancel the statement on the server and reset the
                 # connection before releasing it: against a paused server that holds
                 # the request as long as the pause.  Drop the connection instead.
                 conn.terminate()
+            if isinstance(exc, TimeoutError):
+                raise self._outage(exc, conn) from exc
             raise
+        except Exception as exc:
+            outage = self._outage(exc, conn)
+            if outage is exc:
+                raise
+            raise outage from exc
         finally:
             if conn is not None:
                 await pool.release(conn)
+
+    def _outage(self, exc: Exception, conn: Any) -> Exception:
+        where = f"PostgreSQL at {self.backend.where}"
+        outage = store_outage(exc, where, self.config.store_timeout, conn)
+        return exc if outage is None else outage
 
     def _timeouts(self) -> tuple[float, float]:
         return self._idle, self._absolute

@@ -24,6 +24,7 @@ from asgi_dist.sessions.store import (
     SessionInfo,
     SessionKey,
     StoredSession,
+    store_outage,
     user_digest,
 )
 
@@ -52,7 +53,10 @@ class RedisSessionStore:
     def __init__(self, backend: RedisBackend, config: SessionConfig, channel: str = "") -> None:
         self.backend = backend
         self.config = config
-        # Set by the manager when the near cache is on: writes publish the handle there.
+        # The near caches' channel: the end of a session (logout, regenerate, logout
+        # everywhere) and a change of its user are published there even by a process
+        # that keeps no near cache itself (an admin script, a worker), so that no
+        # node serves what ended; other writes only by near-caching processes.
         self.channel = channel
         self._idle = _ms(config.idle_timeout)
         self._absolute = _ms(config.absolute_timeout)
@@ -86,15 +90,31 @@ class RedisSessionStore:
     def _index(self, user_id: str) -> str:
         return self.backend.key("session_user", user_digest(user_id))
 
+    def _outage(self, exc: Exception) -> Exception:
+        outage = store_outage(exc, f"Redis at {self.backend.where}", self.config.store_timeout)
+        return exc if outage is None else outage
+
     async def _bounded(self, call: Awaitable[T]) -> T:
         # A paused server must cost a 503, not a hung request.
-        async with asyncio.timeout(self.config.store_timeout):
-            return await call
+        try:
+            async with asyncio.timeout(self.config.store_timeout):
+                return await call
+        except Exception as exc:
+            outage = self._outage(exc)
+            if outage is exc:
+                raise
+            raise outage from exc
 
     async def load(self, key: SessionKey) -> StoredSession | None:
         # The hot path: the store_timeout bound inline, one coroutine frame fewer.
-        async with asyncio.timeout(self.config.store_timeout):
-            reply = await self._load(self.backend.commands, [self._key(key)], self._load_args)
+        try:
+            async with asyncio.timeout(self.config.store_timeout):
+                reply = await self._load(self.backend.commands, [self._key(key)], self._load_args)
+        except Exception as exc:
+            outage = self._outage(exc)
+            if outage is exc:
+                raise
+            raise outage from exc
         if not reply:
             return None
         pttl, flat = json.loads(reply.decode() if isinstance(reply, bytes) else reply)
@@ -134,7 +154,7 @@ class RedisSessionStore:
             self._idle,
             self._absolute,
             user,
-            self.channel,
+            self.channel if self.config.near_cache or delta.user_changed else "",
             key.handle,
             f"{key.handle} {delta.tag}" if delta.tag else key.handle,
             pairs,
@@ -164,8 +184,14 @@ class RedisSessionStore:
         return version
 
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
-        async with asyncio.timeout(self.config.store_timeout):
-            version = int(await self._save_call("update", key, delta))
+        try:
+            async with asyncio.timeout(self.config.store_timeout):
+                version = int(await self._save_call("update", key, delta))
+        except Exception as exc:
+            outage = self._outage(exc)
+            if outage is exc:
+                raise
+            raise outage from exc
         if version > 0:
             await self._cluster_index(key, delta)
         return version
@@ -178,9 +204,8 @@ class RedisSessionStore:
         reply = await self._bounded(self._regenerate(self.backend.commands, keys, args))
         moved = bool(reply == 1)
         if moved and user_id is not None and self.backend.is_cluster:
-            index = self._index(user_id)
-            await self._bounded(self.backend.client.srem(index, old.handle))
-            await self._bounded(self.backend.client.sadd(index, new.handle))
+            # The old handle stays indexed while its copy is readable (regenerate.lua).
+            await self._bounded(self.backend.client.sadd(self._index(user_id), new.handle))
         return moved
 
     async def delete(self, key: SessionKey, user_id: str | None) -> None:
@@ -222,8 +247,13 @@ class RedisSessionStore:
             created, access, uid, moved = await self._bounded(
                 client.hmget(self._key(key), ["created", "access", "uid", "moved"])
             )
-            if created is None or uid is None or _text(uid) != user_id or moved is not None:
+            if created is None or uid is None or _text(uid) != user_id:
                 await self._bounded(client.srem(index, handle))
+                continue
+            if moved is not None:
+                # Regenerated, still readable as this user for the grace period.
+                if action == "invalidate":
+                    await self.delete(key, None)
                 continue
             out.append(SessionInfo(handle, user_id, int(created) / 1000, int(access or 0) / 1000))
             if action == "invalidate":

@@ -27,7 +27,8 @@ else
   redis.call('DEL', old)
 end
 if #KEYS >= 3 then
-  redis.call('SREM', KEYS[3], ARGV[5])
+  -- The old handle stays indexed while its copy is readable (and carries the user):
+  -- invalidate_user must end that copy too.  The index forgets it once it is gone.
   redis.call('SADD', KEYS[3], ARGV[6])
 end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end

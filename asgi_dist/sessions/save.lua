@@ -87,8 +87,8 @@ if user ~= '' then
           if dot then
             local other = '{' .. prefix .. string.sub(member, 1, dot - 1) .. '}:' ..
               string.sub(member, dot + 1)
-            local meta = redis.call('HMGET', other, 'uid', 'moved')
-            if meta[1] ~= uid or meta[2] then redis.call('SREM', KEYS[2], member) end
+            -- A regenerated copy stays until it is gone: invalidate_user ends it.
+            if redis.call('HGET', other, 'uid') ~= uid then redis.call('SREM', KEYS[2], member) end
           end
         end
       end

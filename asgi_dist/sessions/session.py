@@ -29,6 +29,20 @@ def _size(key: str, text: str) -> int:
     return len(key.encode()) + len(text)
 
 
+def _storable_key(key: str) -> bool:
+    """Every store can keep ``key``: PostgreSQL refuses NUL in text, and a lone
+    surrogate is not UTF-8 (values may hold both: they are kept as JSON text)."""
+    if "\x00" in key:
+        return False
+    if key.isascii():
+        return True
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Session(MutableMapping[str, Any]):
     """``request.session`` / ``get_session()``: a ``MutableMapping[str, Any]`` of JSON values.
 
@@ -57,6 +71,7 @@ class Session(MutableMapping[str, Any]):
         "_values",
         "committed",
         "had_cookie",
+        "loaded_at",
         "moved",
         "near_stamp",
         "origin",
@@ -99,6 +114,7 @@ class Session(MutableMapping[str, Any]):
         self.moved = stored.moved if stored is not None else False
         self.origin = stored  # its metadata, for the near cache after a save
         self.near_stamp = -1  # near-cache tick when it was loaded
+        self.loaded_at = 0.0  # loop time when it was loaded (origin.ttl counts from it)
         self.version = stored.version if stored is not None else 0  # writes so far (Redis)
 
     # identity -------------------------------------------------------------------
@@ -177,6 +193,11 @@ class Session(MutableMapping[str, Any]):
         self._check_open()
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__} ({key!r})")
+        if key not in self._values and not _storable_key(key):
+            raise ValueError(
+                f"session key {key!r} cannot be stored: keys must be text without NUL "
+                "characters or lone surrogates (values may hold them)"
+            )
         try:
             text = _encode(value)
         except (TypeError, ValueError) as exc:

@@ -14,7 +14,10 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from asgi_dist.backends import as_backend_unavailable
+from asgi_dist.errors import BackendUnavailable
 
 __all__ = [
     "TOO_LARGE",
@@ -25,6 +28,7 @@ __all__ = [
     "StoredSession",
     "fields_size",
     "new_session_id",
+    "store_outage",
     "user_digest",
 ]
 
@@ -57,6 +61,26 @@ def user_digest(user_id: str) -> str:
 def fields_size(fields: dict[str, str]) -> int:
     """A session's size as max_size counts it: keys (UTF-8) plus JSON texts (ASCII)."""
     return sum(len(k.encode()) + len(v) for k, v in fields.items())
+
+
+def store_outage(
+    exc: Exception, where: str, store_timeout: float, connection: Any = None
+) -> BackendUnavailable | None:
+    """The :class:`BackendUnavailable` (503 in a request) that a failed store call
+    stands for, or ``None`` when ``exc`` is no outage.  Raised as such, an outage
+    reaches every framework's handler of the documented error, and callers outside a
+    request (``invalidate_user`` in a script) see what failed."""
+    outage = as_backend_unavailable(exc, connection)
+    if outage is None or outage is exc:
+        return outage
+    if type(exc) is TimeoutError:  # our own store_timeout bound (paused, overloaded)
+        return BackendUnavailable(
+            f"the session store ({where}) did not answer within store_timeout="
+            f"{store_timeout:g} s; retry shortly (or raise SessionConfig(store_timeout=...))"
+        )
+    return BackendUnavailable(
+        f"the session store ({where}) is unavailable ({type(exc).__name__}: {exc}); retry shortly"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,7 @@ def routes() -> list[Any]:
 def build(dist: Dist) -> DistMiddleware:
     async def near_cache(request: Request) -> JSONResponse:
         near = dist.sessions.near_cache
-        return JSONResponse({"hits": near.hits if near else 0, "pid": os.getpid()})
+        # Not `if near`: an empty cache is falsy (len 0).
+        return JSONResponse({"hits": near.hits if near is not None else 0, "pid": os.getpid()})
 
     return dist.wrap(Starlette(routes=[*routes(), Route("/near-cache", near_cache)]))

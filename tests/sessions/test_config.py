@@ -68,3 +68,20 @@ async def test_cookie_attributes_follow_the_options(session_dist: Callable[..., 
         attrs = [a.strip() for a in (cookie or "").split(";")]
         assert {"Domain=example.com", "Path=/app", "Secure"} <= set(attrs)
         assert f"Max-Age={30 * 24 * 3600}" in attrs
+
+
+async def test_same_site_none_always_sends_secure_even_on_plain_http(
+    session_dist: Callable[..., Any],
+) -> None:
+    """Browsers drop SameSite=None without Secure, and behind a TLS-terminating proxy
+    the app sees http: with secure='auto' the session would never stick."""
+    dist = await session_dist("memory", same_site="none")
+    async with client(dist) as c:  # http://testserver
+        r = await c.post("/set/k/v")
+        attrs = [a.strip() for a in (set_cookie(r) or "").split(";")]
+        assert {"SameSite=None", "Secure"} <= set(attrs)
+        c.cookies.clear()
+        c.cookies.set("session", r.cookies["session"])
+        r = await c.post("/logout")
+        attrs = [a.strip() for a in (set_cookie(r) or "").split(";")]
+        assert {"Max-Age=0", "SameSite=None", "Secure"} <= set(attrs)

@@ -95,3 +95,29 @@ async def test_a_user_who_keeps_logging_in_does_not_grow_the_index_without_bound
     await logins(40)
     assert await redis.client.scard(index) <= 48  # the 40 live ones, and few dead
     assert len(await dist.sessions.list_user("erin")) == 40
+
+
+async def test_a_near_cached_copy_is_never_served_past_the_absolute_timeout(
+    session_dist: Callable[..., Any],
+) -> None:
+    """A write keeps the writer's copy: it must not outlive the session in the store,
+    which ends at the absolute timeout however recent the write."""
+    from asgi_dist.sessions.store import SessionKey
+
+    # idle = absolute = 6 s: a copy lives at most idle / 10 = 0.6 s.
+    dist = await session_dist(
+        "redis", near_cache=True, idle_timeout=6.0, absolute_timeout=6.0, persistent=False
+    )
+    async with client(dist) as c:
+        await c.post("/set/k/v")
+        key = SessionKey.of(c.cookies["session"].partition(".")[0].partition(":")[0])
+        # Loaded now, written 5.7 s later: 0.3 s before the store ends the session.
+        assert (await c.post("/set/k2/w", params={"pause": "5.7"})).status_code == 200
+        for _ in range(200):  # bounded: until the store has ended it (by its own clock)
+            if await dist.sessions.store.load(key) is None:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the store kept the session past its absolute timeout")
+        r = await c.get("/all")
+        assert r.json()["data"] == {}, "the near cache served a session the store had ended"

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from asgi_dist import BackendUnavailable, get_session
 from tests.helpers.servers import RedisServer
 from tests.sessions.conftest import PostgresServer, client
 
@@ -110,3 +112,78 @@ async def test_a_paused_postgres_gives_503_after_store_timeout_instead_of_hangin
             postgres_server.resume()
         r = await asyncio.wait_for(c.get("/get/k"), 10)
         assert r.status_code == 200 and r.json()["value"] == "v"
+
+
+@pytest.mark.parametrize("framework", ["starlette", "quart"])
+async def test_a_view_that_logs_out_during_a_pause_gets_503_not_a_500(
+    framework: str, session_dist: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    """Starlette and Quart answer what they have no handler for with their own 500: a
+    store outage inside a view must reach them as BackendUnavailable, the error
+    asgi_dist teaches them to answer with 503."""
+    dist = await session_dist("redis", redis=redis_server.url, store_timeout=0.5)
+
+    async def set_key() -> str:
+        get_session()["k"] = "v"
+        return ""
+
+    async def logout() -> str:
+        redis_server.pause()  # after the session was loaded
+        await get_session().invalidate()
+        return ""
+
+    app: Any
+    if framework == "quart":
+        from quart import Quart
+
+        from asgi_dist.integrations.quart import init_app
+
+        app = Quart(__name__)
+        app.post("/set", endpoint="set")(set_key)
+        app.post("/logout", endpoint="logout")(logout)
+        init_app(app, dist)
+    else:
+
+        def view(step: Callable[[], Any]) -> Callable[[Request], Any]:
+            async def endpoint(request: Request) -> PlainTextResponse:
+                await step()
+                return PlainTextResponse("")
+
+            return endpoint
+
+        routes = [Route(f"/{f.__name__.replace('_key', '')}", view(f), methods=["POST"])
+                  for f in (set_key, logout)]  # fmt: skip
+        app = dist.wrap(Starlette(routes=routes))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        assert (await c.post("/set")).status_code == 200
+        try:
+            r = await asyncio.wait_for(c.post("/logout"), 10)
+        finally:
+            redis_server.resume()
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text[:200]
+
+
+async def test_logout_everywhere_outside_a_request_raises_backend_unavailable_on_an_outage(
+    session_dist: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    dist = await session_dist("redis", redis=redis_server.url, store_timeout=0.5)
+    redis_server.pause()
+    try:
+        with pytest.raises(BackendUnavailable, match=r"store_timeout=0\.5"):
+            await asyncio.wait_for(dist.sessions.invalidate_user("frank"), 10)
+    finally:
+        redis_server.resume()
+    redis_server.kill()
+    with pytest.raises(BackendUnavailable, match="session store"):
+        await asyncio.wait_for(dist.sessions.list_user("frank"), 10)
+
+
+async def test_postgres_logout_everywhere_outside_a_request_raises_backend_unavailable(
+    session_dist: Callable[..., Any], postgres_server: PostgresServer
+) -> None:
+    dist = await session_dist("postgres", postgres=postgres_server.dsn, store_timeout=2.0)
+    assert await dist.sessions.invalidate_user("frank") == 0
+    postgres_server.stop()
+    with pytest.raises(BackendUnavailable, match="session store"):
+        await asyncio.wait_for(dist.sessions.invalidate_user("frank"), 10)

@@ -9,10 +9,16 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
-from asgi_dist import SessionConfig
+from asgi_dist import SessionConfig, get_session
 from asgi_dist.sessions.postgres import MIGRATIONS
+from tests.sessions.app import put
 from tests.sessions.conftest import client, set_cookie
 
 BACKENDS = ["redis", "postgres", "memory"]
@@ -73,6 +79,19 @@ async def test_an_absurdly_long_cookie_is_ignored(dist: Any) -> None:
         c.cookies.set("session", "x" * 100_000)
         r = await c.get("/all")
         assert r.status_code == 200 and r.json()["data"] == {}
+
+
+async def test_our_cookie_is_found_behind_another_of_the_same_name(dist: Any) -> None:
+    """A browser sends every cookie of the name in scope (another app's, set on the
+    parent domain, comes first if older): ours must still be read, or the user could
+    never keep a session."""
+    async with client(dist) as c:
+        await c.post("/set/k/v")
+        ours = c.cookies["session"]
+        c.cookies.clear()
+        theirs = "eyJ1c2VyIjogMX0=.ZxYw.c2lnbmF0dXJl"  # e.g. Starlette's signed cookie
+        r = await c.get("/get/k", headers={"cookie": f"session={theirs}; session={ours}"})
+        assert r.json()["value"] == "v"
 
 
 async def test_in_place_changes_of_a_stored_list_persist(dist: Any) -> None:
@@ -147,6 +166,27 @@ async def test_invalidate_user_ends_all_three_sessions_of_a_user(dist: Any) -> N
             await b.aclose()
 
 
+async def test_invalidate_user_also_ends_an_old_id_still_in_its_regenerate_grace(
+    dist: Any,
+) -> None:
+    """After regenerate() the old id stays readable, as the same user, for the grace
+    period: logging that user out everywhere must end it too (a stolen old cookie)."""
+    async with client(dist) as c:
+        old = (await c.post("/login/frank")).cookies["session"]
+        c.cookies.clear()
+        r = await c.post("/login/frank", headers={"cookie": f"session={old}"})  # rotated
+        new = r.cookies["session"]
+        c.cookies.clear()
+        for cookie in (old, new):
+            r = await c.get("/all", headers={"cookie": f"session={cookie}"})
+            assert r.json()["user"] == "frank"
+        assert len(await dist.sessions.list_user("frank")) == 1  # the old id is not listed
+        assert await dist.sessions.invalidate_user("frank") == 1
+        for cookie in (old, new):
+            r = await c.get("/all", headers={"cookie": f"session={cookie}"})
+            assert r.json()["user"] is None, "a session of the user survived logout-everywhere"
+
+
 async def test_a_session_over_max_size_raises_and_nothing_is_stored(
     session_dist: Callable[..., Any],
 ) -> None:
@@ -166,6 +206,68 @@ async def test_a_non_json_value_raises_a_type_error_naming_the_key() -> None:
     with pytest.raises(TypeError, match=r"session\['when'\] = object is not JSON"):
         session["when"] = object()
     assert "when" not in session
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_key_no_store_can_keep_raises_a_value_error_on_every_store(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    """PostgreSQL refuses NUL in a key and no store takes a lone surrogate: refused
+    where the key is set, the same on every store, not a 500 when the response starts."""
+    dist = await session_dist(backend)
+    async with client(dist) as c:
+        assert (await c.post("/put", content=json.dumps({"ok": 1}))).status_code == 200
+        for key in ("a\x00b", "\ud800"):
+            with pytest.raises(ValueError, match="cannot be stored"):
+                await c.post("/put", content=json.dumps({key: 1}))
+        shown = ast.literal_eval((await c.get("/show")).text)
+        assert shown == {"ok": 1}
+
+
+async def test_a_request_that_fails_with_a_5xx_saves_none_of_its_changes(dist: Any) -> None:
+    """Half a failed request's changes must not persist (its transaction rolls back);
+    a regenerate() done before the failure already moved the session: the cookie
+    follows it."""
+
+    async def crash(request: Request) -> Response:
+        request.session["cart"] = []  # emptied, then the order fails
+        raise RuntimeError("the order failed")
+
+    async def unavailable(request: Request) -> Response:
+        request.session["cart"] = []
+        return PlainTextResponse("try later", status_code=503)
+
+    async def login_then_crash(request: Request) -> Response:
+        request.session["user"] = "frank"
+        await request.session.regenerate()
+        raise RuntimeError("the audit log failed")
+
+    async def cart(request: Request) -> Response:
+        return JSONResponse({"cart": request.session.get("cart"), "id": get_session().id})
+
+    app = dist.wrap(
+        Starlette(
+            routes=[
+                Route("/put", put, methods=["POST"]),
+                Route("/crash", crash, methods=["POST"]),
+                Route("/unavailable", unavailable, methods=["POST"]),
+                Route("/login-then-crash", login_then_crash, methods=["POST"]),
+                Route("/cart", cart),
+            ]
+        )
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        assert (await c.post("/put", content='{"cart": ["apple"]}')).status_code == 200
+        old_id = (await c.get("/cart")).json()["id"]
+        for path in ("/crash", "/unavailable"):
+            r = await c.post(path)
+            assert r.status_code in (500, 503) and set_cookie(r) is None
+            assert (await c.get("/cart")).json()["cart"] == ["apple"], path
+        r = await c.post("/login-then-crash")
+        assert r.status_code == 500 and set_cookie(r) is not None  # the new id
+        after = (await c.get("/cart")).json()
+        assert after["cart"] == ["apple"] and after["id"] != old_id
 
 
 def _cookie_value(response: Any) -> str:
