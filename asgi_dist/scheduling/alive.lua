@@ -4,7 +4,9 @@
 -- A lapsed lease means the node froze or lost the server for longer than the lease:
 -- the fire is recorded lost here (as reap.lua would a moment later) and the node
 -- must not go on; one already reaped is gone from the zset and is not revived.
--- KEYS: 1 history hash, 2 active runs zset (fire_id -> run lease expiry, server ms)
+-- A one-off's name kept for a retention (claim.lua) is kept that long after this lease.
+-- KEYS: 1 history hash, 2 active runs zset (fire_id -> run lease expiry, server ms),
+--       3 state hash, 4 history index
 -- ARGV: 1 fire_id, 2 lease ms, 3 attempt about to start ('' = renew only), 4 node
 -- Returns 1 if this node may go on running the fire, else 0.
 local t = redis.call('TIME')
@@ -28,6 +30,10 @@ if tonumber(expiry) <= now then
   return 0
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+local retain = tonumber(redis.call('HGET', KEYS[3], 'retain') or '0')
+if retain > 0 then
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, tonumber(ARGV[2]) + retain) end
+end
 if rec and ARGV[3] ~= '' then
   if status ~= 'running' then rec['started_at'] = now end
   rec['status'] = 'running'

@@ -5,7 +5,8 @@
 --       6 active runs (zset: fire_id -> run lease expiry, server ms; see reap.lua)
 -- ARGV: 1 fire_ms, 2 fire_id, 3 expected next ('' = no check: triggers, one-offs),
 --       4 new next ('' = keep, 'none' = schedule ended), 5 fence, 6 intent ('run' | 'missed'),
---       7 record JSON, 8 overlap, 9 running lease ms, 10 claim ttl ms, 11 history cap, 12 signature
+--       7 record JSON, 8 overlap, 9 running lease ms, 10 claim ttl ms, 11 history cap, 12 signature,
+--       13 retention ms of a one-off's name no job is registered under ('0' = kept for good)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fence = tonumber(ARGV[5])
@@ -53,6 +54,17 @@ redis.call('HSET', KEYS[4], ARGV[2], cjson.encode(rec))
 -- dies first, the leader records the fire as lost (it is never claimed again).
 if status == 'claimed' then redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[2]) end
 redis.call('ZADD', KEYS[5], ARGV[1], ARGV[2])
+-- A one-off's name (at() names may be countless): its keys expire the retention after
+-- the run lease, which alive.lua extends while a run lasts, so they go once its last
+-- run ended that long ago.  A job's own claim keeps them for good.
+local retain = tonumber(ARGV[13])
+local named = {KEYS[1], KEYS[4], KEYS[5], KEYS[6]}
+if retain > 0 then
+  redis.call('HSET', KEYS[1], 'retain', ARGV[13])
+  for _, key in ipairs(named) do redis.call('PEXPIRE', key, tonumber(ARGV[9]) + retain) end
+elseif redis.call('HDEL', KEYS[1], 'retain') == 1 then
+  for _, key in ipairs(named) do redis.call('PERSIST', key) end
+end
 local n = redis.call('ZCARD', KEYS[5])
 local cap = tonumber(ARGV[11])
 if n > cap then

@@ -22,6 +22,7 @@ _DURATIONS = (
     ("claim_ttl", 0.0, 7 * _DAY),  # a minimum: it also outlives two periods of the job
     # A healthy node starts a received fire within milliseconds.
     ("redeliver_after", 0.1, _DAY),
+    ("one_off_retention", 1.0, 366 * _DAY),
 )
 
 
@@ -48,6 +49,10 @@ class SchedulerConfig:
             started, in a node's pending list before the leader hands it to another
             node (the receiver died or froze).  Redelivery never starts a fire twice.
         max_deliveries: deliveries of such a fire before it is recorded ``abandoned``.
+        one_off_retention: seconds the store keeps the state and history of a one-off's
+            name (``at(..., name=...)``) that no job is registered under, counted from
+            the end of its last run; then they are forgotten, so that distinct names
+            do not grow the store.
     """
 
     enabled: bool = True
@@ -63,6 +68,7 @@ class SchedulerConfig:
     claim_ttl: float = 600.0
     redeliver_after: float = 10.0
     max_deliveries: int = 5
+    one_off_retention: float = 7 * _DAY
 
     def __post_init__(self) -> None:
         if self.backend not in (None, "redis", "postgres", "memory"):

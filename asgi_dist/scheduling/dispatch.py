@@ -15,7 +15,12 @@ The leader claims the fire as usual (once per fire), then hands it over:
   ``lost`` once the lease expires (``reap.lua``), and it is never started again.
 * ``broadcast=True``: one entry on a broadcast stream naming the live members
   (from a heartbeat set kept with server time, XXL-JOB's sharding broadcast);
-  each member runs its shard with ``ctx.shard_index`` / ``ctx.shard_total``.
+  each member runs its shard with ``ctx.shard_index`` / ``ctx.shard_total``,
+  after a compare-and-set that records the shard ``running`` (``start_shard.lua``).
+  A shard whose member's heartbeat lapses before it reports is recorded ``lost``
+  by the leader (``reap.lua``), one its live member never started ``abandoned``,
+  so every broadcast fire reaches a final status; each shard's outcome is
+  recorded once.
 
 Both loops exist only on nodes that registered such jobs, and they block on the
 server (XREADGROUP/XREAD BLOCK) rather than poll; redelivery and reaping run on
@@ -48,7 +53,7 @@ _BLOCK_MS = 4000
 _MAXLEN = 10_000
 _PAGES = 10  # XAUTOCLAIM pages of 100 per redelivery pass (bounds one pass)
 
-Handler = Callable[[dict[str, Any]], None]
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
 AnyHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -69,6 +74,8 @@ class Dispatcher:
         self._heartbeat = backend.script("asgi_dist.scheduling", "heartbeat")
         self._transition = backend.script("asgi_dist.scheduling", "transition")
         self._prune = backend.script("asgi_dist.scheduling", "prune_consumers")
+        self._start_shard = backend.script("asgi_dist.scheduling", "start_shard")
+        self._broadcast_from: str | None = None
 
     # leader side -------------------------------------------------------------------
 
@@ -146,6 +153,10 @@ class Dispatcher:
         """Join the run_on="any" consumer group, and (``member``: this node has broadcast
         jobs) the membership that shards broadcasts."""
         if member:
+            # Read broadcasts from the stream's end as it was before the first beat:
+            # every entry naming this node (sharded after the beat) comes after it.
+            newest = await self.client.xrevrange(self.broadcast_stream, count=1)
+            self._broadcast_from = _text(newest[0][0]) if newest else "0-0"
             await self.beat()
         try:
             # From the start of the stream: entries added before the group existed
@@ -253,10 +264,18 @@ class Dispatcher:
         moved, before = await self._transition(self.client, keys, args)
         return _text(moved) == "1", _text(before)
 
+    async def start_shard(self, job: str, fire_id: str, index: int) -> str:
+        """The compare-and-set before a shard starts: ``"running"`` if this member must run
+        it, else what stopped it (recorded lost or abandoned by the leader meanwhile)."""
+        keys = [self.store.job_key(job, "hist")]
+        return _text(await self._start_shard(self.client, keys, [fire_id, index, self.node_id]))
+
     async def consume_broadcast_forever(self, handle: Handler) -> None:
-        # Start after the newest entry, then follow ids: no gap between reads.
-        newest = await self.client.xrevrange(self.broadcast_stream, count=1)
-        last = _text(newest[0][0]) if newest else "0-0"
+        # From the stream's end when this node joined, then follow ids: no gap.
+        last = self._broadcast_from
+        if last is None:
+            newest = await self.client.xrevrange(self.broadcast_stream, count=1)
+            last = _text(newest[0][0]) if newest else "0-0"
         while True:
             try:
                 reply: Any = await self.client.xread(
@@ -272,7 +291,7 @@ class Dispatcher:
                 for message_id, fields in messages:
                     last = _text(message_id)
                     try:
-                        handle(json.loads(_text(fields[b"entry"])))
+                        await handle(json.loads(_text(fields[b"entry"])))
                     except Exception:
                         log.exception("broadcast entry %s could not start", last)
 

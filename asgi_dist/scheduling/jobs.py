@@ -54,6 +54,8 @@ class JobOptions:
             raise ConfigError(f"{where} overlap={self.overlap!r}: use allow, forbid or replace")
         if self.misfire not in ("skip", "run_once", "run_all"):
             raise ConfigError(f"{where} misfire={self.misfire!r}: use skip, run_once or run_all")
+        if not isinstance(self.broadcast, bool):
+            raise ConfigError(f"{where} broadcast={self.broadcast!r} must be True or False")
         if self.run_on not in ("leader", "any"):
             raise ConfigError(f"{where} run_on={self.run_on!r}: use 'leader' or 'any'")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int):
@@ -185,8 +187,15 @@ class Registry:
 
 
 def as_tuple(after: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``after=`` as job names, refused where it enters: a parent that is no job name
+    (``after=5``, ``after=[None]``) would otherwise fail later, or far from its cause."""
     if after is None:
         return ()
-    if isinstance(after, str):
-        return (after,)
-    return tuple(after)
+    names = (after,) if isinstance(after, str) else after
+    if not isinstance(names, list | tuple | set | frozenset):
+        raise ConfigError(f"after={after!r} must be a job name or a list of job names")
+    for parent in names:
+        if not isinstance(parent, str):
+            raise ConfigError(f"after={after!r}: {parent!r} is not a job name (a string)")
+        validate_job_name(parent)
+    return tuple(names)

@@ -158,14 +158,15 @@ async def _attempt(fire: Fire, attempt: int) -> str | None:
         shard_total=fire.shard_total,
         payload=fire.payload,
     )
+    deadline = asyncio.timeout(job.options.timeout)  # None: unbounded
     try:
-        if job.options.timeout is None:
+        async with deadline:
             await job.func(ctx)
-        else:
-            await asyncio.wait_for(job.func(ctx), job.options.timeout)
-    except TimeoutError:
-        return f"attempt {attempt} timed out after {job.options.timeout:g}s"
     except Exception as exc:
+        # Only our own deadline is the job's timeout: a TimeoutError the job raised
+        # itself (a client's, a socket's) is a failure like any other, and retried.
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            return f"attempt {attempt} timed out after {job.options.timeout:g}s"
         error = f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]
         log.warning("job %s fire %s failed: %s", job.name, fire.fire_id, error)
         return error

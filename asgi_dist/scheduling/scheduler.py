@@ -175,7 +175,7 @@ class Scheduler:
         self, func: JobFunc, schedule: Schedule, options: JobOptions, name: str | None = None
     ) -> Job:
         """Register ``func``; the decorators call this.  Refused once the scheduler runs."""
-        job_name = validate_job_name(name or default_name(func))
+        job_name = validate_job_name(default_name(func) if name is None else name)
         check_function(func, job_name)
         options.validate(job_name)
         if (options.broadcast or options.run_on == "any") and self._backend() == "postgres":
@@ -403,7 +403,7 @@ class Scheduler:
         its dotted path (nothing is pickled).
         """
         path = function_path(func)
-        job_name = validate_job_name(name or default_name(func))
+        job_name = validate_job_name(default_name(func) if name is None else name)
         JobOptions(retries=retries, timeout=timeout).validate(job_name)
         check_payload(payload)
         if isinstance(when, datetime):
@@ -473,7 +473,9 @@ class Scheduler:
         for job in self.registry:
             state = await store.init_job(job.name, job.signature, job.schedule.next_after(now))
             self._next[job.name] = state.next_ms
-        self._tracked = {j.name for j in self.registry}
+        # A one-off's name is no registered job: the store names those with runs (the
+        # last leader may have died running one).
+        self._tracked = {j.name for j in self.registry} | set(await store.one_off_names())
         ended = asyncio.Event()
         recovery = self._start_recovery(ended)
         try:
@@ -557,14 +559,25 @@ class Scheduler:
                     if sent:
                         log.warning("scheduler: %d dispatched fire(s) handed out again", sent)
                 registered = {j.name for j in self.registry}
+                # Live broadcast members: a shard whose member is gone settles as lost.
+                members = None
+                if dispatcher is not None and any(j.options.broadcast for j in self.registry):
+                    members = await dispatcher.members()
+                forgotten = await store.forget_retired()
+                if forgotten:
+                    log.info("scheduler: forgot %d records of retired one-off names", forgotten)
+                one_offs = await store.one_off_names()
+                self._tracked |= set(one_offs)
                 for job in sorted(self._tracked):
-                    lost = await store.reap_lost(job)
+                    lost = await store.reap_lost(job, members=members)
                     if lost:
                         log.warning("scheduler: fires lost with their node: %s", lost)
                     if job not in registered and not await store.has_runs(job):
                         # A one-off's name, all of its runs over: nothing left to
                         # reap (names given to at() may be countless).
                         self._tracked.discard(job)
+                        if job in one_offs:
+                            await store.untrack_one_off(job, one_offs[job])
             except Exception as exc:
                 log.warning("scheduler recovery pass failed: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -696,18 +709,24 @@ class Scheduler:
             return
         self._launch(job, entry["fire_ms"], fire_id, entry.get("payload"), fence=entry["fence"])
 
-    def _received(self, entry: dict[str, Any]) -> None:
+    async def _received(self, entry: dict[str, Any]) -> None:
         """A broadcast fire handed over by the leader (every node, the leader included)."""
         job = self.registry.get(str(entry.get("job")))
-        if job is None:
-            log.error("dispatched fire %s names a job unknown here", entry.get("fire_id"))
+        dispatcher = self._dispatcher
+        if job is None or not job.options.broadcast or dispatcher is None:
+            log.error("dispatched fire %s names no broadcast job here", entry.get("fire_id"))
             return
-        shard, total = 0, 1
-        if job.options.broadcast:
-            members = [str(m) for m in entry.get("members", [])]
-            if self.runtime.node_id not in members:
-                return  # joined after the fire was sharded
-            shard, total = members.index(self.runtime.node_id), len(members)
+        members = [str(m) for m in entry.get("members", [])]
+        if self.runtime.node_id not in members:
+            return  # joined after the fire was sharded
+        shard, total = members.index(self.runtime.node_id), len(members)
+        fire_id = str(entry["fire_id"])
+        # Recorded lost (this node's heartbeat lapsed: it froze) or abandoned (read too
+        # late) by the leader meanwhile: the shard must not start.
+        outcome = await dispatcher.start_shard(job.name, fire_id, shard)
+        if outcome != "running":
+            log.warning("shard %d of fire %s not started here: %s", shard, fire_id, outcome)
+            return
         self._launch(
             job,
             int(entry["fire_ms"]),
@@ -787,12 +806,30 @@ class Scheduler:
         return None
 
     async def _run_triggers(self) -> None:
-        for entry in await self.store.pop_triggers(100):
+        # Dropped from the queue only once claimed: a leader that fails in between
+        # (the store unreachable for a moment, a crash) leaves the trigger to the
+        # next pass or leader, whose claim of the same fire id is then a duplicate.
+        for entry in await self.store.due_triggers(100):
             job = self.registry.get(str(entry.get("job")))
-            if job is None:
-                log.warning("trigger for unknown job %r ignored", entry.get("job"))
+            try:
+                int(entry["fire_ms"]), str(entry["fire_id"])
+            except (KeyError, TypeError, ValueError):
+                # Dropped, not retried: it would fail every leader pass for good.
+                log.error("malformed trigger %r dropped", entry)
+                await self.store.drop_trigger(entry)
                 continue
-            await self._claim_extra(job, entry, "trigger")
+            if job is None:
+                # Triggered on a node whose deployment has a job this leader lacks:
+                # every fire not run is recorded, this one too.
+                error = (
+                    f"job {entry.get('job')!r} is not registered on leader "
+                    f"{self.runtime.node_id}: deploy the same jobs on every node"
+                )
+                log.error("trigger %s: %s", entry.get("fire_id"), error)
+                await self._record_unrunnable(entry, error, "trigger")
+            else:
+                await self._claim_extra(job, entry, "trigger")
+            await self.store.drop_trigger(entry)
 
     async def _run_once(self, now: int) -> None:
         for entry in await self.store.due_once(now, 100):
@@ -809,20 +846,20 @@ class Scheduler:
                     "that defines it on every node"
                 )
                 log.error("one-off %s: %s", entry.get("fire_id"), error)
-                await self._record_unrunnable(entry, error)
+                await self._record_unrunnable(entry, error, "once")
                 await self.store.drop_once(entry)
                 continue
             await self._claim_extra(job, entry, "once")
             await self.store.drop_once(entry)
 
-    async def _record_unrunnable(self, entry: dict[str, Any], error: str) -> None:
+    async def _record_unrunnable(self, entry: dict[str, Any], error: str, kind: str) -> None:
         """Record a queued fire that cannot start as ``failed`` (claimed, so recorded once)."""
         try:
             job_name = validate_job_name(entry["job"])
             fire_ms, fire_id = int(entry["fire_ms"]), str(entry["fire_id"])
         except (KeyError, TypeError, ValueError, ConfigError):
             return  # not even a job to file it under (logged by the caller)
-        claim = self._extra_claim(job_name, fire_ms, fire_id, "once", "allow", "failed")
+        claim = self._extra_claim(job_name, fire_ms, fire_id, kind, "allow", "failed")
         claim.record["error"] = error[:2000]
         result = await self.store.claim(claim)
         if result.status == "stale":
@@ -833,12 +870,21 @@ class Scheduler:
         fire_ms, fire_id = int(entry["fire_ms"]), str(entry["fire_id"])
         overlap = job.options.overlap if kind == "trigger" else "allow"
         claim = self._extra_claim(job.name, fire_ms, fire_id, kind, overlap, "run")
+        if claim.retain_ms:
+            # No job by this name: a leader that follows must learn it to reap its fire.
+            await self.store.track_one_off(job.name)
         result = await self.store.claim(claim)
         if result.status == "stale":
             raise _StaleTerm(f"fence {self.fence} is older than {result.detail}")
         if result.status == "claimed":
             self._tracked.add(job.name)  # a one-off's name is no registered job
             await self._hand_over(job, fire_ms, fire_id, entry.get("payload"))
+
+    def _retain_ms(self, job: str) -> int:
+        """How long the store keeps a one-off's name after its runs: for good if a job
+        is registered under it, else ``one_off_retention`` (distinct names would
+        otherwise grow the store for good)."""
+        return 0 if job in self.registry else round(self.config.one_off_retention * 1000)
 
     def _extra_claim(
         self,
@@ -861,6 +907,8 @@ class Scheduler:
             record=self._record(job, fire_id, fire_ms, kind),
             overlap=overlap,
             lease_ms=round(self.config.running_lease * 1000),
-            claim_ttl_ms=round(self.config.claim_ttl * 1000),
+            # At least 1 ms: claim_ttl=0 is valid, and Redis refuses a zero PX.
+            claim_ttl_ms=max(1, round(self.config.claim_ttl * 1000)),
             signature="",
+            retain_ms=self._retain_ms(job) if kind == "once" else 0,
         )

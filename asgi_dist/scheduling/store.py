@@ -13,6 +13,7 @@ claim, advances the sequence and appends history, all atomically.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -62,6 +63,9 @@ class Claim:
     lease_ms: int
     claim_ttl_ms: int
     signature: str
+    # A one-off's name that no job is registered under: its state and history are
+    # forgotten ``retain_ms`` after its last run ended (0: kept, as a job's are).
+    retain_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,38 @@ class SchedulerStore(Protocol):
         (it is then recorded ``lost``), or it was reaped, or it ended."""
         ...
 
-    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+    async def reap_lost(
+        self, job: str, limit: int = 1000, members: Sequence[str] | None = None
+    ) -> list[str]:
         """Record as ``lost`` the claimed or running fires of ``job`` whose run lease
-        expired (their node died or froze); returns their fire ids."""
+        expired (their node died or froze); returns their fire ids.  ``members``: the
+        live broadcast members, so that a broadcast fire whose member stopped its
+        heartbeat before its shard reported settles (that shard recorded ``lost``;
+        one its live member never started, ``abandoned``); ``None`` leaves
+        broadcast fires waiting."""
         ...
 
     async def has_runs(self, job: str) -> bool:
         """Whether any fire of ``job`` still holds a run lease (one reap_lost may find)."""
+        ...
+
+    async def track_one_off(self, job: str) -> None:
+        """Note, before its claim, that a one-off's name (no job is registered under it)
+        has a run: whichever node leads next reaps that name's fires too."""
+        ...
+
+    async def one_off_names(self) -> dict[str, float]:
+        """The one-off names that may have runs, each with the token of its tracking."""
+        ...
+
+    async def untrack_one_off(self, job: str, token: float) -> None:
+        """Drop ``job`` from :meth:`one_off_names` unless tracked again since ``token``."""
+        ...
+
+    async def forget_retired(self) -> int:
+        """Forget the one-off names (claimed with ``retain_ms``) whose runs all ended
+        longer than their retention ago; returns how many records went.  (Redis lets
+        such keys expire by themselves.)"""
         ...
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
@@ -139,7 +168,12 @@ class SchedulerStore(Protocol):
         """Queue a manual fire for whichever node leads, and wake it."""
         ...
 
-    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]: ...
+    async def due_triggers(self, limit: int) -> list[dict[str, Any]]:
+        """Queued manual fires, oldest first (still queued until :meth:`drop_trigger`:
+        a leader that fails before its claim leaves them to the next pass or leader)."""
+        ...
+
+    async def drop_trigger(self, entry: dict[str, Any]) -> None: ...
 
     async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
         """Queue a one-off fire, and wake the leader."""
@@ -162,23 +196,34 @@ class SchedulerStore(Protocol):
         ...
 
 
-def settle_shard(record: dict[str, Any], index: int, total: int, patch: dict[str, Any]) -> None:
-    """Merge one broadcast shard's outcome into the fire's ``record`` (``finish.lua`` does
-    the same on Redis): under ``shards[str(index)]``, and once all ``total`` reported,
-    the fire's own status: ``succeeded`` if every shard succeeded, else ``failed`` if
-    any failed, else the status of the lowest shard that did not succeed."""
+def settle_shard(record: dict[str, Any], index: int, total: int, patch: dict[str, Any]) -> bool:
+    """Merge one broadcast shard's outcome into the fire's ``record`` (``finish.lua`` and
+    ``settle.lua`` do the same on Redis): under ``shards[str(index)]``, once (a shard
+    already recorded keeps its outcome; one its member started is ``running`` until
+    then), and once all ``total`` have an outcome, the fire's own status: ``succeeded``
+    if every shard succeeded, else ``failed`` if any failed, else the status of the
+    lowest shard that did not succeed.  False if the shard's outcome was recorded
+    already (the record is left alone)."""
     shards = record.setdefault("shards", {})
+    before = shards.get(str(index))
+    if before is not None and before.get("status") != "running":
+        return False
     shards[str(index)] = patch
     record["shard_total"] = total
-    reported = [(i, shards[str(i)]) for i in range(total) if str(i) in shards]
+    reported = [
+        (i, shards[str(i)])
+        for i in range(total)
+        if str(i) in shards and shards[str(i)].get("status") != "running"
+    ]
     if len(reported) < total:
-        return
+        return True
     record["attempt"] = max((int(s.get("attempt") or 0) for _, s in reported), default=0)
     unhappy = [(i, s) for i, s in reported if s.get("status") != "succeeded"]
     failed = [(i, s) for i, s in unhappy if s.get("status") == "failed"]
     if not unhappy:
         record["status"], record["error"] = "succeeded", None
-        return
+        return True
     pick, shard = (failed or unhappy)[0]
     record["status"] = shard.get("status")
     record["error"] = f"shard {pick} of {total}: {shard.get('error') or shard.get('status')}"
+    return True

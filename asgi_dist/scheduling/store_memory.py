@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from asgi_dist.scheduling.store import Claim, ClaimResult, ClaimStatus, JobState, settle_shard
 
 __all__ = ["MemoryStore"]
+
+_UNFINISHED = ("claimed", "running", "dispatched")
 
 
 @dataclass
@@ -23,6 +26,8 @@ class _Job:
     claims: dict[str, float] = field(default_factory=dict)  # fire_id -> expiry (monotonic)
     running: tuple[str, float] | None = None  # (fire_id, expiry)
     history: dict[str, dict[str, Any]] = field(default_factory=dict)  # insertion = claim order
+    retain_ms: int = 0  # a one-off's name: forgotten this long after its last run ended
+    retain_until: float | None = None  # monotonic
 
 
 class MemoryStore:
@@ -50,6 +55,7 @@ class MemoryStore:
 
     async def init_job(self, job: str, signature: str, first_next: int | None) -> JobState:
         state = self._job(job)
+        state.retain_ms, state.retain_until = 0, None  # a registered job is kept for good
         if state.signature != signature:
             state.signature, state.next_ms = signature, first_next
         return await self.state(job)
@@ -77,6 +83,11 @@ class MemoryStore:
             return ClaimResult("duplicate")
         s.claims[claim.fire_id] = mono + claim.claim_ttl_ms / 1000
         s.fence = claim.fence
+        s.retain_ms = claim.retain_ms
+        s.retain_until = None
+        if claim.retain_ms:
+            s.retain_until = mono + (claim.lease_ms + claim.retain_ms) / 1000
+            self._forget(mono)
         if claim.advance:
             s.next_ms = claim.new_next
         status: ClaimStatus = "claimed"
@@ -118,9 +129,11 @@ class MemoryStore:
             if shard is None:
                 record.update(patch)
             else:
-                settle_shard(record, *shard, patch)
+                written = settle_shard(record, *shard, patch)
         if release and s.running is not None and s.running[0] == fire_id:
             s.running = None
+        if s.retain_ms and s.retain_until is not None:
+            s.retain_until = max(s.retain_until, time.monotonic() + s.retain_ms / 1000)
         return written
 
     async def renew(self, job: str, fire_id: str, lease_ms: int) -> bool:
@@ -145,11 +158,40 @@ class MemoryStore:
             record.update(status="running", attempt=attempt, node=node)
         return True
 
-    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+    async def reap_lost(
+        self, job: str, limit: int = 1000, members: Sequence[str] | None = None
+    ) -> list[str]:
         return []
 
     async def has_runs(self, job: str) -> bool:
         return False  # one process: nothing of it can die apart from the rest
+
+    async def track_one_off(self, job: str) -> None:
+        return None  # one process: no other leader to tell
+
+    async def one_off_names(self) -> dict[str, float]:
+        return {}
+
+    async def untrack_one_off(self, job: str, token: float) -> None:
+        return None
+
+    async def forget_retired(self) -> int:
+        return self._forget(time.monotonic())
+
+    def _forget(self, mono: float) -> int:
+        """Forget the one-off names whose last run ended more than their retention ago."""
+        gone = [
+            name
+            for name, s in self._jobs.items()
+            if s.retain_until is not None
+            and s.retain_until < mono
+            and all(expiry <= mono for expiry in s.claims.values())
+            and not any(r.get("status") in _UNFINISHED for r in s.history.values())
+        ]
+        forgotten = 0
+        for name in gone:
+            forgotten += len(self._jobs.pop(name).history)
+        return forgotten
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         records = sorted(self._job(job).history.values(), key=lambda r: r.get("fire_ms", 0))
@@ -167,9 +209,12 @@ class MemoryStore:
         self._triggers.append(entry)
         self._wake.set()
 
-    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
-        taken, self._triggers = self._triggers[:limit], self._triggers[limit:]
-        return taken
+    async def due_triggers(self, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(json.dumps(e)) for e in self._triggers[:limit]]
+
+    async def drop_trigger(self, entry: dict[str, Any]) -> None:
+        fire_id = entry.get("fire_id")
+        self._triggers = [e for e in self._triggers if e.get("fire_id") != fire_id]
 
     async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
         self._once.append((at_ms, json.dumps(entry, sort_keys=True)))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -52,6 +53,16 @@ MIGRATIONS = [
     ALTER TABLE {ns}_sched_fires ADD COLUMN run_until timestamptz;
     CREATE INDEX {ns}_sched_fires_run ON {ns}_sched_fires (job, run_until)
         WHERE run_until IS NOT NULL;
+    """,
+    # v3: a one-off's name no job is registered under is forgotten once its runs ended
+    # longer than the retention ago (retain_until - run_until = the retention).
+    """
+    ALTER TABLE {ns}_sched_fires ADD COLUMN retain_until timestamptz;
+    ALTER TABLE {ns}_sched_jobs ADD COLUMN retain_until timestamptz;
+    CREATE INDEX {ns}_sched_fires_retain ON {ns}_sched_fires (retain_until)
+        WHERE retain_until IS NOT NULL;
+    CREATE INDEX {ns}_sched_jobs_retain ON {ns}_sched_jobs (retain_until)
+        WHERE retain_until IS NOT NULL;
     """,
 ]
 
@@ -104,6 +115,12 @@ class PostgresStore:
             signature,
             first_next,
         )
+        # A registered job's row is kept for good, even under a name one-offs used before.
+        await self.pool.execute(
+            f"UPDATE {self.jobs} SET retain_until = NULL"
+            f" WHERE job = $1 AND retain_until IS NOT NULL",
+            job,
+        )
         return await self.state(job)
 
     async def state(self, job: str) -> JobState:
@@ -150,10 +167,15 @@ class PostgresStore:
             # A claimed fire holds a run lease that its runner renews; if the node
             # dies first, the leader records the fire as lost (see reap_lost).
             run_lease = claim.lease_ms if status == "claimed" else None
+            # A one-off's name is kept the retention past the run lease, which
+            # keep_running moves on (and the retention with it) while the run lasts.
+            retain = claim.lease_ms + claim.retain_ms if claim.retain_ms else None
             inserted = await conn.fetchval(
-                f"INSERT INTO {self.fires} (job, fire_id, fire_ms, claim_until, record, run_until)"
+                f"INSERT INTO {self.fires}"
+                f" (job, fire_id, fire_ms, claim_until, record, run_until, retain_until)"
                 f" VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond', $5::jsonb,"
-                f"  now() + $6::bigint * interval '1 millisecond')"
+                f"  now() + $6::bigint * interval '1 millisecond',"
+                f"  now() + $7::bigint * interval '1 millisecond')"
                 f" ON CONFLICT DO NOTHING RETURNING 1",
                 claim.job,
                 claim.fire_id,
@@ -161,6 +183,7 @@ class PostgresStore:
                 claim.claim_ttl_ms,
                 json.dumps(record),
                 run_lease,
+                retain,
             )
             next_ms = claim.new_next if claim.advance else row["next_ms"]
             if inserted is None:
@@ -173,13 +196,15 @@ class PostgresStore:
                 f"UPDATE {self.jobs} SET fence = $2, next_ms = $3,"
                 f" running_fire = CASE WHEN $4::bigint IS NULL THEN running_fire ELSE $5 END,"
                 f" running_until = CASE WHEN $4::bigint IS NULL THEN running_until"
-                f"   ELSE now() + $4::bigint * interval '1 millisecond' END"
+                f"   ELSE now() + $4::bigint * interval '1 millisecond' END,"
+                f" retain_until = now() + $6::bigint * interval '1 millisecond'"
                 f" WHERE job = $1",
                 claim.job,
                 claim.fence,
                 next_ms,
                 lease,
                 claim.fire_id,
+                retain,
             )
             await conn.execute(
                 f"DELETE FROM {self.fires} WHERE job = $1 AND claim_until < now() AND fire_id"
@@ -207,16 +232,22 @@ class PostgresStore:
                     fire_id,
                 )
                 record = {} if raw is None else json.loads(raw)
-                settle_shard(record, *shard, patch)
+                # An outcome recorded already (the shard's, once) is left alone.
+                write = settle_shard(record, *shard, patch)
                 patch = record
+            else:
+                write = True
             # A fire recorded lost stays lost: its node lost the run lease.
-            outcome = await conn.execute(
-                f"UPDATE {self.fires} SET record = record || $3::jsonb"
-                f" WHERE job = $1 AND fire_id = $2 AND record->>'status' IS DISTINCT FROM 'lost'",
-                job,
-                fire_id,
-                json.dumps(patch),
-            )
+            outcome = "UPDATE 0"
+            if write:
+                outcome = await conn.execute(
+                    f"UPDATE {self.fires} SET record = record || $3::jsonb"
+                    f" WHERE job = $1 AND fire_id = $2"
+                    f" AND record->>'status' IS DISTINCT FROM 'lost'",
+                    job,
+                    fire_id,
+                    json.dumps(patch),
+                )
             if release:
                 await conn.execute(
                     f"UPDATE {self.jobs} SET running_fire = NULL, running_until = NULL"
@@ -247,6 +278,9 @@ class PostgresStore:
             f"WITH renewed AS (UPDATE {self.fires} SET"
             f" run_until = CASE WHEN run_until > now()"
             f"  THEN now() + $3::bigint * interval '1 millisecond' END,"
+            f" retain_until = CASE WHEN run_until > now()"
+            f"  THEN now() + $3::bigint * interval '1 millisecond' + (retain_until - run_until)"
+            f"  ELSE retain_until END,"
             f" record = CASE"
             f"  WHEN run_until <= now() THEN {lost}"
             f"  WHEN $4::int IS NULL THEN record"
@@ -268,7 +302,9 @@ class PostgresStore:
         )
         return bool(alive)
 
-    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
+    async def reap_lost(
+        self, job: str, limit: int = 1000, members: Sequence[str] | None = None
+    ) -> list[str]:
         rows = await self.pool.fetch(
             f"WITH due AS (SELECT fire_id, record->>'status' AS before FROM {self.fires}"
             f"  WHERE job = $1 AND run_until < now() LIMIT $2 FOR UPDATE SKIP LOCKED)"
@@ -290,6 +326,31 @@ class PostgresStore:
                 job,
             )
         )
+
+    async def track_one_off(self, job: str) -> None:
+        return None  # the fire rows holding a run lease say it (one_off_names)
+
+    async def one_off_names(self) -> dict[str, float]:
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT job FROM {self.fires} WHERE run_until IS NOT NULL"
+        )
+        return {r["job"]: 0.0 for r in rows}
+
+    async def untrack_one_off(self, job: str, token: float) -> None:
+        return None
+
+    async def forget_retired(self) -> int:
+        # A fire row is also its claim: it stays until claim_until whatever the retention.
+        deleted = await self.pool.fetchval(
+            f"WITH gone AS (DELETE FROM {self.fires}"
+            f" WHERE retain_until < now() AND claim_until < now() RETURNING 1)"
+            f" SELECT count(*) FROM gone"
+        )
+        await self.pool.execute(
+            f"DELETE FROM {self.jobs} j WHERE retain_until < now()"
+            f" AND NOT EXISTS (SELECT 1 FROM {self.fires} f WHERE f.job = j.job)"
+        )
+        return int(deleted)
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         # A fire's row is also its claim, kept until claim_until so that no fire is
@@ -319,14 +380,18 @@ class PostgresStore:
     async def push_trigger(self, entry: dict[str, Any]) -> None:
         await self._enqueue("trigger", 0, entry)
 
-    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
+    async def due_triggers(self, limit: int) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            f"DELETE FROM {self.queue} WHERE id IN (SELECT id FROM {self.queue}"
-            f" WHERE kind = 'trigger' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-            f" RETURNING entry",
+            f"SELECT entry FROM {self.queue} WHERE kind = 'trigger' ORDER BY id LIMIT $1",
             limit,
         )
         return [json.loads(r["entry"]) for r in rows]
+
+    async def drop_trigger(self, entry: dict[str, Any]) -> None:
+        await self.pool.execute(
+            f"DELETE FROM {self.queue} WHERE kind = 'trigger' AND entry->>'fire_id' = $1",
+            str(entry.get("fire_id")),
+        )
 
     async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
         await self._enqueue("once", at_ms, entry)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from asgi_dist.backends import RedisBackend
@@ -42,6 +44,8 @@ class RedisStore:
         self._reap = backend.script(_PACKAGE, "reap")
         self._triggers = backend.key("schedctl", "cluster", "triggers")
         self._once = backend.key("schedctl", "cluster", "once")
+        self._one_offs = backend.key("schedctl", "cluster", "oneoffs")
+        self._untrack = backend.script(_PACKAGE, "untrack")
         self._channel = backend.key("schedctl", "cluster", "wake")
         self._subscription: Subscription | None = None
         self._woken = asyncio.Event()
@@ -109,6 +113,7 @@ class RedisStore:
             str(claim.claim_ttl_ms),
             str(self.history_cap),
             claim.signature,
+            str(claim.retain_ms),
         ]
         status, detail = await self._claim(self.client, keys, args)
         status, detail = _decode(status), _decode(detail)
@@ -140,18 +145,40 @@ class RedisStore:
         self, job: str, fire_id: str, lease_ms: int, *, attempt: int | None = None, node: str = ""
     ) -> bool:
         """Renew the run lease of a fire this node is running (see ``alive.lua``)."""
-        keys = [self.job_key(job, "hist"), self.job_key(job, "active")]
+        keys = [
+            self.job_key(job, "hist"),
+            self.job_key(job, "active"),
+            self.job_key(job, "state"),
+            self.job_key(job, "hidx"),
+        ]
         args = [fire_id, lease_ms, "" if attempt is None else attempt, node]
         return bool(await self._alive(self.client, keys, args))
 
-    async def reap_lost(self, job: str, limit: int = 1000) -> list[str]:
-        """Record as lost the fires of ``job`` whose node stopped renewing the run lease."""
+    async def reap_lost(
+        self, job: str, limit: int = 1000, members: Sequence[str] | None = None
+    ) -> list[str]:
+        """Record as lost the fires of ``job`` whose node stopped renewing the run lease,
+        and the broadcast shards whose member is not among ``members`` (see reap.lua)."""
         keys = [self.job_key(job, "hist"), self.job_key(job, "active")]
-        lost = await self._reap(self.client, keys, [limit])
+        live = "" if members is None else json.dumps(list(members))
+        lost = await self._reap(self.client, keys, [limit, live])
         return [_decode(f) for f in lost]
 
     async def has_runs(self, job: str) -> bool:
         return bool(await self.client.zcard(self.job_key(job, "active")))
+
+    async def track_one_off(self, job: str) -> None:
+        await self.client.zadd(self._one_offs, {job: secrets.randbits(40)})
+
+    async def one_off_names(self) -> dict[str, float]:
+        raw: Any = await self.client.zrange(self._one_offs, 0, -1, withscores=True)
+        return {_decode(name): float(score) for name, score in raw}
+
+    async def untrack_one_off(self, job: str, token: float) -> None:
+        await self._untrack(self.client, [self._one_offs], [job, repr(token)])
+
+    async def forget_retired(self) -> int:
+        return 0  # a retired one-off name's keys expire by themselves (claim.lua)
 
     async def history(self, job: str, limit: int) -> list[dict[str, Any]]:
         ids = await self.client.zrevrange(self.job_key(job, "hidx"), 0, limit - 1)
@@ -172,9 +199,12 @@ class RedisStore:
         await self.client.rpush(self._triggers, _bounded(entry))
         await self.wake()
 
-    async def pop_triggers(self, limit: int) -> list[dict[str, Any]]:
-        raw: Any = await self.client.lpop(self._triggers, limit)
-        return [json.loads(r) for r in raw or []]
+    async def due_triggers(self, limit: int) -> list[dict[str, Any]]:
+        raw: Any = await self.client.lrange(self._triggers, 0, limit - 1)
+        return [json.loads(r) for r in raw]
+
+    async def drop_trigger(self, entry: dict[str, Any]) -> None:
+        await self.client.lrem(self._triggers, 1, _bounded(entry))
 
     async def add_once(self, entry: dict[str, Any], at_ms: int) -> None:
         await self.client.zadd(self._once, {_bounded(entry): at_ms})

@@ -156,8 +156,12 @@ async def test_triggers_and_one_offs_queue_for_the_leader(sched_dist: Any, backe
     store = await open_store(sched_dist, backend)
     await store.push_trigger({"job": "a", "fire_id": "a:1:trigger"})
     await store.push_trigger({"job": "b", "fire_id": "b:1:trigger"})
-    assert [t["job"] for t in await store.pop_triggers(10)] == ["a", "b"]
-    assert await store.pop_triggers(10) == []
+    due = await store.due_triggers(10)
+    assert [t["job"] for t in due] == ["a", "b"]
+    assert await store.due_triggers(10) == due  # queued until dropped
+    for entry in due:
+        await store.drop_trigger(entry)
+    assert await store.due_triggers(10) == []
     now = await store.now_ms()
     entry = {"job": "x", "fire_id": f"x:{now}:once", "fire_ms": now}
     await store.add_once(entry, now)

@@ -14,6 +14,9 @@ from asgi_dist.scheduling import JobContext, SchedulerConfig
 from asgi_dist.scheduling.jobs import Job, JobOptions
 from asgi_dist.scheduling.policies import jitter_cap_ms, runnable
 from asgi_dist.scheduling.schedules import interval
+from asgi_dist.scheduling.store_memory import MemoryStore
+from asgi_dist.scheduling.store_postgres import PostgresStore
+from asgi_dist.scheduling.store_redis import RedisStore
 
 NEVER = "0 0 1 1 *"  # once a year: these jobs run when triggered
 ONE_OFF_RUNS: dict[str, list[JobContext]] = defaultdict(list)
@@ -72,6 +75,28 @@ async def test_a_run_past_its_timeout_fails_with_a_clear_error(sched_dist: Any) 
     record = await settle(dist, "slow", await dist.scheduler.trigger("slow"))
     assert record["status"] == "failed"
     assert "timed out after 0.1s" in record["error"]
+
+
+@pytest.mark.parametrize("bound", [None, 30.0])
+async def test_a_timeout_error_raised_by_the_job_is_a_failure_that_is_retried(
+    sched_dist: Any, bound: float | None
+) -> None:
+    """Not the job's own timeout: without one, the run broke (no retry, error None)."""
+    attempts: list[int] = []
+    config = SchedulerConfig(retry_backoff=0.01)
+    dist = await sched_dist(start=False, scheduler=config)
+
+    @dist.cron(NEVER, retries=2, timeout=bound)
+    async def upstream(ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise TimeoutError("the upstream API did not answer")
+
+    await dist.start()
+    await leading(dist)
+    record = await settle(dist, "upstream", await dist.scheduler.trigger("upstream"))
+    assert attempts == [1, 2, 3]
+    assert record["status"] == "failed" and record["attempt"] == 3, record
+    assert record["error"] == "attempt 3: TimeoutError: the upstream API did not answer"
 
 
 async def test_overlap_forbid_skips_a_fire_while_the_previous_runs(sched_dist: Any) -> None:
@@ -251,6 +276,22 @@ async def test_a_one_off_the_leader_cannot_import_is_recorded_failed(sched_dist:
     assert await dist.scheduler.store.due_once(now, 10) == []
 
 
+async def test_a_trigger_of_a_job_the_leader_lacks_is_recorded_failed(sched_dist: Any) -> None:
+    dist = await sched_dist()
+    await leading(dist)
+    # Triggered from a node whose deployment has a job this leader lacks.
+    now = await dist.scheduler.store.now_ms()
+    fire_id = f"newjob:{now}:trigger-abc123"
+    entry = {"job": "newjob", "fire_ms": now, "fire_id": fire_id, "payload": None}
+    # A malformed entry (another version's) is dropped, not retried by every pass.
+    await dist.scheduler.store.push_trigger({"job": "newjob", "fire_id": "newjob:x"})
+    await dist.scheduler.store.push_trigger(entry)
+    record = await settle(dist, "newjob", fire_id)
+    assert record["status"] == "failed" and record["kind"] == "trigger", record
+    assert "'newjob' is not registered on leader" in record["error"], record
+    assert await dist.scheduler.store.due_triggers(10) == []
+
+
 async def test_shutdown_cancels_running_jobs_after_the_grace_and_records_it(
     sched_dist: Any,
 ) -> None:
@@ -407,6 +448,127 @@ async def test_one_off_names_are_not_tracked_after_their_runs(
             break
         await asyncio.sleep(0.1)
     assert dist.scheduler._tracked <= registered
+    assert await dist.scheduler.store.one_off_names() == {}  # the next leader's list too
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_triggers_and_one_offs_run_with_the_shortest_claim_ttl(
+    sched_dist: Any, backend: str
+) -> None:
+    """claim_ttl=0 is in its documented range: a trigger's claim must still work (Redis
+    refused the zero expiry, and the leader lost the trigger and crash-looped)."""
+    config = SchedulerConfig(backend=backend, claim_ttl=0.0)
+    extra: dict[str, Any] = {"redis": None, "postgres": None} if backend == "memory" else {}
+    dist = await sched_dist(start=False, scheduler=config, **extra)
+
+    @dist.cron(NEVER)
+    async def manual(ctx: JobContext) -> None: ...
+
+    await dist.start()
+    await leading(dist)
+    fire_id = await dist.scheduler.trigger("manual")
+    assert (await settle(dist, "manual", fire_id))["status"] == "succeeded"
+    key = dist.namespace
+    once = await dist.scheduler.at(0.0, one_off, name="once", payload={"key": key})
+    assert (await settle(dist, "once", once))["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_trigger_survives_a_failed_claim_and_runs_once(
+    sched_dist: Any, backend: str
+) -> None:
+    """The leader read the trigger, then its claim failed (the store unreachable for a
+    moment): the trigger was already gone from the queue, and never ran nor recorded."""
+    runs: list[str] = []
+    extra: dict[str, Any] = {"redis": None, "postgres": None} if backend == "memory" else {}
+    dist = await sched_dist(start=False, scheduler=SchedulerConfig(backend=backend), **extra)
+
+    @dist.cron(NEVER)
+    async def manual(ctx: JobContext) -> None:
+        runs.append(ctx.fire_id)
+
+    await dist.start()
+    await leading(dist)
+    store = dist.scheduler.store
+    claim, failed = store.claim, []
+
+    async def fails_once(taken: Any) -> Any:
+        if taken.job == "manual" and not failed:
+            failed.append(taken.fire_id)
+            raise ConnectionError("the store is unreachable for a moment")
+        return await claim(taken)
+
+    store.claim = fails_once  # type: ignore[method-assign]
+    fire_id = await dist.scheduler.trigger("manual")
+    record = await settle(dist, "manual", fire_id, within=15)
+    assert failed == [fire_id] and runs == [fire_id], (failed, runs)
+    assert record["status"] == "succeeded"
+    assert await store.due_triggers(10) == []
+
+
+async def traces(dist: Dist, job: str) -> int:
+    """How many things the store still keeps under the name ``job``."""
+    store = dist.scheduler.store
+    if isinstance(store, RedisStore):
+        keys = [store.job_key(job, s) for s in ("state", "hist", "hidx", "active")]
+        return int(await store.client.exists(*keys))
+    if isinstance(store, PostgresStore):
+        return int(
+            await store.pool.fetchval(
+                f"SELECT (SELECT count(*) FROM {store.fires} WHERE job = $1)"
+                f" + (SELECT count(*) FROM {store.jobs} WHERE job = $1)",
+                job,
+            )
+        )
+    assert isinstance(store, MemoryStore)
+    return int(job in store._jobs)
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_one_off_name_is_forgotten_once_its_retention_passed(
+    sched_dist: Any, backend: str
+) -> None:
+    """at() names may be countless: a name no job is registered under keeps its state
+    and history for one_off_retention after its last run, then the store forgets it; a
+    registered job's name used by a one-off is kept for good."""
+    config = SchedulerConfig(
+        backend=backend, running_lease=1.0, one_off_retention=1.0, claim_ttl=0.0
+    )
+    extra: dict[str, Any] = {"redis": None, "postgres": None} if backend == "memory" else {}
+    dist = await sched_dist(start=False, scheduler=config, **extra)
+
+    @dist.cron(NEVER)
+    async def kept(ctx: JobContext) -> None: ...
+
+    await dist.start()
+    await leading(dist)
+    key = dist.namespace
+    retired = await dist.scheduler.at(0.0, one_off, name="retired", payload={"key": key})
+    named = await dist.scheduler.at(0.0, one_off, name="kept", payload={"key": key})
+    assert (await settle(dist, "retired", retired))["status"] == "succeeded"
+    assert (await settle(dist, "kept", named))["status"] == "succeeded"
+    # Within the retention its history is there, as documented.
+    assert [h["fire_id"] for h in await dist.scheduler.history("retired")] == [retired]
+    deadline = time.monotonic() + 15
+    while await traces(dist, "retired"):
+        assert time.monotonic() < deadline, "the retired one-off name was never forgotten"
+        await asyncio.sleep(0.2)
+        if backend == "memory":  # one process: the next one-off's claim sweeps
+            await dist.scheduler.at(0.0, one_off, name="sweeper", payload={"key": key})
+    assert await dist.scheduler.history("retired") == []
+    assert [h["fire_id"] for h in await dist.scheduler.history("kept")] == [named]
+    assert await traces(dist, "kept")
+    # The name can be used again.
+    again = await dist.scheduler.at(0.0, one_off, name="retired", payload={"key": key})
+    assert (await settle(dist, "retired", again))["status"] == "succeeded"
+    # A job registered later under a one-off's name keeps its state for good.
+    store = dist.scheduler.store
+    state = await store.init_job("retired", "sig", 10**13)
+    await asyncio.sleep(2.5)  # past the retention
+    if backend == "memory":
+        await dist.scheduler.at(0.0, one_off, name="sweeper", payload={"key": key})
+    await store.forget_retired()
+    assert await store.state("retired") == state
 
 
 async def test_a_recovery_task_that_swallows_its_cancellation_does_not_stall_the_leader(
@@ -425,12 +587,12 @@ async def test_a_recovery_task_that_swallows_its_cancellation_does_not_stall_the
     reap, now_ms = store.reap_lost, store.now_ms
     failures = {"now": 0}
 
-    async def stubborn_reap(job: str, limit: int = 1000) -> list[str]:
+    async def stubborn_reap(job: str, limit: int = 1000, members: Any = None) -> list[str]:
         try:
             await asyncio.sleep(10)  # where the cancellation finds it
         except asyncio.CancelledError:
             return []  # swallowed, as a buggy client would
-        return list(await reap(job, limit))
+        return list(await reap(job, limit, members))
 
     async def failing_once(*args: Any) -> int:
         if failures["now"] == 0:

@@ -29,6 +29,12 @@ from tests.helpers.processes import ProcessGroup
 from tests.scheduling.test_claim import claim, open_store
 from tests.scheduling.test_cluster import NODE, observer_dist, runs, stop_all, wait_for
 from tests.scheduling.test_redelivery import TIMING, confession, record
+from tests.scheduling.workers import hang_once
+
+
+async def runs_exist(client: aioredis.Redis, namespace: str) -> bool:
+    return bool(await runs(client, namespace))
+
 
 LEASE_MS = 300
 FREEZE = 2 * LEASE_MS / 1000  # blocks the loop: the run lease lapses unrenewed
@@ -185,3 +191,34 @@ async def test_a_frozen_leader_that_wakes_starts_no_retry_of_its_lost_fire(
     rec = await record(observer, fire_id)
     assert rec is not None and rec["status"] == "lost" and rec["node"] == held["node"], rec
     print(f"{fire_id}: leader frozen mid-run, woke to a lost fire and retried nothing")
+
+
+async def test_a_one_off_whose_leader_died_running_it_is_recorded_lost(
+    backend: str,
+    processes: ProcessGroup,
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    make_dist: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The new leader knows no job by a one-off's name: it must still reap its fire."""
+    env = {"REDIS_URL": redis_url, "NAMESPACE": namespace, **TIMING}
+    postgres = None
+    if backend == "postgres":
+        postgres = env["POSTGRES_DSN"] = request.getfixturevalue("postgres_dsn")
+    (victim,) = processes.python(NODE, 1, env=env)  # alone: it leads
+    await wait_for(lambda: runs_exist(redis_client, namespace), 20, "the victim to lead")
+    processes.python(NODE, 2, env=env)
+    observer = await observer_dist(make_dist, redis_url, postgres)
+    fire_id = await observer.scheduler.at(0.0, hang_once, name="hang")
+    held = await confession(redis_client, namespace)
+    assert held["fire_id"] == fire_id and held["pid"] == victim.pid, held
+    victim.kill()  # SIGKILL the leader mid-run: another node leads
+
+    async def lost() -> bool:
+        rec = await observer.scheduler.store.record("hang", fire_id)
+        return rec is not None and rec["status"] == "lost"
+
+    await wait_for(lost, 20, f"one-off {fire_id} to be recorded lost")
+    stop_all(processes)

@@ -64,6 +64,11 @@ def test_bad_cron_string_is_refused_at_decoration() -> None:
         ({"offset": float("nan")}, "offset"),
         ({"run_on": "moon"}, "run_on"),
         ({"name": "bad name{}"}, "job name"),
+        ({"name": ""}, "job name '' is invalid"),  # not the function's name instead
+        ({"after": 5}, "after=5 must be a job name or a list of job names"),
+        ({"after": [None]}, "None is not a job name"),
+        ({"after": ["bad name"]}, "job name 'bad name' is invalid"),
+        ({"broadcast": "yes"}, "broadcast='yes' must be True or False"),
     ],
 )
 def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:

@@ -3,6 +3,10 @@
 Every run appends ``{fire_id, job, pid, fence}`` to the Redis list ``<namespace>:runs``,
 so the test can prove each fire ran exactly once across processes.
 
+``JOBS=broadcast`` runs one broadcast job every second; with ``VICTIM=kill`` this
+node's first shard confesses (``<namespace>:victim``) and hangs, with
+``VICTIM=freeze`` it freezes the node (SIGSTOP) and succeeds once woken.
+
 ``JOBS=redeliver`` runs one ``run_on="any"`` job (``RUN_ON=leader``: a leader job;
 ``RETRIES=n``: n retries); with ``VICTIM=receive`` this node freezes itself (SIGSTOP)
 on its first delivery, before the compare-and-set that starts the fire, with
@@ -69,6 +73,27 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
 
         return dist, client
 
+    if os.environ.get("JOBS") == "broadcast":
+        victim = os.environ.get("VICTIM", "")
+        hooked: list[str] = []
+
+        @dist.every(seconds=1, broadcast=True)
+        async def fanout(ctx: JobContext) -> None:
+            entry = {"fire_id": ctx.fire_id, "job": ctx.job, "pid": os.getpid()}
+            entry["shard"] = [ctx.shard_index, ctx.shard_total]
+            await client.rpush(runs, json.dumps(entry))
+            if victim and not hooked:
+                hooked.append(ctx.fire_id)
+                confession = {"fire_id": ctx.fire_id, "node": dist.runtime.node_id}
+                confession.update(pid=os.getpid(), shard=ctx.shard_index)
+                await client.set(f"{namespace}:victim", json.dumps(confession))
+                if victim == "freeze":
+                    os.kill(os.getpid(), signal.SIGSTOP)  # frozen mid-shard; then succeeds
+                else:
+                    await asyncio.sleep(60)  # the test SIGKILLs this node mid-shard
+
+        return dist, client
+
     if os.environ.get("JOBS") == "redeliver":
         victim = os.environ.get("VICTIM", "")
         hooked: list[str] = []
@@ -119,6 +144,15 @@ def build(url: str, namespace: str) -> tuple[Dist, aioredis.Redis]:
         await record(ctx)
 
     return dist, client
+
+
+async def hang_once(ctx: JobContext) -> None:
+    """A one-off (``at()``) that confesses like a victim, then hangs (until SIGKILLed)."""
+    client = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+    confession = {"fire_id": ctx.fire_id, "node": ctx.node_id, "pid": os.getpid()}
+    await client.set(f"{os.environ['NAMESPACE']}:victim", json.dumps(confession))
+    await client.aclose()
+    await asyncio.sleep(60)
 
 
 async def serve() -> None:
