@@ -21,6 +21,10 @@ class TransactionConfig:
         relay: run the outbox relay in this process (it runs in every process by default;
             relays share the work).
         relay_batch: rows relayed per claim.
+        relay_batch_bytes: bound on the payload and header bytes of one claim (16 MiB), so
+            that a backlog of large messages is relayed in several batches instead of one
+            that holds hundreds of megabytes in memory at once; a claim takes at least one
+            row of each partition it leases, whatever its size.
         relay_poll_interval: polling fallback when no ``NOTIFY`` arrives.
         relay_lease: lease of a claimed outbox partition; a relay paused longer than this
             loses it and cannot mark the rows it had claimed.
@@ -29,10 +33,11 @@ class TransactionConfig:
             it: keep this well above the largest backlog.
         retention: published outbox rows are purged after this long.
         inbox_retention: consumer inbox rows (the dedup memory) are purged after this long;
-            keep it longer than any redelivery can take.
+            keep it longer than any redelivery can take.  A consumer group that existed and
+            is found missing is recreated at the entries of this last period.
         purge_interval: how often the purge job runs (one node per fire; each process when
             its scheduler is off).
-        max_payload: bound on the JSON payload of one message, in bytes.
+        max_payload: bound on the JSON payload of one message, in bytes (and on its headers).
         reclaim_after: a pending message whose consumer stopped heartbeating for this long
             is claimed by another consumer of the group (``XAUTOCLAIM``).
         claim_interval: how often each consumer looks for reclaimable or retryable messages.
@@ -51,6 +56,7 @@ class TransactionConfig:
     enabled: bool = True
     relay: bool = True
     relay_batch: int = 500
+    relay_batch_bytes: int = 16 * 1024 * 1024
     relay_poll_interval: float = 1.0
     relay_lease: float = 10.0
     stream_maxlen: int | None = 1_000_000
@@ -103,6 +109,7 @@ _DAY = 86_400.0
 # Upper bounds: finite, and far beyond any sensible setting.
 _COUNTS = {
     "relay_batch": 100_000,
+    "relay_batch_bytes": 1024 * 1024 * 1024,
     "stream_maxlen": 10**12,
     "max_payload": 512 * 1024 * 1024,  # Redis' limit on one string
     "max_checks": 10_000,

@@ -12,6 +12,8 @@ claimable after its backoff (one longer than ``reclaim_after`` is first waited o
 here); after ``max_deliveries`` it moves to the group's dead-letter stream with the
 last error.  A COMMIT that PostgreSQL refuses (an error the handler caught aborted
 the transaction) is a failure too: the work is gone, so the message is not acked.
+A consumer that stops hands the entries it was still handling back to the group
+(claimable at once, the interrupted delivery uncounted): a deploy spends no attempt.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _PACKAGE = "asgi_dist.transactions"
 # or so by each member (random phase, so members do not prune in step).
 PRUNE_IDLE = 3600.0
 _PRUNE_EVERY = 60.0
+# XAUTOCLAIM calls (each scanning at most 10 * count pending entries) per claim round.
+_AUTOCLAIM_PAGES = 10
 
 
 def dead_letter_key(redis: RedisBackend, topic: str, group: str) -> str:
@@ -109,8 +113,12 @@ class Consumer:
         config: TransactionConfig,
         name: str,
         stopping: asyncio.Event,
+        connections: asyncio.Semaphore,
     ) -> None:
         self.spec = spec
+        # Shared by the consumers of this process: the PostgreSQL connections their
+        # handlers may hold at once (see service.handler_connections).
+        self.connections = connections
         # Loops also check this flag: a cancellation swallowed by a library on
         # its way up must not keep a worker alive after stop.
         self.stopping = stopping
@@ -124,17 +132,23 @@ class Consumer:
         self._claim_owned = redis.script(_PACKAGE, "claim_owned")
         self._dead_letter = redis.script(_PACKAGE, "dead_letter")
         self._prune = redis.script(_PACKAGE, "prune_consumers")
+        self._hand_back = redis.script(_PACKAGE, "hand_back")
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # Failed entries whose retry is due more than reclaim_after ahead, with the
         # loop.time() it is due: kept (heartbeated) here until then (see _retry_in).
         self._waiting: dict[str, float] = {}
+        # Entries being handled whose outcome (committed, failed) is not decided yet: at
+        # stop, those left here were abandoned and are handed back (see _hand_back_abandoned).
+        self._undecided: set[str] = set()
         self._slot_freed = asyncio.Event()
+        self._autoclaim_from = "0-0"  # where the next XAUTOCLAIM scan resumes
         self._inbox_insert = (
             f"INSERT INTO {postgres.table('inbox')} (grp, msg_id) VALUES ($1, $2)"
             " ON CONFLICT DO NOTHING RETURNING true"
         )
-        self._inbox_seen = (
-            f"SELECT true FROM {postgres.table('inbox')} WHERE grp = $1 AND msg_id = $2"
+        self._register_group = (
+            f"INSERT INTO {postgres.table('consumer_group')} (topic, grp) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true"
         )
         self.handled = 0  # handler runs committed by this process (stats, tests)
         self._names = (spec.topic, spec.group)
@@ -206,6 +220,24 @@ class Consumer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._hand_back_abandoned()
+
+    async def _hand_back_abandoned(self) -> None:
+        """Make the entries whose handlers this stop cancelled claimable by the rest of
+        the group now, without counting the abandoned delivery as an attempt."""
+        abandoned, self._undecided = list(self._undecided), set()
+        if not abandoned:
+            return
+        idle = int(self.config.reclaim_after * 1000)
+        try:
+            async with asyncio.timeout(2.0):  # bounded: stopping must not hang on Redis
+                await self._hand_back(
+                    self.redis.client, [self.stream], [self.spec.group, self.name, idle, *abandoned]
+                )
+        except Exception as exc:  # they stay pending: reclaimed after reclaim_after
+            log.warning(
+                "consumer %s could not hand back %d entries: %s", self.name, len(abandoned), exc
+            )
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task.get_name(), None)
@@ -214,21 +246,53 @@ class Consumer:
     async def _ensure_group(self, backoff: Backoff) -> None:
         while not self.stopping.is_set():
             try:
-                # From the start of the stream: messages relayed before the group
-                # existed are still the group's to handle (the outbox promised them).
-                await self.redis.client.xgroup_create(
-                    self.stream, self.spec.group, id="0", mkstream=True
-                )
+                await self._create_group()
+                self._autoclaim_from = "0-0"  # a cursor into a group that may be new
                 return
-            except redis_errors.ResponseError as exc:
-                if "BUSYGROUP" in str(exc):
-                    return
-                raise
             except Exception as exc:
                 if as_backend_unavailable(exc) is None:
                     raise
                 log.warning("consumer %s: %s; retrying", self.spec.group, exc)
                 await backoff.sleep()
+
+    async def _create_group(self) -> None:
+        """Create the group if it is missing, at the entry where its messages begin.
+
+        A new group reads from the start of the stream: messages relayed before it
+        existed are still its to handle (the outbox promised them).  A group that was
+        created before (it is in the registry table) and is missing now was deleted, or
+        lost with a Redis that restarted empty: it reads only the entries of the last
+        ``inbox_retention``, whose inbox rows still tell which ones it handled; older
+        ones would run their handlers a second time.  The registry row commits only
+        once the group exists, so a process creating the same new group meanwhile waits
+        on that row, then finds the group made from the start (BUSYGROUP).
+        """
+        async with self.postgres.pool.acquire() as conn, conn.transaction():
+            new = bool(await conn.fetchval(self._register_group, *self._names))
+            start = "0"
+            if not new:
+                since: int = await conn.fetchval(
+                    "SELECT (extract(epoch FROM now()) * 1000)::bigint - $1::bigint",
+                    int(self.config.inbox_retention * 1000),
+                )
+                start = f"{max(since, 0)}-0"
+            try:
+                await self.redis.client.xgroup_create(
+                    self.stream, self.spec.group, id=start, mkstream=True
+                )
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    return
+                raise
+        if not new:
+            log.warning(
+                "consumer group %s of %s was missing (deleted, or lost with a Redis that "
+                "restarted empty): recreated from entry %s, the last inbox_retention; older "
+                "entries are skipped, since the inbox no longer tells whether they were handled",
+                self.spec.group,
+                self.spec.topic,
+                start,
+            )
 
     async def prune(self, idle: float = PRUNE_IDLE) -> int:
         """Delete group members idle ``idle`` seconds with nothing pending (dead processes)."""
@@ -250,16 +314,28 @@ class Consumer:
         return out
 
     async def _autoclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes] | None, int]]:
-        """Entries idle past ``reclaim_after``: of dead consumers, or due for a retry."""
-        reply: Any = await self.redis.client.xautoclaim(
-            self.stream,
-            self.spec.group,
-            self.name,
-            min_idle_time=int(self.config.reclaim_after * 1000),
-            start_id="0-0",
-            count=count,
-        )
-        claimed = [(_s(sid), fields) for sid, fields in reply[1] if fields is not None]
+        """Entries idle past ``reclaim_after``: of dead consumers, or due for a retry.
+
+        XAUTOCLAIM looks at no more than ``10 * count`` pending entries per call and
+        answers where it stopped.  Live entries (heartbeated handlers of the whole
+        group) sit at the head of the list, so a scan that always began at ``0-0``
+        would never get past them to a dead consumer's entries: the scan resumes at
+        the cursor, a few pages per call, and starts over once it wraps.
+        """
+        claimed: list[tuple[str, dict[bytes, bytes] | None]] = []
+        for _ in range(_AUTOCLAIM_PAGES):
+            reply: Any = await self.redis.client.xautoclaim(
+                self.stream,
+                self.spec.group,
+                self.name,
+                min_idle_time=int(self.config.reclaim_after * 1000),
+                start_id=self._autoclaim_from,
+                count=count - len(claimed),
+            )
+            self._autoclaim_from = _s(reply[0])
+            claimed += [(_s(sid), fields) for sid, fields in reply[1] if fields is not None]
+            if len(claimed) >= count or self._autoclaim_from == "0-0":
+                break
         if not claimed:
             return []
         # XAUTOCLAIM counted this delivery; read the counts to number the attempt.
@@ -268,7 +344,8 @@ class Consumer:
             self.spec.group,
             min=claimed[0][0],
             max=claimed[-1][0],
-            count=len(claimed) * 4 + 16,
+            # Our own entries in that range: these, the running and the waiting ones.
+            count=len(claimed) + len(self._inflight) + len(self._waiting) + 16,
             consumername=self.name,
         )
         counts = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
@@ -326,25 +403,30 @@ class Consumer:
             )
             return
         backoff = Backoff(first=0.2, cap=self.config.reclaim_after / 2)
+        # Until an outcome, a stop (cancellation, or the flag) abandons the delivery.
+        self._undecided.add(stream_id)
         while True:
             if self.stopping.is_set():
-                return  # still pending: another consumer or the next start takes it
+                return  # still pending: handed back to the group as the consumer stops
             try:
                 await self._run_once(message)
                 break
             except asyncio.CancelledError:
                 raise
             except HandlerFailed as failed:
+                self._undecided.discard(stream_id)
                 await self._failed(message, failed.error)
                 return
             except Exception as exc:
                 if as_backend_unavailable(exc) is None:
+                    self._undecided.discard(stream_id)
                     await self._failed(message, exc)
                     return
                 # PostgreSQL is down: not the message's fault, so no attempt is spent;
                 # keep the entry (heartbeated) and try again.
                 log.warning("consumer %s: %s; retrying", self.spec.group, exc)
                 await backoff.sleep()
+        self._undecided.discard(stream_id)  # committed
         try:
             await self.redis.client.xack(self.stream, self.spec.group, stream_id)
         except Exception as exc:
@@ -352,19 +434,32 @@ class Consumer:
             log.warning("consumer %s could not XACK %s: %s", self.spec.group, stream_id, exc)
 
     async def _in_inbox(self, message: Message) -> bool:
-        """Handled before (only its XACK was lost): it must be acked, not dead-lettered."""
+        """Whether a delivery past ``max_deliveries`` must be acked, not dead-lettered:
+        handled before (only its XACK was lost), or being handled right now by a member
+        that could not heartbeat (a handler blocked its event loop past reclaim_after).
+
+        The probe inserts the inbox row and rolls back: an insert waits for a running
+        transaction that holds the row, so it answers once that delivery has committed
+        (conflict: handled) or rolled back (inserted: nobody handled it).
+        """
         try:
-            found = await self.postgres.pool.fetchval(
-                self._inbox_seen, self.spec.group, uuid.UUID(message.id)
-            )
+            async with self.connections, self.postgres.pool.acquire() as conn:
+                probe = conn.transaction()
+                await probe.start()
+                try:
+                    fresh = await conn.fetchval(
+                        self._inbox_insert, self.spec.group, uuid.UUID(message.id)
+                    )
+                finally:
+                    await probe.rollback()
         except Exception as exc:
             if as_backend_unavailable(exc) is None:
                 raise
             return True  # cannot tell now: run it, the inbox decides when PostgreSQL is back
-        return bool(found)
+        return not fresh
 
     async def _run_once(self, message: Message) -> None:
-        async with self.postgres.pool.acquire() as conn:
+        async with self.connections, self.postgres.pool.acquire() as conn:
             tx = Transaction(self.outbox, conn)
             # asyncpg's transaction object, so that conn.transaction() in the handler
             # nests as a savepoint; the COMMIT is ours, to read PostgreSQL's answer.
@@ -400,14 +495,17 @@ class Consumer:
 
     async def _call_handler(self, message: Message, tx: Transaction) -> None:
         conn = tx.connection
+        deadline = asyncio.timeout(self.spec.timeout)
         try:
-            async with asyncio.timeout(self.spec.timeout):
+            async with deadline:
                 await self.spec.handler(message, tx)
-        except TimeoutError:
-            raise HandlerFailed(
-                TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
-            ) from None
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                raise HandlerFailed(
+                    TimeoutError(f"the handler ran past its timeout of {self.spec.timeout}s")
+                ) from None
+            # A TimeoutError of the handler's own (a call it bounded) is its own error,
+            # reported as such, not as the consumer's timeout.
             if isinstance(exc, BackendUnavailable | asyncpg.PostgresConnectionError):
                 raise  # our PostgreSQL is down: not the message's fault
             if connection_lost(conn):

@@ -47,7 +47,8 @@ def encode_payload(payload: Any, max_bytes: int) -> str:
     return text
 
 
-def encode_headers(headers: Mapping[str, str] | None) -> str | None:
+def encode_headers(headers: Mapping[str, str] | None, max_bytes: int) -> str | None:
+    """JSON text of ``headers``, within the same bound as a payload (``max_payload``)."""
     if headers is None:
         return None
     if (
@@ -60,7 +61,12 @@ def encode_headers(headers: Mapping[str, str] | None) -> str | None:
             f"got {headers!r}"
         )
     text = json.dumps(dict(headers), separators=(",", ":"), ensure_ascii=False)
-    _utf8(text, "the message headers")
+    size = len(_utf8(text, "the message headers"))
+    if size > max_bytes:
+        raise TransactionError(
+            f"the message headers are {size} bytes; the limit is {max_bytes} "
+            "(TransactionConfig(max_payload=...)): keep headers to short metadata"
+        )
     return text
 
 

@@ -24,7 +24,7 @@ import asyncpg
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
 from asgi_dist.transactions.config import TransactionConfig
 
-__all__ = ["Relay", "purge_loop", "purge_once"]
+__all__ = ["Refused", "Relay", "purge_loop", "purge_once"]
 
 log = logging.getLogger("asgi_dist.transactions")
 
@@ -60,6 +60,21 @@ class Backoff:
     async def sleep(self) -> None:
         self.current = min(self.cap, self.current * 2 or self.first)
         await asyncio.sleep(self.current * random.uniform(0.5, 1.0))
+
+
+class Refused(Exception):
+    """Redis refused the XADD of some rows (a key of another type, an entry over its
+    size limit) and took the others, whose entry ids are in ``stream_ids`` ("" where
+    refused)."""
+
+    def __init__(self, stream_ids: list[str], topic: str, error: Exception) -> None:
+        refused = sum(1 for sid in stream_ids if not sid)
+        super().__init__(
+            f"Redis refused {refused} of {len(stream_ids)} outbox entries, e.g. on topic "
+            f"{topic!r}: {type(error).__name__}: {error}; they stay in the outbox and are "
+            "retried: fix the cause (the key of that topic's stream, Redis' limits)"
+        )
+        self.stream_ids = stream_ids
 
 
 @dataclass(frozen=True)
@@ -109,9 +124,18 @@ class Relay:
             )
             SELECT c.partition, c.fence, o.seq, o.msg_id, o.topic, o.key, o.payload, o.headers
             FROM claimed c LEFT JOIN LATERAL (
-                SELECT seq, msg_id, topic, key, payload, headers FROM {outbox}
-                WHERE partition = c.partition AND state = 0 AND published_at IS NULL
-                ORDER BY seq LIMIT $4
+                -- The oldest rows that start within the partition's share of the byte
+                -- budget: a prefix in seq order, never empty (octet_length reads the
+                -- stored length, it does not detoast the payload).
+                SELECT * FROM (
+                    SELECT seq, msg_id, topic, key, payload, headers,
+                           sum(octet_length(payload) + coalesce(octet_length(headers), 0))
+                               OVER (ORDER BY seq) AS upto,
+                           octet_length(payload) + coalesce(octet_length(headers), 0) AS size
+                    FROM {outbox}
+                    WHERE partition = c.partition AND state = 0 AND published_at IS NULL
+                    ORDER BY seq LIMIT $4
+                ) w WHERE w.upto - w.size < $5
             ) o ON true
             ORDER BY o.seq"""
         # The lease rows are locked first and re-checked (owner, fence, expiry), so a
@@ -150,7 +174,9 @@ class Relay:
                         pass
                     backoff.reset()
                 except Exception as exc:
-                    if as_backend_unavailable(exc) is None:
+                    if isinstance(exc, Refused):
+                        log.error("outbox relay: %s", exc)
+                    elif as_backend_unavailable(exc) is None:
                         log.exception("outbox relay failed; retrying")
                     else:
                         log.warning("outbox relay: %s; retrying", exc)
@@ -171,6 +197,12 @@ class Relay:
         claim, rows = claimed
         try:
             stream_ids = await self.xadd(rows) if rows else []
+        except Refused as refused:
+            # Redis took the other entries: mark those, or every retry would publish
+            # them again while the refused rows wait (in the outbox) for a fix.
+            taken = [(r, sid) for r, sid in zip(rows, refused.stream_ids, strict=True) if sid]
+            await self.mark(claim, [r for r, _ in taken], [sid for _, sid in taken])
+            raise
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.postgres.pool.execute(
@@ -183,8 +215,14 @@ class Relay:
         """Lease up to a few partitions with ready rows (``SKIP LOCKED``) and read their
         oldest rows, in publish order; ``None`` when there is nothing to relay."""
         per_partition = -(-self.config.relay_batch // _CLAIM)
+        bytes_per_partition = -(-self.config.relay_batch_bytes // _CLAIM)
         found = await self.postgres.pool.fetch(
-            self._claim, self.node_id, _CLAIM, self.config.relay_lease, per_partition
+            self._claim,
+            self.node_id,
+            _CLAIM,
+            self.config.relay_lease,
+            per_partition,
+            bytes_per_partition,
         )
         if not found:
             return None
@@ -213,7 +251,10 @@ class Relay:
         return int(marked)
 
     async def xadd(self, rows: list[asyncpg.Record]) -> list[str]:
-        """One pipelined XADD per row to its topic's stream; returns the entry ids."""
+        """One pipelined XADD per row to its topic's stream; returns the entry ids.
+
+        Raises :class:`Refused` if Redis refused some of them and took the rest.
+        """
         maxlen = self.config.stream_maxlen
         pipe = self.redis.client.pipeline(transaction=False)
         for row in rows:
@@ -232,8 +273,15 @@ class Relay:
                 maxlen=maxlen,
                 approximate=True,
             )
-        results = await pipe.execute()
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in results]
+        results = await pipe.execute(raise_on_error=False)
+        stream_ids = [
+            "" if isinstance(r, Exception) else r.decode() if isinstance(r, bytes) else str(r)
+            for r in results
+        ]
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, Exception):
+                raise Refused(stream_ids, row["topic"], result)
+        return stream_ids
 
     async def _listen(self) -> None:
         """Hold one connection in LISTEN; reconnect after outages."""

@@ -65,4 +65,16 @@ CREATE TRIGGER {ns}_outbox_notify AFTER INSERT OR UPDATE OF state ON {ns}_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION {ns}_outbox_notify();
 """
 
-MIGRATIONS: list[str] = [_V1]
+# Every consumer group ever created, so that a group found missing (deleted by hand, or
+# lost with a Redis that restarted empty) is told from a new one: a new group reads the
+# whole stream; a recreated one only what its inbox still remembers (see Consumer).
+_V2 = """
+CREATE TABLE {ns}_consumer_group (
+    topic      text NOT NULL,
+    grp        text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, grp)
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]

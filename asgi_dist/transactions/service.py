@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import asyncpg
+
 from asgi_dist._checks import seconds
 from asgi_dist.backends import Runtime
 from asgi_dist.context import RequestHook
@@ -45,6 +47,19 @@ PURGE_JOB = "asgi_dist.outbox.purge"
 _CHECK_BATCHES = 50
 
 
+def handler_connections(pool: asyncpg.Pool) -> int:
+    """How many connections of ``pool`` the consumers of a process hold at most, together.
+
+    Each running handler holds one for its whole transaction.  Unbounded, a few slow
+    handlers with ``concurrency`` near the pool's size (10 by default) would take every
+    connection: requests would wait ``acquire_timeout`` and answer 503, and the relay
+    could not mark what it published.  Half the pool keeps the other half for them;
+    handlers beyond the bound wait for a connection with their entries heartbeated.
+    """
+    size: int = pool.get_max_size()
+    return max(1, size // 2)
+
+
 class TransactionService:
     """Request transaction, outbox relay, idempotent consumers, transactional messages."""
 
@@ -62,6 +77,7 @@ class TransactionService:
         self._pending_checks: list[Check] = []
         self._started = False
         self._stopping = asyncio.Event()
+        self._handler_connections = asyncio.Semaphore(1)
         # Fire ids of the check-back job run in this process (newest last): lets an
         # operator or a test see which node ran which fire.
         self.checkback_fires: collections.deque[str] = collections.deque(maxlen=1000)
@@ -126,6 +142,7 @@ class TransactionService:
             return
         postgres = self.runtime.require_postgres("transactions")
         self._stopping = asyncio.Event()
+        self._handler_connections = asyncio.Semaphore(handler_connections(postgres.pool))
         self._checkback = CheckBack(postgres, self.config, self._stopping)
         for check in self._pending_checks:
             self._checkback.register(check)
@@ -211,7 +228,14 @@ class TransactionService:
         postgres = self.runtime.require_postgres(f"consumer of {spec.topic!r}")
         redis = self.runtime.require_redis(f"consumer of {spec.topic!r}")
         consumer = Consumer(
-            spec, postgres, redis, self.outbox, self.config, self.runtime.node_id, self._stopping
+            spec,
+            postgres,
+            redis,
+            self.outbox,
+            self.config,
+            self.runtime.node_id,
+            self._stopping,
+            self._handler_connections,
         )
         self.consumers.append(consumer)
         self.runtime.spawn(f"consumer:{spec.topic}:{spec.group}", consumer.run)

@@ -66,7 +66,7 @@ class Outbox:
         validate_topic(topic)
         validate_key(key)
         text = encode_payload(payload, self.max_payload)
-        head = encode_headers(headers)
+        head = encode_headers(headers, self.max_payload)
         msg_id = uuid.uuid4()
         checker, max_checks, every, after = half if half else (None, None, None, None)
         await conn.execute(

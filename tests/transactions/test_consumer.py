@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -117,6 +118,25 @@ async def test_a_handler_past_its_timeout_is_retried(
     assert [r["attempt"] for r in await pg.fetch(f"SELECT attempt FROM {ns}_effects")] == [2]
 
 
+@pytest.mark.parametrize("consumer_timeout", [None, 30.0])
+async def test_a_timeout_the_handler_raises_itself_is_reported_as_its_own_error(
+    fast_dist: Callable[..., Any], redis_client: aioredis.Redis, consumer_timeout: float | None
+) -> None:
+    """A call the handler bounded timed out: the dead letter names that error, not a
+    consumer timeout that never happened."""
+    dist: Dist = await fast_dist()
+
+    @dist.consumer("mail", group="g", max_deliveries=1, timeout=consumer_timeout)
+    async def handle(message: Message, tx: Transaction) -> None:
+        raise TimeoutError("the mail server did not answer within 2s")
+
+    await publish(dist, "mail", [{}])
+    dead = f"{{{dist.namespace}:topic:mail}}:dead:g"
+    await eventually(lambda: redis_client.xlen(dead), 15, "the message dead-lettered")
+    [(_, fields)] = await redis_client.xrange(dead)
+    assert fields[b"error"] == b"TimeoutError: the mail server did not answer within 2s"
+
+
 async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
@@ -166,6 +186,7 @@ async def test_names_of_dead_consumers_are_pruned_but_not_those_with_pending_ent
         dist.transactions.config,
         "me",
         asyncio.Event(),
+        asyncio.Semaphore(1),
     )
     stream = f"{{{dist.namespace}:topic:prune}}:stream"
     await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
@@ -232,3 +253,104 @@ async def test_retry_backoff_keeps_doubling_past_reclaim_after(
     # 0.4, 0.8, then 1.6 s: past reclaim_after (1 s), which used to cap it.
     assert 1.5 <= gaps[2] < 3.0, gaps
     assert gaps[0] < gaps[1] < gaps[2], gaps
+
+
+async def test_slow_handlers_leave_connections_for_requests_and_the_relay(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection
+) -> None:
+    """A consumer as concurrent as the pool is large (10), its handlers all busy: the
+    requests of the same process still get a connection (no 503), and the relay still
+    publishes what they commit."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asgi_dist import get_tx
+
+    dist: Dist = await fast_dist()
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (msg_id uuid)")
+    release = asyncio.Event()
+    running: list[str] = []
+
+    @dist.consumer("slow", group="g", concurrency=10)
+    async def handle(message: Message, tx: Transaction) -> None:
+        await tx.execute(f"INSERT INTO {ns}_effects VALUES ($1)", message.id)
+        running.append(message.id)
+        await asyncio.wait_for(release.wait(), 30)
+
+    async def order(request: Request) -> JSONResponse:
+        return JSONResponse({"id": await get_tx().publish("orders", {"n": 1})})
+
+    await publish(dist, "slow", [{"n": i} for i in range(10)])
+    await eventually(lambda: _ge(len(running), 5), 15, "the handlers busy")
+    await asyncio.sleep(0.5)  # any handler that can start has started
+    app = dist.wrap(Starlette(routes=[Route("/order", order, methods=["POST"])]))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        answers = await asyncio.gather(*[http.post("/order") for _ in range(20)])
+    assert [a.status_code for a in answers] == [200] * 20
+
+    async def published() -> bool:
+        return bool(
+            await pg.fetchval(
+                f"SELECT count(*) FROM {ns}_outbox WHERE topic = 'orders'"
+                " AND published_at IS NOT NULL"
+            )
+            == 20
+        )
+
+    await eventually(published, 10, "the relay published the requests' messages")
+    assert not release.is_set()  # all the while the handlers were busy
+    release.set()
+
+    async def all_handled() -> bool:
+        return bool(await pg.fetchval(f"SELECT count(*) FROM {ns}_effects") == 10)
+
+    await eventually(all_handled, 30, "every slow message handled once")
+
+
+async def _ge(value: int, least: int) -> bool:
+    return value >= least
+
+
+async def test_a_deleted_group_is_recreated_without_rerunning_what_its_inbox_forgot(
+    fast_dist: Callable[..., Any], pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    """A group deleted by hand (or lost with a Redis restarted empty) comes back without
+    handling again the messages whose inbox rows were purged; a group that is new still
+    gets every message the stream holds."""
+    from asgi_dist.transactions.relay import purge_once
+
+    config = replace(FAST, inbox_retention=1.0)
+    dist: Dist = await fast_dist(transactions=config)
+    ns = dist.namespace
+    await pg.execute(f"CREATE TABLE {ns}_effects (grp text, msg_id uuid)")
+
+    def record(group: str) -> Any:
+        async def handle(message: Message, tx: Transaction) -> None:
+            await tx.execute(f"INSERT INTO {ns}_effects VALUES ($1, $2)", group, message.id)
+
+        return handle
+
+    dist.consumer("work", group="g")(record("g"))
+    old = await publish(dist, "work", [{"n": i} for i in range(5)])
+
+    async def effects(group: str, n: int) -> bool:
+        sql = f"SELECT count(*) FROM {ns}_effects WHERE grp = $1"
+        return bool(await pg.fetchval(sql, group) == n)
+
+    await eventually(lambda: effects("g", 5), 15, "the first 5 handled")
+    await asyncio.sleep(1.5)  # past inbox_retention
+    await purge_once(dist.runtime.require_postgres("test"), config)
+    assert await pg.fetchval(f"SELECT count(*) FROM {ns}_inbox") == 0
+    stream = f"{{{ns}:topic:work}}:stream"
+    assert await redis_client.xgroup_destroy(stream, "g")
+    new = await publish(dist, "work", [{"n": 5}])
+    await eventually(lambda: effects("g", 6), 15, "the new message handled")
+    dist.consumer("work", group="late")(record("late"))  # a new group: reads it all
+    await eventually(lambda: effects("late", 6), 15, "the new group handled everything")
+    await asyncio.sleep(0.5)  # room for a message handled twice to show
+    rows = await pg.fetch(f"SELECT msg_id::text AS id FROM {ns}_effects WHERE grp = 'g'")
+    assert sorted(r["id"] for r in rows) == sorted(old + new)

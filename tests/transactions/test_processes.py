@@ -169,3 +169,120 @@ async def _gt(value: Any, than: int) -> bool:
 
 async def _eq(value: Any, expected: int) -> bool:
     return bool(await value == expected)
+
+
+async def test_a_dead_consumers_entries_are_reclaimed_past_many_live_ones(
+    make_dist: Callable[..., Any],
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """Twelve entries held by two live, slow members head the group's pending list; a
+    killed member's five come after them.  A member taking one entry at a time
+    (XAUTOCLAIM scans ten pending entries per entry asked) must still find those five."""
+    dist = await setup(make_dist, pg)
+    ns = dist.namespace
+    stream = f"{{{ns}:topic:work}}:stream"
+    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
+    processes.python(WORKER, 1, env, args=["relay"])
+    live = processes.python(WORKER, 2, env, args=["blocker", "6"])
+    await wait_files([tmp_path / f"blocker-{w.pid}.ready" for w in live], processes)
+
+    async def pending(n: int) -> bool:
+        return bool((await redis_client.xpending(stream, "g"))["pending"] == n)
+
+    await publish_all(dist, 12)
+    await eventually(lambda: pending(12), 30, "the live members hold 12 entries")
+    (doomed,) = processes.python(WORKER, 1, env, args=["blocker", "5"])
+    await wait_files([tmp_path / f"blocker-{doomed.pid}.ready"], processes)
+    ids = await publish_all(dist, 5)
+    await eventually(lambda: pending(17), 30, "the doomed member holds 5 entries")
+    doomed.kill()
+    processes.python(WORKER, 1, {**env, "CONCURRENCY": "1"}, args=["consumer"])
+
+    async def handled() -> bool:
+        return await count(pg, f"SELECT count(*) FROM {ns}_effects") >= 5
+
+    # reclaim_after is 2 s; the live members' entries stay pending all along.
+    await eventually(handled, 20, "the killed member's entries reclaimed and handled")
+    rows = await pg.fetch(f"SELECT msg_id::text AS id FROM {ns}_effects")
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 12
+
+
+async def test_a_graceful_stop_hands_its_messages_over_without_spending_an_attempt(
+    make_dist: Callable[..., Any],
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """A member stopped by SIGTERM (a deploy) in the middle of its handlers: the group
+    handles those messages once, and with max_deliveries=1 none is dead-lettered for
+    a delivery that never failed."""
+    dist = await setup(make_dist, pg)
+    ns = dist.namespace
+    stream = f"{{{ns}:topic:work}}:stream"
+    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
+    processes.python(WORKER, 1, env, args=["relay"])
+    (stopping,) = processes.python(WORKER, 1, env, args=["blocker", "3"])
+    await wait_files([tmp_path / f"blocker-{stopping.pid}.ready"], processes)
+    ids = await publish_all(dist, 3)
+
+    async def held() -> bool:
+        return bool((await redis_client.xpending(stream, "g"))["pending"] == 3)
+
+    await eventually(held, 30, "the stopping member runs 3 handlers")
+    assert stopping.terminate() == 0, stopping.output()
+    processes.python(WORKER, 1, {**env, "MAX_DELIVERIES": "1"}, args=["consumer"])
+
+    async def handled() -> bool:
+        return await count(pg, f"SELECT count(*) FROM {ns}_effects") >= 3
+
+    await eventually(handled, 20, "the stopped member's messages handled by the other")
+    rows = await pg.fetch(f"SELECT msg_id::text AS id FROM {ns}_effects")
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert await redis_client.xlen(f"{{{ns}:topic:work}}:dead:g") == 0
+
+
+async def test_a_message_still_running_in_a_stalled_member_is_not_dead_lettered(
+    make_dist: Callable[..., Any],
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """A handler blocks its process's event loop past reclaim_after (2 s), so another
+    member reclaims its message as a second delivery, past max_deliveries=1.  The
+    message is still running, and succeeds: it is handled once and not dead-lettered."""
+    dist = await setup(make_dist, pg)
+    ns = dist.namespace
+    stream = f"{{{ns}:topic:work}}:stream"
+    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
+    processes.python(WORKER, 1, env, args=["relay"])
+    (stalled,) = processes.python(WORKER, 1, env, args=["stalling", "8"])
+    await wait_files([tmp_path / f"stalling-{stalled.pid}.ready"], processes)
+    ids = await publish_all(dist, 1)
+
+    async def taken() -> bool:
+        return bool((await redis_client.xpending(stream, "g"))["pending"] == 1)
+
+    await eventually(taken, 30, "the stalling member runs the message")
+    (other,) = processes.python(WORKER, 1, env, args=["stalling", "0"])
+    await wait_files([tmp_path / f"stalling-{other.pid}.ready"], processes)
+
+    async def settled() -> bool:
+        acked = (await redis_client.xpending(stream, "g"))["pending"] == 0
+        return acked and await count(pg, f"SELECT count(*) FROM {ns}_effects") == 1
+
+    await eventually(settled, 30, "the message handled and acked")
+    rows = await pg.fetch(f"SELECT msg_id::text AS id, pid FROM {ns}_effects")
+    assert [(r["id"], r["pid"]) for r in rows] == [(ids[0], stalled.pid)]
+    assert await redis_client.xlen(f"{{{ns}:topic:work}}:dead:g") == 0

@@ -9,11 +9,12 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from asgi_dist import Dist
 from asgi_dist.transactions import Transaction
-from asgi_dist.transactions.relay import Relay
+from asgi_dist.transactions.relay import Refused, Relay
 from tests.transactions.settings import FAST
 from tests.transactions.waiting import eventually
 
@@ -91,3 +92,60 @@ async def test_published_rows_are_purged_after_retention(
         return bool(await pg.fetchval(f"SELECT count(*) FROM {dist.namespace}_outbox") == 0)
 
     await eventually(purged, 10, "published rows purged")
+
+
+async def test_a_backlog_of_large_messages_is_relayed_in_batches_of_bounded_size(
+    make_dist: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    """60 messages of 200 KB on one key (one partition): a claim reads a few megabytes of
+    them, not all 12 MB at once (500 rows of max_payload would be 128 MB in memory),
+    and the rows still leave in order."""
+    dist: Dist = await make_dist(transactions=replace(FAST, relay=False))
+    pool = dist.runtime.require_postgres("test").pool
+    big = "x" * 200_000
+    async with pool.acquire() as conn, conn.transaction():
+        tx = Transaction(dist.transactions.outbox, conn)
+        ids = [await tx.publish("work", {"n": i, "data": big}, key="same") for i in range(60)]
+    one = relay(dist, "one")
+    claimed = await one.claim()
+    assert claimed is not None
+    _, rows = claimed
+    held = sum(len(r["payload"]) for r in rows)
+    assert 0 < held <= 4 * 1024 * 1024 + 200_100, f"{len(rows)} rows, {held} bytes in one claim"
+    # Give the lease back, then relay the whole backlog batch by batch.
+    await one.mark(claimed[0], [], [])
+    batches = []
+    while relayed := await one.relay_once():
+        batches.append(relayed)
+    assert sum(batches) == 60 and len(batches) >= 3, batches
+    entries = await redis_client.xrange(f"{{{dist.namespace}:topic:work}}:stream")
+    assert [f[b"id"].decode() for _, f in entries] == ids
+
+
+async def test_rows_redis_refuses_do_not_make_the_others_publish_again_and_again(
+    make_dist: Callable[..., Any], pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    """One topic's stream key holds a string (WRONGTYPE): its row waits in the outbox,
+    while the rows relayed in the same batches are published once, not at every retry."""
+
+    dist: Dist = await make_dist(transactions=replace(FAST, relay=False))
+    ns = dist.namespace
+    bad = f"{{{ns}:topic:bad}}:stream"
+    await redis_client.set(bad, "not a stream")
+    pool = dist.runtime.require_postgres("test").pool
+    async with pool.acquire() as conn, conn.transaction():
+        tx = Transaction(dist.transactions.outbox, conn)
+        first = [await tx.publish("work", {"n": i}, key="same") for i in range(3)]
+        await tx.publish("bad", {"n": 0}, key="same")
+        last = [await tx.publish("work", {"n": i}, key="same") for i in range(3, 5)]
+    one = relay(dist, "one")
+    for _ in range(3):
+        with pytest.raises(Refused, match=r"topic 'bad'.*WRONGTYPE"):
+            await one.relay_once()
+    entries = await redis_client.xrange(f"{{{ns}:topic:work}}:stream")
+    assert [f[b"id"].decode() for _, f in entries] == first + last
+    waiting = await pg.fetch(f"SELECT topic FROM {ns}_outbox WHERE published_at IS NULL")
+    assert [r["topic"] for r in waiting] == ["bad"]
+    await redis_client.delete(bad)  # the cause fixed: the row leaves
+    assert await one.relay_once() == 1
+    assert await redis_client.xlen(bad) == 1

@@ -199,6 +199,9 @@ async def test_non_json_payload_and_bad_topic_are_refused_at_publish(
             await dist.transactions.outbox.insert(conn, "orders created!", {})
         with pytest.raises(TransactionError, match="limit"):
             await dist.transactions.outbox.insert(conn, "big", "x" * 300_000)
+        # Headers are JSON too, with the same bound (DESIGN: JSON with a size bound).
+        with pytest.raises(TransactionError, match="headers are 300008 bytes; the limit is 262144"):
+            await dist.transactions.outbox.insert(conn, "big", {}, headers={"x": "y" * 300_000})
 
 
 async def test_a_websocket_transaction_commits_when_the_connection_is_accepted(

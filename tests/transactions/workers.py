@@ -63,7 +63,11 @@ async def consumer(index: str, never_ack: str = "") -> None:
     from dataclasses import replace
 
     dist = make_dist(transactions=replace(FAST, relay=False))
-    dist.consumer("work", group="g", concurrency=8)(record_effect)
+    concurrency = int(os.environ.get("CONCURRENCY", "8"))
+    max_deliveries = int(os.environ.get("MAX_DELIVERIES", "5"))
+    dist.consumer("work", group="g", concurrency=concurrency, max_deliveries=max_deliveries)(
+        record_effect
+    )
     async with dist:
         if never_ack:
             client: Any = dist.runtime.require_redis("test").client
@@ -74,6 +78,43 @@ async def consumer(index: str, never_ack: str = "") -> None:
             client.xack = no_ack
         (STATE / f"consumer-{index}.ready").write_text("1")
         await asyncio.Event().wait()  # until killed
+
+
+async def stalling(index: str, seconds: str) -> None:
+    """A member of group ``g`` on ``work`` (max_deliveries=1) whose handler blocks its
+    event loop for ``seconds`` (CPU-bound work done synchronously) before it records its
+    effect: no heartbeat leaves the process meanwhile."""
+    import time
+    from dataclasses import replace
+
+    async def stall(message: Message, tx: Transaction) -> None:
+        time.sleep(float(seconds))  # noqa: ASYNC251 - the stall is the point
+        await record_effect(message, tx)
+
+    dist = make_dist(transactions=replace(FAST, relay=False))
+    dist.consumer("work", group="g", max_deliveries=1)(stall)
+    async with dist:
+        (STATE / f"stalling-{os.getpid()}.ready").write_text(dist.node_id)
+        await asyncio.Event().wait()  # until killed
+
+
+async def blocker(index: str, concurrency: str) -> None:
+    """A member of group ``g`` on ``work`` whose handlers never finish: the entries it
+    takes stay pending, heartbeated, until it is killed, or stopped by SIGTERM (a
+    graceful stop, as a server's on a deploy)."""
+    import signal
+    from dataclasses import replace
+
+    async def block(message: Message, tx: Transaction) -> None:
+        await asyncio.sleep(120)
+
+    dist = make_dist(transactions=replace(FAST, relay=False))
+    dist.consumer("work", group="g", concurrency=int(concurrency))(block)
+    async with dist:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        (STATE / f"blocker-{os.getpid()}.ready").write_text(dist.node_id)
+        await stop.wait()
 
 
 async def half_message(mode: str) -> None:
@@ -128,6 +169,10 @@ def main() -> None:
         asyncio.run(relay(index))
     elif role == "consumer":
         asyncio.run(consumer(index, *args))
+    elif role == "stalling":
+        asyncio.run(stalling(index, *args))
+    elif role == "blocker":
+        asyncio.run(blocker(index, *args))
     elif role == "checker":
         asyncio.run(checker(index))
     else:
