@@ -3,6 +3,7 @@
 -- KEYS[3] queue zset token -> arrival (server µs)   KEYS[4] liveness zset token -> deadline ms
 -- KEYS[5] hash token -> the ttl (ms) each waiter asked for
 -- ARGV[1] token  ARGV[2] ttl ms  ARGV[3] waiter liveness ms  ARGV[4] wake-up channel
+-- ARGV[5] '1' when PUBLISH counts every listener (see fair_release.lua)
 -- Returns {1, fence, ttl_ms} when this token holds the lease (maybe handed to it
 -- while it slept), else {0, 0, remaining_ms} with the token queued.
 local t = redis.call('TIME')
@@ -37,16 +38,26 @@ if holder == ARGV[1] then
   return {1, tonumber(redis.call('HGET', KEYS[1], 'fence')), redis.call('PTTL', KEYS[1])}
 end
 if holder == false then
-  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if head == nil or head == ARGV[1] then
-    return {1, grant(ARGV[1], ARGV[2]), tonumber(ARGV[2])}
+  -- A head queued a second ago or more that nobody listens for is dead (see
+  -- fair_release.lua): skipped, as it would sit on the lease for a ttl.
+  local settled = now_us - 1000000
+  for _ = 1, 16 do
+    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    local head = first[1]
+    if head == nil or head == ARGV[1] then
+      return {1, grant(ARGV[1], ARGV[2]), tonumber(ARGV[2])}
+    end
+    -- The previous holder expired without a release: hand the lease to the
+    -- live head directly and wake it; we queue behind it.
+    local fence = grant(head, redis.call('HGET', KEYS[5], head))
+    local node = string.match(head, '@(.+)$')  -- woken on its node's own channel
+    local channel = node and (ARGV[4] .. ':' .. node) or ARGV[4]
+    local heard = redis.call('PUBLISH', channel, 'to:' .. redis.sha1hex(head) .. ':' .. fence)
+    if heard > 0 or ARGV[5] ~= '1' or tonumber(first[2]) > settled then
+      break
+    end
+    redis.call('DEL', KEYS[1])  -- a dead waiter's: on to the next
   end
-  -- The previous holder expired without a release: hand the lease to the
-  -- live head directly and wake it; we queue behind it.
-  local fence = grant(head, redis.call('HGET', KEYS[5], head))
-  local node = string.match(head, '@(.+)$')  -- woken on its node's own channel
-  local channel = node and (ARGV[4] .. ':' .. node) or ARGV[4]
-  redis.call('PUBLISH', channel, 'to:' .. redis.sha1hex(head) .. ':' .. fence)
 end
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) == false then
   redis.call('ZADD', KEYS[3], now_us, ARGV[1])

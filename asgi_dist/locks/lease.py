@@ -934,9 +934,14 @@ async def acquire_lease(
         finally:
             if gate is not None:
                 if in_turn:
-                    if won and attempt is not None:
+                    # A won lease that excludes the others tells the next local
+                    # waiter to sleep until its release; a shared one (a permit, a
+                    # read) does not: the next waiter tries at once, for a permit
+                    # the same release may have freed, or one that was free all along.
+                    exclusive = won and attempt is not None and not _shared(backend)
+                    if exclusive and attempt is not None:
                         gate.holder = (attempt.token or token, attempt.remaining)
-                    gate.leave(attempt.remaining if won and attempt is not None else None)
+                    gate.leave(attempt.remaining if exclusive and attempt is not None else None)
                 gate.users -= 1
                 if gate.users == 0 and gate.holder is None and _gates.get(gate_key) is gate:
                     del _gates[gate_key]
@@ -949,6 +954,11 @@ async def acquire_lease(
                 f"dequeue from {kind} {name!r}",
                 patient=patient,
             )
+
+
+def _shared(backend: LeaseBackend) -> bool:
+    """Whether several holders hold the backend's leases at once (semaphore, read side)."""
+    return bool(getattr(backend, "shared", False))
 
 
 def _attempt_bound(deadline: float | None) -> float | None:

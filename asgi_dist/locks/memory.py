@@ -101,6 +101,7 @@ class MemorySemaphoreLeases(MemoryLeases):
     def __init__(self, memory: MemoryBackend, limit: int) -> None:
         super().__init__(memory)
         self.limit = limit
+        self.shared = True  # several holders at once (see RedisLeases)
         self._permits = self._store.permits
         # The limit each name's live permits were granted under.
         self._limits = self._store.permit_limits
@@ -151,6 +152,7 @@ class MemoryRWLeases(MemoryLeases):
     def __init__(self, memory: MemoryBackend, mode: str) -> None:
         super().__init__(memory)
         self.mode = mode
+        self.shared = mode == "read"
         self._readers = MemorySemaphoreLeases(memory, limit=1 << 30)
 
     def _waiting_writers(self, key: tuple[str, str]) -> dict[str, float]:

@@ -32,6 +32,11 @@ __all__ = ["MIGRATIONS", "PostgresLeases", "PostgresPermitLeases", "PostgresWake
 
 log = logging.getLogger("asgi_dist.locks")
 
+# How long a waiting writer's intent blocks new readers unless refreshed: a
+# waiting writer attempts again every third of it (its liveness), so that a
+# crashed one blocks readers this long at most.
+_INTENT_LIVENESS = 10.0
+
 MIGRATIONS = [
     """
     CREATE TABLE IF NOT EXISTS {ns}_leases (
@@ -276,8 +281,19 @@ class PostgresPermitLeases(PostgresLeases):
         super().__init__(postgres, wakeups=wakeups)
         self.mode = mode
         self.limit = limit
+        self.shared = mode != "write"  # several holders at once (see RedisLeases)
         self._leases = postgres.table("leases")
         self._permits = postgres.table("permits")
+
+    @property
+    def poll_interval(self) -> float | None:
+        interval = super().poll_interval
+        if self.mode != "write":
+            return interval
+        # A waiting writer refreshes its intent, or readers it should hold
+        # back would come in once it lapsed, while the readers before it renew.
+        refresh = _INTENT_LIVENESS / 3
+        return refresh if interval is None else min(interval, refresh)
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
         leases, permits = self._leases, self._permits
@@ -323,12 +339,13 @@ class PostgresPermitLeases(PostgresLeases):
                     # A waiting writer blocks new readers (writer preference).
                     await conn.execute(
                         f"INSERT INTO {permits} (kind, name, token, role, fence, expires_at)"
-                        " VALUES ($1, $2, $3, 'intent', 0, now() + make_interval(secs => 10))"
+                        " VALUES ($1, $2, $3, 'intent', 0, now() + make_interval(secs => $4))"
                         " ON CONFLICT (kind, name, token) DO UPDATE"
                         " SET expires_at = excluded.expires_at",
                         kind,
                         name,
                         token,
+                        _INTENT_LIVENESS,
                     )
                 return Attempt(False, 0, soonest, queued=self.mode == "write")
             fence = await conn.fetchval(

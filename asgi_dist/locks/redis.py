@@ -46,8 +46,8 @@ class Variant:
     """Which scripts and keys implement one flavour of lease.
 
     Every acquire script takes ``ARGV = token, ttl_ms, waiter_ttl_ms, channel,
-    *extra``; release scripts ``token, channel``; renew scripts get the key at
-    ``renew_key`` and ``token, ttl_ms``.
+    *extra``; release scripts ``token, channel``; renew scripts get the keys at
+    ``renew_keys`` (the lease first) and ``token, ttl_ms``.
     """
 
     acquire: str
@@ -55,7 +55,9 @@ class Variant:
     renew: str
     suffixes: tuple[str, ...]
     queued: bool  # a failed attempt leaves an entry (queue position, writer intent)
-    renew_key: int = 0
+    # The lease first, then keys that must live as long as it (the hash of a
+    # semaphore's fences and of the limit its permits were granted under).
+    renew_keys: tuple[int, ...] = (0,)
     holder_key: int | None = 0  # the hash whose 'token' names the exclusive holder
     # Waiting processes queue in a set and a release wakes the first one on its
     # own channel (the plain lock); otherwise a release wakes every waiter.
@@ -86,12 +88,15 @@ SEMAPHORE = Variant(
     "sem_renew",
     ("permits", "fence", "fences"),
     queued=False,
+    renew_keys=(0, 2),
     holder_key=None,
 )
 _RW = ("readers", "fence", "rfences", "writer", "wwait")
-READ = Variant("rw_read", "sem_release", "sem_renew", _RW, queued=False, holder_key=3)
+READ = Variant(
+    "rw_read", "sem_release", "sem_renew", _RW, queued=False, renew_keys=(0, 2), holder_key=3
+)
 WRITE = Variant(
-    "rw_write", "rw_write_release", "renew", _RW, queued=True, renew_key=3, holder_key=3
+    "rw_write", "rw_write_release", "renew", _RW, queued=True, renew_keys=(3,), holder_key=3
 )
 
 
@@ -171,6 +176,9 @@ class RedisLeases:
         # Queued waiters re-attempt to prove they are alive (refreshing their
         # entry); plain waiters sleep until a wake-up or the holder's expiry.
         self.poll_interval: float | None = waiter_ttl / 3 if variant.queued else None
+        # Several holders at once (semaphore permits, readers): a local waiter that
+        # wins one does not make the others wait for its release.
+        self.shared = variant in (SEMAPHORE, READ)
         # This process's waiters per lease: a release made here wakes them at
         # once instead of after the pub/sub echo (queued variants name their
         # recipient and rely on the echo).
@@ -179,6 +187,7 @@ class RedisLeases:
         self._origin = secrets.token_hex(6)
         # On a cluster a channel's subscribers are spread over the nodes.
         self._partial_numsub = isinstance(redis.client, RedisCluster)
+        self._complete_counts = "0" if self._partial_numsub else "1"
         # A release hands the lease to a waiting process only where PUBLISH's count
         # of listeners is complete (not Cluster: there it wakes the process).
         self._suffixes = tuple(
@@ -228,6 +237,8 @@ class RedisLeases:
         self, kind: str, name: str, token: str, ttl: float, *, register: bool = False
     ) -> Attempt:
         args = [token, _ms(ttl), _ms(self.waiter_ttl), self.channel(kind, name), *self._extra]
+        if self.variant.wakes_node:
+            args.append(self._complete_counts)  # fair: skip heads nobody listens for
         if register and self.variant.wakes_one:
             args.append(self._origin)
         keys = self.keys(kind, name)
@@ -238,9 +249,9 @@ class RedisLeases:
 
     async def release(self, kind: str, name: str, token: str) -> bool:
         keys = self.keys(kind, name)
-        channel = self.channel(kind, name)
-        args = [token, channel, self._origin]
-        reply = await self._release(self.redis.commands, keys, args)
+        reply = await self._release(
+            self.redis.commands, keys, self._release_args(kind, name, token)
+        )
         self._released_here(kind, name, reply)
         return bool(reply)
 
@@ -265,9 +276,17 @@ class RedisLeases:
             else:
                 released.set_result(bool(reply))
 
-        args = [token, self.channel(kind, name), self._origin]
+        args = self._release_args(kind, name, token)
         self._release.send(self.redis.commands, self.keys(kind, name), args, settle)
         return released
+
+    def _release_args(self, kind: str, name: str, token: str) -> list[str]:
+        args = [token, self.channel(kind, name), self._origin]
+        if self.variant.wakes_node:
+            # Fair hand-offs skip a head whose node no longer listens, where
+            # PUBLISH's count of listeners is complete.
+            args.append(self._complete_counts)
+        return args
 
     @property
     def hands_off(self) -> bool:
@@ -325,8 +344,12 @@ class RedisLeases:
         await self._leave(self.redis.commands, self.keys(kind, name), args)
 
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
-        lease = self.keys(kind, name)[self.variant.renew_key]
-        return bool(await self._renew(self.redis.commands, [lease], [token, _ms(ttl)]))
+        keys = self._renew_keys(kind, name)
+        return bool(await self._renew(self.redis.commands, keys, [token, _ms(ttl)]))
+
+    def _renew_keys(self, kind: str, name: str) -> list[str]:
+        keys = self.keys(kind, name)
+        return [keys[i] for i in self.variant.renew_keys]
 
     async def renew_many(self, leases: Sequence[Renewal]) -> list[bool | BaseException]:
         if not leases:
@@ -337,8 +360,10 @@ class RedisLeases:
             # command goes in by name: ours has one key, routed by its slot.
             pipe = self.redis.client.pipeline(transaction=False)
             for r in leases:
-                lease = self.keys(r.kind, r.name)[self.variant.renew_key]
-                pipe.execute_command("EVALSHA", self._renew.sha, 1, lease, r.token, _ms(r.ttl))
+                keys = self._renew_keys(r.kind, r.name)
+                pipe.execute_command(
+                    "EVALSHA", self._renew.sha, len(keys), *keys, r.token, _ms(r.ttl)
+                )
             results = await pipe.execute(raise_on_error=False)
             if retry and any(isinstance(x, redis_errors.NoScriptError) for x in results):
                 # A restarted or failed-over node lost its script cache.

@@ -12,6 +12,16 @@ raises its counter to at least that fence.  Any later majority shares a server
 with this one, so the next fence is larger as long as a majority of counters
 survive.
 
+A server that does not answer in time (paused, overloaded, cut off) may still
+run an attempt's grant later, after the release that was meant to undo it: it
+would then keep a lease nobody holds for a whole ttl, counted from whenever it
+wakes.  Every release that such a server did not answer is therefore retried
+in the background until the server has answered twice in a row (the second
+reply is sent after every command that reached it before the first).  Each
+attempt asks the servers with a token of its own (the caller's, numbered), so
+that undoing a failed attempt, late or not, can never remove a grant of the
+caller's next attempt.
+
 Caveats (Kleppmann's, and they are real): a server that restarts without
 persistence (or with ``appendfsync`` other than ``always``) forgets its grants
 and counter, which can let two holders in and break fence order; the clock
@@ -24,6 +34,7 @@ servers really are independent failure domains.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -40,6 +51,11 @@ __all__ = ["RedlockLeases"]
 log = logging.getLogger("asgi_dist.locks")
 
 _PACKAGE = "asgi_dist.locks"
+
+# Undoing a release a server did not answer: how often, and for how long at most
+# (a server paused longer than that keeps a stray grant until its ttl).
+_UNDO_EVERY = 0.25
+_UNDO_FOR = 600.0
 
 
 class RedlockLeases:
@@ -71,8 +87,17 @@ class RedlockLeases:
         self._release = Script(_PACKAGE, "release")
         self._renew = Script(_PACKAGE, "renew")
         self._raise = Script(_PACKAGE, "raise_fence")
+        # Releases being retried on servers that did not answer them.
+        self._undoing: set[asyncio.Task[None]] = set()
+        # The servers' token of each caller's lease, or of its attempt in flight.
+        self._tokens: dict[tuple[str, str, str], str] = {}
+        self._attempts = itertools.count(1)
 
     async def close(self) -> None:
+        undoing, self._undoing = self._undoing, set()
+        for task in undoing:
+            task.cancel()
+        await asyncio.gather(*undoing, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self.servers), return_exceptions=True)
 
     def _keys(self, server: RedisBackend, kind: str, name: str) -> tuple[str, str, str]:
@@ -91,11 +116,32 @@ class RedlockLeases:
                 return await call(server)
 
         async def one(server: RedisBackend) -> Any:
-            return await asyncio.wait_for(attempt(server), self.server_timeout)
+            # asyncio.timeout, not wait_for: wait_for's inner task, when the caller is
+            # cancelled as it times out, ends with an error nobody retrieves (logged).
+            async with asyncio.timeout(self.server_timeout):
+                return await attempt(server)
 
         return await asyncio.gather(*(one(s) for s in self.servers), return_exceptions=True)
 
     async def acquire(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
+        key = (kind, name, token)
+        # Registered before anything is sent: a cancelled or failed attempt is
+        # undone through release(token), which must find it.
+        ours = self._tokens[key] = _attempt_token(token, next(self._attempts))
+        undone = False
+        try:
+            attempt = await self._attempt(kind, name, ours, ttl)
+            undone = not attempt.acquired
+            return attempt
+        except BackendUnavailable:
+            undone = True  # undone first, then found no majority answering
+            raise
+        finally:
+            # (A cancelled attempt stays registered: its caller undoes it.)
+            if undone and self._tokens.get(key) == ours:
+                del self._tokens[key]  # the next attempt gets a token of its own
+
+    async def _attempt(self, kind: str, name: str, token: str, ttl: float) -> Attempt:
         started = time.monotonic()
         # The lease is counted from here, not from when the attempt returns: the
         # holder's renew deadline (and so its ``lost``) must come before the leases
@@ -119,7 +165,7 @@ class RedlockLeases:
             if raised >= self.quorum and validity > 0:
                 return Attempt(True, fence, validity, renewed_at=sent)
         # No majority (or too slow): undo what we got, so others are not blocked.
-        await self.release(kind, name, token)
+        await self._release_everywhere(kind, name, token)
         self._check_outage(results)
         remaining = [int(r[2]) / 1000 for r in results if isinstance(r, list) and r[0] == 0]
         return Attempt(False, 0, min(remaining) if remaining else 0.05)
@@ -140,18 +186,73 @@ class RedlockLeases:
                 f"({self.quorum}) is needed ({failures[0]!r})"
             )
 
-    async def release(self, kind: str, name: str, token: str) -> bool:
-        async def undo(server: RedisBackend) -> Any:
-            lease, _, channel = self._keys(server, kind, name)
-            return await self._release(server.client, [lease], [token, channel])
+    async def _release_on(self, server: RedisBackend, kind: str, name: str, token: str) -> Any:
+        lease, _, channel = self._keys(server, kind, name)
+        return await self._release(server.client, [lease], [token, channel])
 
-        results = await self._each(undo)
+    async def release(self, kind: str, name: str, token: str) -> bool:
+        ours = self._tokens.pop((kind, name, token), None)
+        if ours is None:
+            return False
+        return await self._release_everywhere(kind, name, ours)
+
+    async def _release_everywhere(self, kind: str, name: str, token: str) -> bool:
+        results = await self._each(lambda server: self._release_on(server, kind, name, token))
         released = sum(1 for r in results if r == 1)
         if released:
             self._wakeups.wake(kind, name)
+        for server, result in zip(self.servers, results, strict=True):
+            if isinstance(result, BaseException):
+                # It may still run our grant once it answers: undo it then.
+                self._undo_later(server, kind, name, token)
         return released >= self.quorum
 
+    def _undo_later(self, server: RedisBackend, kind: str, name: str, token: str) -> None:
+        task = asyncio.ensure_future(self._undo(server, kind, name, token))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+
+    async def _undo(self, server: RedisBackend, kind: str, name: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _UNDO_FOR
+        answered = 0
+        while loop.time() < give_up:
+            try:
+                async with asyncio.timeout(max(1.0, self.server_timeout)):
+                    reply = await self._release_on(server, kind, name, token)
+            except Exception:
+                answered = 0
+                await asyncio.sleep(_UNDO_EVERY)
+                continue
+            if reply == 1:
+                self._wakeups.wake(kind, name)
+            answered += 1
+            if answered == 2:
+                # A grant that reached the server before our first release was
+                # answered has run by now, and is undone.
+                return
+        log.warning(
+            "Redlock: a Redis server did not answer the release of %s %r for %gs; a grant "
+            "it may still hold expires by its ttl",
+            kind,
+            name,
+            _UNDO_FOR,
+        )
+
     async def renew(self, kind: str, name: str, token: str, ttl: float) -> bool:
+        key = (kind, name, token)
+        ours = self._tokens.get(key)
+        if ours is None:
+            return False
+        if await self._renew_everywhere(kind, name, ours, ttl):
+            return True
+        # Lost: its holder neither renews nor releases it again; the servers
+        # still granting it (a minority) let it expire.
+        if self._tokens.get(key) == ours:
+            del self._tokens[key]
+        return False
+
+    async def _renew_everywhere(self, kind: str, name: str, token: str, ttl: float) -> bool:
         started = time.monotonic()
         ms = max(1, round(ttl * 1000))
 
@@ -188,8 +289,19 @@ class RedlockLeases:
                 votes[value] = votes.get(value, 0) + 1
         for value, count in votes.items():
             if count >= self.quorum:
-                return str(value.decode())
+                return _caller_token(value.decode())
         return None
 
     async def watch(self, kind: str, name: str, token: str) -> Watch:
         return self._wakeups.watch(kind, name)
+
+
+def _attempt_token(token: str, number: int) -> str:
+    """The servers' token of one attempt: ``<id>.<number>@<node>``."""
+    ident, at, node = token.partition("@")
+    return f"{ident}.{number}{at}{node}"
+
+
+def _caller_token(token: str) -> str:
+    ident, at, node = token.partition("@")
+    return f"{ident.partition('.')[0]}{at}{node}"

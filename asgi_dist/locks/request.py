@@ -23,7 +23,7 @@ from asgi_dist.backends import BackendName
 from asgi_dist.backends.redis import MAX_NAME_LENGTH
 from asgi_dist.context import RequestContext, current_request
 from asgi_dist.errors import ConfigError, LockLost, LockNotOwned, NoRequestContext
-from asgi_dist.locks.lease import Held
+from asgi_dist.locks.lease import Held, shielded
 
 if TYPE_CHECKING:
     from asgi_dist.locks.service import LockService
@@ -92,16 +92,25 @@ class RequestLocks:
 
     async def release_all(self) -> None:
         held, self._held = self._held, []
+        if not held:
+            return
         for h in held:
             # The request is over: never cancel its task after this point.
             h.detach_body()
-        for h in reversed(held):
-            try:
-                await h.release()
-            except LockNotOwned as exc:
-                log.warning("a request lock was lost before the response ended: %s", exc)
-            except Exception:
-                log.exception("could not release request lock %r; it expires by ttl", h.name)
+        # In a task of its own: a cancellation of the request's task meanwhile (the
+        # server's, as the client leaves) must not stop after the first lock, and
+        # leave the others held, renewed by the watchdog until the process stops.
+        await shielded(lambda: _release(held))
+
+
+async def _release(held: list[Held]) -> None:
+    for h in reversed(held):
+        try:
+            await h.release()
+        except LockNotOwned as exc:
+            log.warning("a request lock was lost before the response ended: %s", exc)
+        except Exception:
+            log.exception("could not release request lock %r; it expires by ttl", h.name)
 
 
 class LockHook:

@@ -261,3 +261,54 @@ async def test_fair_queue_skips_a_dead_waiter(make_dist, redis_client, n: int) -
     second = await asyncio.wait_for(waiter, 20)
     await second.release()
     assert json.dumps(await redis_client.zrange(f"{tag}:queue", 0, -1)) == "[]"
+
+
+# A process whose fair waiter queues (and, with HOLD, which holds the lock with a
+# short ttl first); it is SIGKILLed while its waiter is at the head of the queue.
+FAIR_VICTIM = """
+import asyncio, os
+from asgi_dist import Dist
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    async with Dist(redis=os.environ["REDIS"], namespace=os.environ["NS"], sessions=False,
+                    scheduler=SchedulerConfig(enabled=False)) as dist:
+        lock = dist.lock("q", fair=True, ttl=30)
+        if os.environ["HOLD"]:
+            await dist.lock("q", fair=True, ttl=2).acquire(timeout=0)
+        waiter = asyncio.create_task(lock.acquire(timeout=120))
+        await asyncio.sleep(1.5)  # queued and subscribed for a while
+        print("queued", flush=True)
+        await waiter
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("holder", ["released", "killed"])
+async def test_a_fair_waiter_killed_at_the_head_of_the_queue_is_skipped(
+    make_dist, processes: ProcessGroup, redis_url: str, namespace: str, holder: str
+) -> None:
+    """Its liveness has not run out yet, but nobody listens for it any more: the
+    lease goes to the next live waiter, not to the dead one for its 30 s ttl."""
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    held = await dist.lock("q", fair=True, ttl=30).acquire() if holder == "released" else None
+    env = {"REDIS": redis_url, "NS": namespace, "HOLD": "" if held is not None else "1"}
+    [victim] = processes.python(FAIR_VICTIM, env=env)
+    for _ in range(600):  # bounded: 30 s for the process to start on a loaded machine
+        if "queued" in victim.output():
+            break
+        await asyncio.sleep(0.05)
+    assert "queued" in victim.output(), victim.output()
+    waiting = asyncio.create_task(dist.lock("q", fair=True, ttl=30).acquire(timeout=15))
+    await asyncio.sleep(0.3)
+    victim.kill()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    if held is not None:
+        await held.release()
+    second = await waiting  # LockTimeout after 15 s if the dead waiter got it
+    # Released: at once.  Killed holder: its 2 s lease ran out, and the live
+    # waiter's next liveness attempt (every 10/3 s) found the queue's dead head.
+    assert loop.time() - started < (1.0 if held is not None else 7.0)
+    await second.release()

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from asgi_dist import ConfigError, Dist, LockTimeout
+from asgi_dist import BackendUnavailable, ConfigError, Dist, LockTimeout
+from tests.helpers.processes import ProcessGroup
 from tests.helpers.servers import RedisServer
 
 
@@ -98,3 +99,52 @@ def test_redlock_needs_an_odd_number_of_servers() -> None:
     dist = Dist(sessions=False)
     with pytest.raises(ConfigError, match="odd"):
         dist.locks.redlock(["redis://a:1", "redis://b:2"])
+
+
+CONTENDER = """
+import asyncio, os, sys
+from asgi_dist import Dist, LockTimeout
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    async with Dist(namespace=os.environ["NS"], sessions=False,
+                    scheduler=SchedulerConfig(enabled=False)) as dist:
+        quorum = dist.locks.redlock(os.environ["URLS"].split(","))
+        try:
+            held = await quorum.lock("job", ttl=30).acquire(timeout=float(os.environ["WAIT"]))
+        except LockTimeout as exc:
+            print("timeout:", exc)
+            sys.exit(1)
+        print("acquired", held.fence)
+        await held.release()
+
+asyncio.run(main())
+"""
+
+
+async def test_grants_of_servers_that_answer_late_are_undone_once_they_answer(
+    make_dist, three_servers: list[RedisServer], processes: ProcessGroup, namespace: str
+) -> None:
+    """A majority paused during an attempt runs its grant when it wakes, after the
+    release meant to undo it: that stray lease must not block everyone for a ttl."""
+    dist: Dist = await make_dist(postgres=None, sessions=False)
+    urls = [s.url for s in three_servers]
+    quorum = dist.locks.redlock(urls)
+    warm = await quorum.lock("warm", ttl=5).acquire()  # connections to every server
+    await warm.release()
+    for server in three_servers[1:]:
+        server.pause()
+    try:
+        with pytest.raises(BackendUnavailable, match="majority"):
+            await quorum.lock("job", ttl=30).acquire(timeout=0)
+        await asyncio.sleep(0.3)
+    finally:
+        for server in three_servers[1:]:
+            server.resume()
+    # Another process asks for it well within the stray grants' ttl (30 s).
+    env = {"NS": namespace, "URLS": ",".join(urls), "WAIT": "5"}
+    [contender] = processes.python(CONTENDER, env=env)
+    assert await asyncio.to_thread(contender.wait, 60) == 0, contender.output()
+    assert "acquired" in contender.output()
+    for server in three_servers:
+        assert server.cli("keys", "*lease*") == ""

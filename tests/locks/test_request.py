@@ -9,7 +9,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from asgi_dist import Dist, LockTimeout
+from asgi_dist import Dist, LockTimeout, get_locks
 from tests.helpers.processes import ProcessGroup
 from tests.locks.app import create_app
 
@@ -92,6 +92,32 @@ async def test_locked_endpoint_excludes_a_second_process(
     assert after.status_code == 200 and after.json()["fence"] > first.json()["fence"]
 
 
+async def test_locked_quart_view_excludes_another_process_and_a_client_leaving_releases(
+    processes: ProcessGroup, redis_url: str, namespace: str, dist: Dist
+) -> None:
+    """Quart under hypercorn: ``<int:order_id>`` fills the name (05 and 5 are one lock),
+    a busy lock answers 409 + Retry-After, and a client that leaves mid-request
+    (Quart cancels the view) leaves no lock behind."""
+    env = {"ASGI_DIST_REDIS_URL": redis_url, "ASGI_DIST_NAMESPACE": namespace, "HOLD": "3"}
+    [server] = processes.hypercorn("tests.locks.quart_app:app", env=env)
+    async with httpx.AsyncClient(timeout=30) as client:
+        slow = asyncio.create_task(client.post(f"{server.url}/orders/5/pay"))
+        for _ in range(100):  # bounded: until the view holds the lock
+            if await dist.lock("order:5").locked():
+                break
+            await asyncio.sleep(0.05)
+        busy = await client.post(f"{server.url}/orders/05/pay")
+        first = await slow
+    assert busy.status_code == 409 and 1 <= int(busy.headers["retry-after"]) <= 30, busy.text
+    assert first.status_code == 200 and first.json()["order"] == 5, server.output()
+    for path, name in (("/orders/7/pay", "order:7"), ("/sku/a", "sku:a")):
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(f"{server.url}{path}")
+        held = await dist.lock(name).acquire(timeout=2)  # the 3 s view was cancelled
+        await held.release()
+
+
 async def test_locked_names_a_lock_for_any_path_value_a_client_sends(dist: Dist) -> None:
     # Braces, control characters and '%' are escaped, a name too long is hashed:
     # client input is never a server error, and distinct values stay distinct locks.
@@ -110,3 +136,40 @@ async def test_locked_names_a_lock_for_any_path_value_a_client_sends(dist: Dist)
         other = await client.post(f"/carts/{quote('a%7Bb%7D', safe='')}/checkout")
         assert other.status_code == 200
         await held.release()
+
+
+async def test_every_request_lock_is_released_when_the_request_is_cancelled_as_it_ends(
+    dist: Dist,
+) -> None:
+    """A server cancels the request's task as its response ends (the client left): the
+    cancellation lands while the first lock is being released, and must not leave the
+    others held, renewed by the watchdog until the process stops."""
+    names = ["cart:1", "cart:2", "cart:3"]
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        for name in names:
+            await get_locks().acquire(name, ttl=1.0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = dist.wrap(endpoint)
+
+    async def server() -> None:
+        request = asyncio.current_task()
+        assert request is not None
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                request.cancel()  # delivered at the middleware's next await
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+        await app(scope, receive, send)
+
+    served = asyncio.create_task(server())
+    await asyncio.gather(served, return_exceptions=True)
+    await asyncio.sleep(1.5)  # past the 1 s ttl: only renewals would keep a lock now
+    assert [name for name in names if await dist.lock(name).locked()] == []
+    assert not dist.locks.watchdog.held

@@ -209,3 +209,148 @@ async def test_a_semaphore_asked_for_with_another_limit_than_its_permits_is_refu
         await one.acquire(timeout=0)
     for permit in permits:
         await permit.release()
+
+
+OTHER_LIMIT = """
+import asyncio, os
+from asgi_dist import ConfigError, Dist
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    async with Dist(redis=os.environ["REDIS"], postgres=os.environ["PG"], sessions=False,
+                    namespace=os.environ["NS"], scheduler=SchedulerConfig(enabled=False)) as d:
+        sem = d.semaphore("pool", 3, ttl=10, backend=os.environ["BACKEND"])
+        try:
+            permit = await sem.acquire(timeout=0)
+        except ConfigError as exc:
+            print("refused:", exc)
+            return
+        print("admitted with fence", permit.fence)
+        await permit.release()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_permit_renewed_past_its_ttl_still_refuses_another_limit(
+    make_dist,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    namespace: str,
+    backend: str,
+) -> None:
+    # The limit a permit was granted under must live as long as the permit: a
+    # process asking for limit=3 would otherwise join a semaphore meant for one.
+    dist: Dist = await make_dist(sessions=False)
+    async with dist.semaphore("pool", 1, ttl=1.0, backend=backend) as permit:  # type: ignore[arg-type]
+        await asyncio.sleep(2.5)  # renewed twice or more: past its first ttl
+        env = {"REDIS": redis_url, "PG": postgres_dsn, "NS": namespace, "BACKEND": backend}
+        [other] = processes.python(OTHER_LIMIT, env=env)
+        assert await asyncio.to_thread(other.wait, 60) == 0, other.output()
+        assert not permit.lost.is_set()
+    assert "refused: semaphore 'pool' has permits granted under limit=1" in other.output(), (
+        other.output()
+    )
+
+
+WAITING_WRITER = """
+import asyncio, os
+from asgi_dist import Dist
+from asgi_dist.scheduling import SchedulerConfig
+
+async def main():
+    async with Dist(redis=os.environ["REDIS"], postgres=os.environ["PG"], sessions=False,
+                    namespace=os.environ["NS"], scheduler=SchedulerConfig(enabled=False)) as d:
+        rw = d.rwlock("doc", ttl=30, backend=os.environ["BACKEND"])
+        print("asking", flush=True)
+        async with rw.write() as held:
+            print("wrote", held.fence, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_a_writer_waiting_longer_than_its_intent_liveness_still_holds_readers_back(
+    make_dist,
+    processes: ProcessGroup,
+    redis_url: str,
+    postgres_dsn: str,
+    namespace: str,
+    backend: str,
+) -> None:
+    """A writer's intent lives 10 s unless refreshed; a writer waiting behind a reader
+    that keeps renewing must refresh it, or new readers come in and starve it."""
+    dist: Dist = await make_dist(sessions=False)
+    rw = dist.rwlock("doc", ttl=30, backend=backend)  # type: ignore[arg-type]
+    reader = await rw.read().acquire()
+    env = {"REDIS": redis_url, "PG": postgres_dsn, "NS": namespace, "BACKEND": backend}
+    [writer] = processes.python(WAITING_WRITER, env=env)
+    for _ in range(600):  # bounded: the writer's process starting on a loaded machine
+        try:
+            late = await rw.read().acquire(timeout=0)
+        except LockTimeout:
+            break  # the writer's intent is there
+        await late.release()
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"the writer never queued:\n{writer.output()}")
+    await asyncio.sleep(11.0)  # past the first intent's liveness
+    with pytest.raises(LockTimeout):
+        await rw.read().acquire(timeout=0)
+    await reader.release()
+    assert await asyncio.to_thread(writer.wait, 30) == 0, writer.output()
+    assert "wrote" in writer.output()
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "memory"])
+async def test_a_local_waiter_that_won_a_shared_lease_holds_back_no_other_local_acquirer(
+    make_dist, backend: str
+) -> None:
+    """Tasks of one process take turns for a lease (one competes at a time); a turn
+    won on a semaphore or a read must not make the next task sleep until that
+    permit's release, while other permits are free or reads are shared."""
+    dist: Dist = await make_dist(sessions=False)
+    loop = asyncio.get_running_loop()
+    sem = dist.semaphore("pool", 3, ttl=30, backend=backend)  # type: ignore[arg-type]
+    permits = [await sem.acquire(timeout=0) for _ in range(3)]
+    waiter = asyncio.create_task(sem.acquire(timeout=10))
+    await asyncio.sleep(0.2)
+    await permits[0].release()
+    won = await waiter  # through the turnstile
+    await permits[1].release()  # a permit is free now
+    started = loop.time()
+    free = await sem.acquire(timeout=5)
+    assert loop.time() - started < 1.0
+    for permit in (free, won, permits[2]):
+        await permit.release()
+
+    rw = dist.rwlock("doc", ttl=30, backend=backend)  # type: ignore[arg-type]
+    writer = await rw.write().acquire(timeout=0)
+    reader = asyncio.create_task(rw.read().acquire(timeout=10))
+    await asyncio.sleep(0.2)
+    await writer.release()
+    first = await reader  # through the turnstile
+    started = loop.time()
+    second = await rw.read().acquire(timeout=5)  # readers share
+    assert loop.time() - started < 1.0
+    await second.release()
+    await first.release()
+
+    # Permits freed together go to the local waiters together, not one per release.
+    inside = peak = 0
+
+    async def user() -> None:
+        nonlocal inside, peak
+        async with sem:
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.6)
+            inside -= 1
+
+    started = loop.time()
+    await asyncio.gather(*(user() for _ in range(6)))
+    assert peak == 3
+    assert loop.time() - started < 1.8  # two rounds of 0.6 s, not four
