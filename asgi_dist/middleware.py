@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asgi_dist._types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
 __all__ = ["DistMiddleware", "error_response"]
 
 log = logging.getLogger("asgi_dist")
+
+# During an outage every request may answer 503: past the first, they are counted and
+# summed up in one log line per this many seconds.
+OUTAGE_LOG_INTERVAL = 10.0
 
 
 def error_response(exc: BaseException) -> tuple[int, dict[str, str], str] | None:
@@ -66,6 +72,105 @@ async def _send_error(send: Send, status: int, headers: dict[str, str], body: st
     await send({"type": "http.response.body", "body": data})
 
 
+class _OutageLog:
+    """Logs the 503s of an outage without a line per request.
+
+    The first 503 is logged at WARNING with its cause; the next ones are counted, and
+    at most one line per ``interval`` says how many there were and the latest cause.
+    Once no request answered 503 for ``interval`` seconds the outage is over: a last
+    WARNING (at the level of the outage's own lines, so it is never filtered out
+    while they were not) says so with the count, and the next 503 starts a new one.
+    A request that needs no backend succeeds during an outage too, so a success
+    cannot tell that the backends are back; a quiet interval can.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._first = 0.0  # monotonic time of the outage's first 503; 0: no outage
+        self._last = 0.0  # of its latest 503
+        self._logged = 0.0  # of its latest log line
+        self._total = 0  # 503s of the outage
+        self._unlogged = 0  # 503s since its latest log line
+        self._cause = ""  # of the latest 503
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+
+    def answered(self, what: str, exc: BaseException) -> None:
+        """A request (``what``: its type and path) was answered 503 because of ``exc``."""
+        now = time.monotonic()
+        if self._first and now - self._last >= self.interval:
+            self._over(now)  # its timer never ran (its event loop stopped meanwhile)
+        self._total += 1
+        self._last = now
+        self._cause = f"{what}: {type(exc).__name__}: {exc}"
+        if not self._first:
+            self._first = self._logged = now
+            log.warning(
+                "%s answered 503: %s; until the backends answer again, further 503s are "
+                "counted and logged once per %g s",
+                what,
+                exc,
+                self.interval,
+            )
+        else:
+            self._unlogged += 1
+            if now - self._logged >= self.interval:
+                self._summary(now)
+        self._schedule(now)
+
+    def _summary(self, now: float) -> None:
+        log.warning(
+            "%d more requests answered 503 in the last %.1f s (the backends are still "
+            "unavailable; latest: %s)",
+            self._unlogged,
+            now - self._logged,
+            self._cause,
+        )
+        self._unlogged = 0
+        self._logged = now
+
+    def _over(self, now: float) -> None:
+        log.warning(
+            "no request answered 503 for %.1f s: the backends answer again; the outage "
+            "answered %d requests 503 over %.1f s (%d since the last report)",
+            now - self._last,
+            self._total,
+            self._last - self._first,
+            self._unlogged,
+        )
+        self._first = self._total = self._unlogged = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self, now: float) -> None:
+        """Make sure a check runs when the next summary or the end of the outage is due,
+        even if no request comes to trigger it."""
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer_loop is loop:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_loop = loop
+        self._timer = loop.call_later(self.interval, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._first:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._over(now)
+            return
+        if self._unlogged and now - self._logged >= self.interval:
+            self._summary(now)
+        due = self._last + self.interval
+        if self._unlogged:
+            due = min(due, self._logged + self.interval)
+        assert self._timer_loop is not None
+        self._timer = self._timer_loop.call_later(max(0.0, due - now), self._check)
+
+
 class DistMiddleware:
     """Pure ASGI middleware; ``app = DistMiddleware(app, dist=dist)`` or ``dist.wrap(app)``."""
 
@@ -86,7 +191,8 @@ class DistMiddleware:
         self.app = app
         self.dist = dist
         self._hooks: list[RequestHook] | None = None
-        _install_exception_handlers(app)
+        self._outages = _OutageLog(OUTAGE_LOG_INTERVAL)
+        _install_exception_handlers(app, self._outages.answered)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -175,7 +281,12 @@ class DistMiddleware:
                         await hook.on_response_start(ctx, message)
                 except Exception as exc:
                     answer = error_response(exc) or (500, {}, "Internal Server Error")
-                    log.error("request %s failed before its response: %s", scope.get("path"), exc)
+                    if answer[0] == 503:
+                        self._outages.answered(f"{scope['type']} {scope.get('path')}", exc)
+                    else:
+                        log.error(
+                            "request %s failed before its response: %s", scope.get("path"), exc
+                        )
                     replaced = started = True
                     if message["type"] == "http.response.start":
                         await _send_error(send, *answer)
@@ -217,7 +328,12 @@ class DistMiddleware:
             answer = error_response(exc)
             if answer is None or started:
                 raise
-            log.warning("%s %s answered %d: %s", scope["type"], scope.get("path"), answer[0], exc)
+            if answer[0] == 503:
+                self._outages.answered(f"{scope['type']} {scope.get('path')}", exc)
+            else:
+                log.warning(
+                    "%s %s answered %d: %s", scope["type"], scope.get("path"), answer[0], exc
+                )
             if scope["type"] == "http":
                 await _send_error(send, *answer)
             else:
@@ -239,8 +355,8 @@ def _client_closed(scope: Scope, exc: Exception) -> bool:
     return isinstance(exc, WebSocketDisconnect)
 
 
-def _install_exception_handlers(app: Any) -> None:
-    """Teach Starlette/FastAPI apps our status codes.
+def _install_exception_handlers(app: Any, outage: Callable[[str, BaseException], None]) -> None:
+    """Teach Starlette/FastAPI apps our status codes (``outage`` hears of each 503).
 
     Their ``ServerErrorMiddleware`` turns any exception into a 500 before an
     outer middleware could see it, so the mapping must live inside the app.
@@ -253,6 +369,8 @@ def _install_exception_handlers(app: Any) -> None:
 
     async def handler(request: Request, exc: Exception) -> Response:
         status, headers, body = error_response(exc) or (500, {}, "Internal Server Error")
+        if status == 503:
+            outage(f"{request.scope['type']} {request.url.path}", exc)
         return PlainTextResponse(body, status_code=status, headers=headers)
 
     from redis import exceptions as redis_errors

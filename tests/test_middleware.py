@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,10 +33,14 @@ from asgi_dist import (
     get_locks,
     get_session,
     get_tx,
+    middleware,
 )
 from asgi_dist._types import Message, Receive, Scope, Send
 from asgi_dist.context import RequestContext, current_request
+from asgi_dist.scheduling import SchedulerConfig
+from asgi_dist.sessions import SessionConfig
 from tests.helpers.asgi import Lifespan
+from tests.helpers.servers import RedisServer
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -267,3 +274,85 @@ async def test_a_request_whose_lock_is_taken_over_is_cancelled_and_answers_409(
 def test_middleware_given_something_that_is_not_a_dist_says_what_to_pass(dist: object) -> None:
     with pytest.raises(ConfigError, match=r"DistMiddleware needs dist=Dist\(\.\.\.\)"):
         DistMiddleware(Starlette(), dist=dist)  # type: ignore[arg-type]
+
+
+async def test_an_outage_logs_its_first_503_with_the_cause_then_summaries_then_its_end(
+    make_dist: Any,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line per 503 floods the log during an outage: the first is logged with its
+    cause, the rest are counted in one line per interval, and the end of the outage
+    is logged too (at WARNING, like the outage itself), then a new outage starts over."""
+    monkeypatch.setattr(middleware, "OUTAGE_LOG_INTERVAL", 0.5, raising=False)
+    dist: Dist = await make_dist(
+        redis=redis_server.url,
+        postgres=None,
+        sessions=SessionConfig(store_timeout=1.0),
+        scheduler=SchedulerConfig(enabled=False),
+    )
+
+    async def write(request: Request) -> PlainTextResponse:
+        request.session["k"] = "v"
+        return PlainTextResponse("ok")
+
+    async def read(request: Request) -> JSONResponse:
+        return JSONResponse({"k": request.session.get("k")})
+
+    async def lock(request: Request) -> PlainTextResponse:
+        await get_locks().acquire("outage", timeout=0.5)  # 503 from inside the app
+        return PlainTextResponse("locked")
+
+    app = dist.wrap(
+        Starlette(routes=[Route("/write", write), Route("/read", read), Route("/lock", lock)])
+    )
+
+    def lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "asgi_dist" and "503" in r.getMessage()]
+
+    caplog.set_level(logging.WARNING, logger="asgi_dist")
+    async with _client(app) as client, _client(app) as cookieless:
+        assert (await client.get("/write")).status_code == 200
+        redis_server.kill()
+        caplog.clear()
+        answered = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 1.3:  # 503s all along: the outage goes on
+            # The session's load fails in the middleware, the lock inside the app.
+            for c, path in ((client, "/read"), (cookieless, "/lock")):
+                response = await c.get(path)
+                assert response.status_code == 503, (path, response.text)
+                answered += 1
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        during = lines()
+        assert all(r.levelno == logging.WARNING for r in during)
+        assert answered >= 10 and len(during) < answered / 3, f"{len(during)} lines for {answered}"
+        first, summaries = during[0], during[1:]
+        assert first.getMessage().startswith("http /read answered 503: the session store")
+        assert f"127.0.0.1:{redis_server.port}" in first.getMessage()  # the cause
+        assert "counted and logged once per 0.5 s" in first.getMessage()
+        # One line per interval, however many requests: each is counted (the total below
+        # counts the lock's 503s, answered inside the app, too).
+        assert 1 <= len(summaries) <= elapsed / 0.5, [r.getMessage() for r in during]
+
+        redis_server.start()
+        assert (await client.get("/read")).status_code == 200
+        deadline = time.monotonic() + 5
+        while not any("no request answered 503" in r.getMessage() for r in lines()):
+            assert time.monotonic() < deadline, "the end of the outage was never logged"
+            await asyncio.sleep(0.05)
+        *reports, end = lines()
+        assert end.levelno == logging.WARNING
+        counted = [int(re.findall(r"(\d+) more requests answered 503", r.getMessage())[0])
+                   for r in reports[1:]]  # fmt: skip
+        total = int(re.findall(r"answered (\d+) requests 503", end.getMessage())[0])
+        unreported = int(re.findall(r"\((\d+) since the last report\)", end.getMessage())[0])
+        assert total == answered == 1 + sum(counted) + unreported
+
+        # The next outage is a new one: its first 503 is logged with its cause again.
+        redis_server.kill()
+        caplog.clear()
+        assert (await client.get("/read")).status_code == 503
+        assert [r.getMessage().split(":")[0] for r in lines()] == ["http /read answered 503"]

@@ -296,10 +296,10 @@ class SessionManager:
 
     async def invalidate(self, session: Session) -> None:
         if not session.is_new:
-            key = session.key
-            await self.store.delete(key, session.stored_user_id)
+            ended = await self.store.delete(session.key, session.stored_user_id)
             if self._near is not None:
-                self._near.drop(key.handle)
+                for handle in ended:
+                    self._near.drop(handle)
         session.mark_invalidated()
 
     # administration ------------------------------------------------------------

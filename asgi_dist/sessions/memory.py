@@ -32,6 +32,7 @@ class _Entry:
     wall_access: float
     user_id: str | None = None
     moved: bool = False
+    previous: str | None = None  # the handle it was regenerated from
 
 
 class MemorySessionStore:
@@ -122,9 +123,12 @@ class MemorySessionStore:
         entry = self._live(key.handle, now)
         if entry is None or entry.moved:
             return 0
-        merged = {k: v for k, v in entry.fields.items() if k not in delta.delete}
-        if fields_size(merged | delta.set) > self.config.max_size:
-            return TOO_LARGE
+        # Only a request that sets something can be refused (as on Redis): one that
+        # only deletes shrinks the session, even one stored over a max_size lowered since.
+        if delta.set:
+            merged = {k: v for k, v in entry.fields.items() if k not in delta.delete}
+            if fields_size(merged | delta.set) > self.config.max_size:
+                return TOO_LARGE
         self._touch(entry, now)
         self._apply(key.handle, entry, delta)
         return 1
@@ -142,6 +146,7 @@ class MemorySessionStore:
             entry.wall_created,
             time.time(),
             entry.user_id,
+            previous=old.handle,
         )
         self._touch(moved, now)
         self._sessions[new.handle] = moved
@@ -156,8 +161,20 @@ class MemorySessionStore:
             self._drop(old.handle)
         return True
 
-    async def delete(self, key: SessionKey, user_id: str | None) -> None:
+    async def delete(self, key: SessionKey, user_id: str | None) -> list[str]:
+        # The ids it was regenerated from end too: each stays readable, as the same
+        # user, for its grace period (as on Redis and PostgreSQL).
+        ended = [key.handle]
+        previous = self._sessions[key.handle].previous if key.handle in self._sessions else None
         self._drop(key.handle)
+        while previous is not None and len(ended) <= 100:
+            entry = self._sessions.get(previous)
+            if entry is None or not entry.moved:
+                break
+            self._drop(previous)
+            ended.append(previous)
+            previous = entry.previous
+        return ended
 
     async def list_user(self, user_id: str) -> list[SessionInfo]:
         now = time.monotonic()

@@ -54,6 +54,10 @@ MIGRATIONS = [
         SELECT coalesce(jsonb_object_agg(k, v::text), '{{}}') FROM jsonb_each(data) AS e(k, v));
     ALTER TABLE {ns}_sessions DROP COLUMN data;
     """,
+    # The key a session was regenerated from, which a logout ends too.
+    """
+    ALTER TABLE {ns}_sessions ADD COLUMN previous text;
+    """,
 ]
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -96,9 +100,11 @@ class PostgresSessionStore:
             ON CONFLICT (key) DO NOTHING RETURNING 1
         """
         merged = "(fields - $4::text[]) || $5::text::jsonb"
+        # Only a request that sets something can be refused (as on Redis): one that
+        # only deletes shrinks the session, even one stored over a max_size lowered since.
         fits = (
-            "(SELECT coalesce(sum(octet_length(k) + octet_length(v)), 0)"
-            f" FROM jsonb_each_text({merged}) AS e(k, v)) <= $8"
+            "($5::text::jsonb = '{}'::jsonb OR (SELECT coalesce(sum(octet_length(k)"
+            f" + octet_length(v)), 0) FROM jsonb_each_text({merged}) AS e(k, v)) <= $8)"
         )
         # Over max_size (concurrent requests each grew it), nothing changes and the
         # row says so: its fields then lack what this request set or still hold
@@ -117,11 +123,23 @@ class PostgresSessionStore:
                 WHERE key = $1 AND expires > now() AND NOT moved
                 RETURNING fields, user_id, created
             )
-            INSERT INTO {t} (key, fields, user_id, created, accessed, expires)
-            SELECT $5, fields, user_id, created, now(), {expires} FROM old
+            INSERT INTO {t} (key, fields, user_id, created, accessed, expires, previous)
+            SELECT $5, fields, user_id, created, now(), {expires}, $1 FROM old
             RETURNING 1
         """
-        self._delete_sql = f"DELETE FROM {t} WHERE key = $1"
+        # A logout ends the session and the ids it was regenerated from: each stays
+        # readable, as the same user, for its grace period.  The chain stops where a
+        # predecessor is gone; the bound caps the work for a client logging in in a loop.
+        self._delete_sql = f"""
+            WITH RECURSIVE chain (key, previous, depth) AS (
+                SELECT key, previous, 0 FROM {t} WHERE key = $1
+                UNION ALL
+                SELECT s.key, s.previous, chain.depth + 1
+                FROM {t} s JOIN chain ON s.key = chain.previous
+                WHERE s.moved AND chain.depth < 100
+            )
+            DELETE FROM {t} WHERE key IN (SELECT key FROM chain) RETURNING key
+        """
         live = "user_id = $1 AND expires > now() AND NOT moved"
         self._list_sql = f"""
             SELECT key, extract(epoch FROM created)::float8 AS created,
@@ -249,8 +267,9 @@ class PostgresSessionStore:
         )
         return bool(done == 1)
 
-    async def delete(self, key: SessionKey, user_id: str | None) -> None:
-        await self._call("execute", self._delete_sql, key.handle)
+    async def delete(self, key: SessionKey, user_id: str | None) -> list[str]:
+        rows = await self._call("fetch", self._delete_sql, key.handle)
+        return [r["key"] for r in rows]
 
     async def list_user(self, user_id: str) -> list[SessionInfo]:
         rows = await self._call("fetch", self._list_sql, user_id)

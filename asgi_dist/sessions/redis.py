@@ -2,7 +2,8 @@
 
 Layout: ``{<ns>:session:<shard>}:<digest>`` is a hash whose fields are the
 user's keys (prefixed ``.``) beside the metadata ``created``, ``access`` (server
-milliseconds), ``uid`` and ``moved``; its TTL enforces both timeouts.  The user
+milliseconds), ``uid``, ``moved`` and ``prev`` (the handle it was regenerated from,
+which a logout ends too); its TTL enforces both timeouts.  The user
 index ``{<ns>:session_user:<hash of uid>}`` is a set of session handles, pruned
 whenever it is read (no keyspace notifications needed).
 
@@ -208,13 +209,16 @@ class RedisSessionStore:
             await self._bounded(self.backend.client.sadd(self._index(user_id), new.handle))
         return moved
 
-    async def delete(self, key: SessionKey, user_id: str | None) -> None:
+    async def delete(self, key: SessionKey, user_id: str | None) -> list[str]:
         keys = [self._key(key)]
         if user_id is not None and not self.backend.is_cluster:
             keys.append(self._index(user_id))
-        await self._bounded(self._delete(self.backend.commands, keys, [self.channel, key.handle]))
+        args = [self.channel, key.handle, self._prefix]
+        reply = await self._bounded(self._delete(self.backend.commands, keys, args))
+        ended = [_text(handle) for handle in reply]
         if user_id is not None and self.backend.is_cluster:
-            await self._bounded(self.backend.client.srem(self._index(user_id), key.handle))
+            await self._bounded(self.backend.client.srem(self._index(user_id), *ended))
+        return ended
 
     async def _user_sessions(self, user_id: str, action: str) -> list[SessionInfo]:
         if self.backend.is_cluster:

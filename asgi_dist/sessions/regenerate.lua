@@ -16,7 +16,8 @@ if left <= 0 then
 end
 redis.call('COPY', old, new, 'REPLACE')
 -- The new id keeps the creation time: regenerating never extends the absolute timeout.
-redis.call('HSET', new, 'access', now)
+-- It names its predecessor, so that a logout ends that readable copy too (delete.lua).
+redis.call('HSET', new, 'access', now, 'prev', ARGV[5])
 redis.call('PEXPIRE', new, math.min(tonumber(ARGV[2]), left))
 -- The old id stays readable, read-only, for the grace period, then it is gone.
 local grace = tonumber(ARGV[1])

@@ -23,6 +23,32 @@ __all__ = ["Session"]
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _decode = json.loads
 
+# Lists and dicts nested deeper than this are refused where they enter.  Python's json
+# encodes and decodes nesting by recursion, within the interpreter's recursion limit
+# (1000) less the depth of the stack it runs on: a value that encodes in one place
+# (a shallow script) could fail to load in another (deep inside a server's request),
+# and a RecursionError then breaks every request of the session.  Far below both.
+MAX_DEPTH = 100
+_TOO_DEEP = (
+    f"is nested more than {MAX_DEPTH} lists/dicts deep; nothing was stored: store flatter "
+    "data (or its JSON text as a str), or keep it elsewhere and put its id in the session"
+)
+
+
+def _depth_ok(value: Any, text: str) -> bool:
+    """Whether ``value`` (encoded as ``text``) nests at most :data:`MAX_DEPTH` deep."""
+    # Each level costs at least one bracket: almost every value is cleared by a count.
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return True
+    level: list[tuple[Any, int]] = [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if depth > MAX_DEPTH:
+            return False
+        children = item.values() if isinstance(item, dict) else item
+        level += [(c, depth + 1) for c in children if isinstance(c, dict | list | tuple)]
+    return True
+
 
 def _size(key: str, text: str) -> int:
     # ensure_ascii (the encoder's default) makes len() the byte count of values.
@@ -205,6 +231,10 @@ class Session(MutableMapping[str, Any]):
                 f"session[{key!r}] = {type(value).__name__} is not JSON-serialisable ({exc}); "
                 "store str, int, float, bool, None, and lists/dicts of them"
             ) from None
+        except RecursionError:
+            text = ""  # refused just below, with the reason
+        if not text or not _depth_ok(value, text):
+            raise TypeError(f"session[{key!r}] = {type(value).__name__} {_TOO_DEEP}")
         # Written even when it equals the value loaded: another request may have
         # changed the key since, and the last writer of a key wins.
         old = self._dirty.get(key, self._raw.get(key)) if key in self._values else None
@@ -291,9 +321,14 @@ class Session(MutableMapping[str, Any]):
                             f"store ({exc}); nothing was stored: put only str, int, float, "
                             "bool, None, and lists/dicts of them in the session"
                         ) from None
-                    if text != changed.get(key, self._raw.get(key)):
-                        changed[key] = text
-                        grown.append(key)
+                    except RecursionError:
+                        text = ""  # refused just below, with the reason
+                    if text == changed.get(key, self._raw.get(key)):
+                        continue
+                    if not text or not _depth_ok(value, text):
+                        raise SessionError(f"session[{key!r}] was changed in place and {_TOO_DEEP}")
+                    changed[key] = text
+                    grown.append(key)
         if grown:
             size = sum(_size(k, changed.get(k) or self._raw[k]) for k in self._values)
             if size > self._max_size:

@@ -165,13 +165,17 @@ class SessionStore(Protocol):
     async def save(self, key: SessionKey, delta: SessionDelta) -> int:
         """Apply only ``delta`` to a stored session: its new version (>= 1), 0 when it
         is gone (expired, invalidated or regenerated meanwhile: never resurrect it), or
-        :data:`TOO_LARGE`, changing nothing, when the stored session with ``delta``
-        applied would be over ``max_size`` (concurrent requests each grew it)."""
+        :data:`TOO_LARGE`, changing nothing, when ``delta`` sets something and the stored
+        session with it applied would be over ``max_size`` (concurrent requests each grew
+        it).  A delta that only deletes is never refused: it shrinks the session, even one
+        stored over a ``max_size`` lowered since."""
 
     async def regenerate(self, old: SessionKey, new: SessionKey, user_id: str | None) -> bool:
         """Move the data to ``new`` atomically; ``old`` stays readable for the grace period."""
 
-    async def delete(self, key: SessionKey, user_id: str | None) -> None: ...
+    async def delete(self, key: SessionKey, user_id: str | None) -> list[str]:
+        """End the session (logout) and the ids it was regenerated from, which stay
+        readable for the grace period otherwise; returns the handles ended."""
 
     async def list_user(self, user_id: str) -> list[SessionInfo]: ...
 

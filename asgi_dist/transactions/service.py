@@ -60,6 +60,20 @@ def handler_connections(pool: asyncpg.Pool) -> int:
     return max(1, size // 2)
 
 
+def _check_relay_pool(pool: asyncpg.Pool) -> None:
+    """Refuse a pool the relay would deadlock: its LISTEN connection is held for good,
+    and its statements (and every request transaction) need another."""
+    size = pool.get_max_size()
+    if size < 2:
+        raise ConfigError(
+            f"postgres=<asyncpg.Pool> has max_size={size}, but the outbox relay holds one "
+            "connection for good (its LISTEN) and needs at least one more for its work and "
+            "requests: create the pool with max_size >= 2 (asyncpg.create_pool(..., "
+            "max_size=10)), pass a DSN instead, or turn the relay off with "
+            "TransactionConfig(relay=False)"
+        )
+
+
 class TransactionService:
     """Request transaction, outbox relay, idempotent consumers, transactional messages."""
 
@@ -159,6 +173,7 @@ class TransactionService:
             )
         else:
             if self.config.relay:
+                _check_relay_pool(postgres.pool)
                 self.relay = Relay(
                     postgres, redis, self.config, self.runtime.node_id, self._stopping
                 )

@@ -61,6 +61,11 @@ async def show(request: Request) -> PlainTextResponse:
     return PlainTextResponse(ascii(dict(request.session)))
 
 
+async def delete(request: Request) -> PlainTextResponse:
+    del request.session[request.path_params["key"]]
+    return PlainTextResponse("deleted")
+
+
 async def append(request: Request) -> JSONResponse:
     # An in-place change of a stored list must persist too.
     request.session.setdefault("items", []).append(request.path_params["value"])
@@ -120,6 +125,7 @@ def routes() -> list[Any]:
         Route("/get/{key}", read),
         Route("/all", read_all),
         Route("/set/{key}/{value}", write, methods=["POST"]),
+        Route("/del/{key}", delete, methods=["POST"]),
         Route("/big/{size:int}", write_big, methods=["POST"]),
         Route("/append/{value}", append, methods=["POST"]),
         Route("/append-in-place/{value}", append_in_place, methods=["POST"]),

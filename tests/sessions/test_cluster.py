@@ -34,3 +34,22 @@ async def test_sessions_regenerate_and_user_indexes_work_on_redis_cluster(
     finally:
         for b in browsers:
             await b.aclose()
+
+
+async def test_a_logout_on_redis_cluster_ends_the_ids_a_rotated_login_left_readable(
+    session_dist: Callable[..., Any], cluster_url: str
+) -> None:
+    dist = await session_dist("redis", redis=cluster_url)
+    async with client(dist) as c:
+        old = (await c.post("/login/emil")).cookies["session"]
+        c.cookies.clear()
+        new = (await c.post("/login/emil", headers={"cookie": f"session={old}"})).cookies
+        c.cookies.clear()
+        r = await c.get("/all", headers={"cookie": f"session={old}"})
+        assert r.json()["user"] == "emil"  # in its grace period
+        assert (await c.post("/logout", headers={"cookie": f"session={new['session']}"})).is_success
+        c.cookies.clear()
+        for cookie in (old, new["session"]):
+            r = await c.get("/all", headers={"cookie": f"session={cookie}"})
+            assert r.json()["user"] is None
+        assert await dist.sessions.list_user("emil") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -371,3 +372,132 @@ async def test_sessions_stored_before_exact_values_are_migrated_to_them(
         "cart": [1, "a"],
         "n": 2.5,
     }
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_value_nested_too_deep_is_refused_clearly_and_nothing_else_is_lost(
+    backend: str, session_dist: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON nesting is encoded and decoded by recursion: a value ~1000 levels deep made
+    a RecursionError (a 500 saying nothing useful). It is refused where it enters: a
+    TypeError on assignment, a SessionError on an in-place change; the rest stays."""
+
+    async def deep(request: Request) -> Response:
+        request.session["note"] = "kept"
+        try:
+            request.session["tree"] = _nested(int(request.path_params["depth"]))
+        except TypeError as exc:
+            return PlainTextResponse(str(exc), status_code=422)
+        return PlainTextResponse("stored")
+
+    async def deepen(request: Request) -> Response:
+        request.session["flat"].append(_nested(int(request.path_params["depth"])))
+        return PlainTextResponse("changed")
+
+    async def show(request: Request) -> Response:
+        return JSONResponse(dict(request.session))
+
+    dist = await session_dist(backend)
+    app = dist.wrap(
+        Starlette(
+            routes=[
+                Route("/deep/{depth}", deep, methods=["POST"]),
+                Route("/deepen/{depth}", deepen, methods=["POST"]),
+                Route("/show", show),
+                Route("/put", put, methods=["POST"]),
+            ]
+        )
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        for depth in (1000, 101):
+            r = await c.post(f"/deep/{depth}")
+            assert r.status_code == 422, (depth, r.text)
+            assert "session['tree'] = list is nested more than 100 lists/dicts deep" in r.text
+            assert "store flatter data" in r.text
+        assert (await c.get("/show")).json() == {"note": "kept"}
+        assert (await c.post("/deep/100")).text == "stored"  # the deepest allowed
+        assert (await c.post("/put", content='{"flat": []}')).status_code == 200
+        stored = (await c.get("/show")).json()
+        assert stored == {"note": "kept", "tree": _nested(100), "flat": []}
+        for depth in (1000, 100):  # one level more in the list: 1001 and 101
+            caplog.clear()
+            r = await c.post(f"/deepen/{depth}")
+            assert r.status_code == 500, (depth, r.text)
+            assert "session['flat'] was changed in place and is nested more than 100" in (
+                caplog.text
+            )
+            assert "RecursionError" not in caplog.text
+        assert (await c.get("/show")).json() == stored
+
+
+@pytest.mark.parametrize("backend", ["redis", "redis-near", "postgres", "memory"])
+async def test_a_logout_after_a_rotated_login_also_ends_the_ids_it_rotated_from(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    """regenerate() keeps the old id readable, as the same user, for its grace period:
+    a logout through the new id must end the old ones too, or a stolen old cookie
+    stays logged in after the user logged out."""
+    options = {"near_cache": True} if backend == "redis-near" else {}
+    dist = await session_dist(backend.removesuffix("-near"), **options)
+    async with client(dist) as c:
+        cookies = [(await c.post("/login/gina")).cookies["session"]]
+        for _ in range(2):  # logged in again twice: A -> B -> C
+            c.cookies.clear()
+            r = await c.post("/login/gina", headers={"cookie": f"session={cookies[-1]}"})
+            cookies.append(r.cookies["session"])
+        c.cookies.clear()
+        for cookie in cookies:
+            r = await c.get("/all", headers={"cookie": f"session={cookie}"})
+            assert r.json()["user"] == "gina"
+        r = await c.post("/logout", headers={"cookie": f"session={cookies[-1]}"})
+        assert "Max-Age=0" in (set_cookie(r) or "")
+        c.cookies.clear()
+        for cookie in cookies:
+            r = await c.get("/all", headers={"cookie": f"session={cookie}"})
+            assert (r.json()["data"], r.json()["user"]) == ({}, None), "a rotated id survived"
+        assert await dist.sessions.list_user("gina") == []
+        # Another user's rotated session is untouched by this logout.
+        first = (await c.post("/login/hugo")).cookies["session"]
+        c.cookies.clear()
+        r = await c.post("/login/hugo", headers={"cookie": f"session={first}"})
+        c.cookies.clear()
+        r = await c.get("/all", headers={"cookie": f"session={first}"})
+        assert r.json()["user"] == "hugo"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_request_that_only_deletes_keys_is_allowed_over_a_lowered_max_size(
+    backend: str, session_dist: Callable[..., Any]
+) -> None:
+    """A session stored under a larger max_size stays over a lowered one until it
+    shrinks: a request that only deletes keys must go through on every store (Redis
+    let it, PostgreSQL and memory refused it), one that sets something must not."""
+    before = await session_dist(backend, max_size=2000)
+    async with client(before) as c:
+        body = {"a": "x" * 600, "b": "y" * 600, "c": "z" * 600}  # 1803 bytes
+        assert (await c.post("/put", content=json.dumps(body))).status_code == 200
+        cookie = c.cookies["session"]
+    if backend == "memory":  # one process: lower the limit in place
+        lowered = dataclasses.replace(before.sessions.config, max_size=1000)
+        before.sessions.config = before.sessions.store.config = lowered  # type: ignore[attr-defined]
+        after = before
+    else:  # a redeploy with the lower limit, on the same store
+        after = await session_dist(backend, max_size=1000)
+    async with client(after) as c:
+        c.cookies.set("session", cookie)
+        r = await c.post("/del/a")  # still 1202 bytes, over 1000: but smaller
+        assert r.status_code == 200, r.text
+        assert sorted((await c.get("/all")).json()["data"]) == ["b", "c"]
+        r = await c.post("/big/10")  # sets something: refused while over the limit
+        assert r.status_code == 413 and "max_size=1000" in r.text
+        assert (await c.post("/del/b")).status_code == 200  # 601 bytes: under it again
+        assert (await c.post("/set/d/1")).status_code == 200
+        assert sorted((await c.get("/all")).json()["data"]) == ["c", "d"]
