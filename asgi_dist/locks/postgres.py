@@ -63,6 +63,10 @@ MIGRATIONS = [
 ]
 
 
+# Below this pool size no connection is held in LISTEN (see PostgresWakeups._listen).
+_LISTEN_MIN_POOL = 3
+
+
 class PostgresWakeups:
     """One LISTEN connection per Dist, shared by its PostgreSQL lease backends.
 
@@ -98,6 +102,16 @@ class PostgresWakeups:
             log.debug("could not LISTEN for lease releases; polling", exc_info=True)
 
     async def _listen(self) -> None:
+        if self._pg.pool.get_max_size() < _LISTEN_MIN_POOL:
+            # The LISTEN connection is held for good, and the outbox relay may hold
+            # another: in a pool this small, work would wait for a connection forever.
+            log.info(
+                "the PostgreSQL pool has max_size < %d: lease waiters poll instead of "
+                "holding a connection in LISTEN",
+                _LISTEN_MIN_POOL,
+            )
+            self._gave_up = True
+            return
         conn = await self._pg.pool.acquire()
         try:
             await conn.add_listener(self.channel, self._on_notify)

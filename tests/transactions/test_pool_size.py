@@ -34,3 +34,28 @@ async def test_a_pool_of_one_connection_is_refused_at_start_instead_of_deadlocki
         await dist.stop()
     finally:
         await pool.close()
+
+
+async def test_a_pool_of_two_serves_the_relay_and_postgres_lock_waiters_without_deadlock(
+    make_dist: Callable[..., Any], postgres_dsn: str
+) -> None:
+    # The relay holds one connection in LISTEN; a lock waiter's LISTEN would take
+    # the other for good and leave none for the lock's own statements.
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2)
+    try:
+        holder: Dist = await make_dist(redis=None, sessions=False)
+        dist: Dist = await make_dist(postgres=pool, sessions=False)
+        assert dist.transactions.relay is not None
+        held = await holder.lock("k", ttl=30, backend="postgres").acquire()
+        waiting = asyncio.create_task(dist.lock("k", backend="postgres").acquire(timeout=20))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        async with asyncio.timeout(5):
+            assert await pool.fetchval("SELECT 1") == 1
+            await held.release()
+            second = await waiting
+        assert second.fence > held.fence
+        await second.release()
+        await dist.stop()
+    finally:
+        await pool.close()
