@@ -32,13 +32,16 @@ from asgi_dist.backends.resp import MultiplexedRedis, ReplyCallback
 from asgi_dist.errors import BackendUnavailable, ConfigError
 
 __all__ = [
+    "LONGEST_BLOCK",
     "RedisBackend",
     "RedisClient",
     "Script",
     "ScriptClient",
+    "block_ms",
     "create_multiplexed",
     "create_redis_client",
     "describe_redis_url",
+    "read_timeout",
     "validate_name",
 ]
 
@@ -51,6 +54,37 @@ ScriptClient: TypeAlias = "Redis | RedisCluster | MultiplexedRedis"
 MAX_NAME_LENGTH = 512
 MAX_CONNECTIONS = 512  # per process, for one server
 _SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster", "unix")
+
+# The longest BLOCK (s) of a blocking read (XREAD/XREADGROUP) the library sends through
+# redis-py: the scheduler's dispatch reads block this long, a consumer's idle read its
+# claim_interval capped at this (block_ms).
+LONGEST_BLOCK = 4.0
+
+
+def read_timeout(connect_timeout: float) -> float:
+    """The ``socket_timeout`` of every redis-py connection we build: how long any reply
+    may take, blocking reads included.
+
+    Without one, a command sent to a Redis that stopped answering while its connection
+    stays open (packets dropped, a partition, a frozen host) waits until TCP gives up,
+    about 15 minutes, and the background loops behind it (relay, consumers, scheduler,
+    watchdogs on Cluster) with it; redis-py before 8 sets none by default.  One timeout
+    on the connections, rather than a bound at each call site, covers every command,
+    pipelines, health checks and handshakes included, and redis-py drops a connection
+    whose read timed out (``read_response`` disconnects before it raises), so a reply
+    still in flight can never be read as the answer to the next command.  A blocking
+    read answers after at most LONGEST_BLOCK; a server that takes ``connect_timeout``
+    longer than that is as unavailable as one we cannot reach at start.  Pub/sub reads
+    wait without a bound of their own (``timeout=math.inf``): its heartbeat watches them.
+    """
+    return connect_timeout + LONGEST_BLOCK
+
+
+def block_ms(seconds: float) -> int:
+    """The BLOCK argument (ms) of a blocking read meant to wait ``seconds``: capped at
+    LONGEST_BLOCK, which the socket timeout allows for (a caller that wants to wait
+    longer reads again), and never 0, which would block for good."""
+    return max(1, int(min(seconds, LONGEST_BLOCK) * 1000))
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -151,6 +185,7 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
         )
     timeouts: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,
+        "socket_timeout": read_timeout(connect_timeout),
         "health_check_interval": 30,
     }
     if parts.scheme != "unix":
@@ -172,6 +207,7 @@ def create_redis_client(url: str, *, connect_timeout: float = 5.0) -> RedisClien
             username=username,
             password=password,
             socket_connect_timeout=connect_timeout,
+            socket_timeout=read_timeout(connect_timeout),
         )
     # redis+sentinel://host:port,host:port/service_name[/db]
     path = [p for p in parts.path.split("/") if p]

@@ -38,6 +38,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from asgi_dist.backends import RedisBackend
+from asgi_dist.backends.redis import LONGEST_BLOCK, block_ms
 from asgi_dist.errors import ConfigError
 from asgi_dist.scheduling.jobs import validate_job_name
 from asgi_dist.scheduling.store_redis import RedisStore
@@ -47,9 +48,9 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("asgi_dist.scheduling")
 
 _GROUP = "nodes"
-# Below redis-py's default socket timeout (5 s): a block as long as the timeout
-# ends in a TimeoutError and a reconnect instead of an empty reply.
-_BLOCK_MS = 4000
+# The longest block there is, which the socket timeout of our clients outlasts by
+# connect_timeout (backends.redis.read_timeout).
+_BLOCK_MS = block_ms(LONGEST_BLOCK)
 _MAXLEN = 10_000
 _PAGES = 10  # XAUTOCLAIM pages of 100 per redelivery pass (bounds one pass)
 
@@ -196,8 +197,13 @@ class Dispatcher:
                 reply: Any = await self.client.xreadgroup(
                     _GROUP, self.node_id, {self.any_stream: ">"}, count=10, block=_BLOCK_MS
                 )
-            except redis_errors.TimeoutError:
-                continue  # a client whose socket timeout is shorter than the block
+            except redis_errors.TimeoutError as exc:
+                # No answer within the socket timeout, which outlasts the block: Redis
+                # stopped answering.  redis-py dropped the connection (no reply of it can
+                # be mistaken for a later one's), the next read takes a new one; no
+                # pause, the timeout was one.
+                log.warning("scheduler dispatch read got no answer: %s", exc)
+                continue
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler dispatch read failed: %s", exc)
                 await asyncio.sleep(1.0)
@@ -281,7 +287,8 @@ class Dispatcher:
                 reply: Any = await self.client.xread(
                     {self.broadcast_stream: last}, count=10, block=_BLOCK_MS
                 )
-            except redis_errors.TimeoutError:
+            except redis_errors.TimeoutError as exc:
+                log.warning("scheduler broadcast read got no answer: %s", exc)  # as above
                 continue
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("scheduler broadcast read failed: %s", exc)

@@ -34,6 +34,7 @@ from redis import exceptions as redis_errors
 
 from asgi_dist.backends import PostgresBackend, RedisBackend, as_backend_unavailable
 from asgi_dist.backends.postgres import connection_lost
+from asgi_dist.backends.redis import block_ms
 from asgi_dist.errors import BackendUnavailable, ConfigError, TransactionError
 from asgi_dist.transactions.config import TransactionConfig
 from asgi_dist.transactions.message import Message, validate_topic
@@ -185,7 +186,9 @@ class Consumer:
                             log.warning("consumer %s: pruning failed: %s", self.spec.group, exc)
                     want = free - len(entries)
                     if want > 0:
-                        block = None if entries else int(self.config.claim_interval * 1000)
+                        # Capped below the socket timeout: a longer claim_interval
+                        # only takes more reads (last_claim keeps the claim pace).
+                        block = None if entries else block_ms(self.config.claim_interval)
                         entries += await self._read(want, block)
                     backoff.reset()
                 except redis_errors.ResponseError as exc:

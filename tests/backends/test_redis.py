@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_dist import ConfigError, Dist
-from asgi_dist.backends.redis import RedisBackend, describe_redis_url
+from asgi_dist.backends.redis import (
+    LONGEST_BLOCK,
+    RedisBackend,
+    block_ms,
+    create_redis_client,
+    describe_redis_url,
+    read_timeout,
+)
 from tests.helpers.servers import RedisServer, redis_sentinel
 
 KEYS = ["a-test-secret-key-of-32-chars-xx"]
@@ -33,6 +41,63 @@ def test_urls_are_described_without_credentials() -> None:
         == "redis+sentinel://h1:26379,h2:26380"
     )
     assert describe_redis_url("redis+cluster://h1:7000,h2") == "redis+cluster://h1:7000,h2:6379"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://127.0.0.1:6380",
+        "unix:///run/redis.sock",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        "redis+sentinel://127.0.0.1:26379/mymaster/1",
+    ],
+)
+async def test_every_client_bounds_each_reply_beyond_the_longest_block(url: str) -> None:
+    """A Redis that stops answering with its connections open must not hang a command
+    for the ~15 minutes TCP takes to give up (redis-py before 8 sets no timeout)."""
+    client = create_redis_client(url, connect_timeout=2.0)
+    try:
+        if isinstance(client, RedisCluster):
+            nodes = client.nodes_manager.startup_nodes.values()
+            timeouts = {n.connection_kwargs["socket_timeout"] for n in nodes}
+        else:  # a connection as the pool makes it (Sentinel's included)
+            timeouts = {client.connection_pool.make_connection().socket_timeout}
+    finally:
+        await client.aclose()
+    assert timeouts == {read_timeout(2.0)} == {2.0 + LONGEST_BLOCK}
+    # The tests behind a black-holing proxy count on this bound.
+    assert read_timeout(1.0) == 5.0
+
+
+async def test_a_read_that_timed_out_drops_its_connection_and_its_late_reply(
+    redis_url: str, namespace: str
+) -> None:
+    """The reply of a command that timed out may still arrive: its connection must not
+    serve the next command, which would read that reply as its own."""
+    client = create_redis_client(redis_url, connect_timeout=0.5)  # replies within 4.5 s
+    stream = f"{{{namespace}}}:late"
+    try:
+        with pytest.raises(redis_errors.TimeoutError):
+            # A block past the read timeout: Redis answers only after we gave up.
+            await client.xread({stream: "$"}, block=6000)
+        for i in range(5):
+            assert await client.echo(f"mine-{i}") == f"mine-{i}".encode()
+        await client.xadd(stream, {"n": "1"})  # would complete the old read now
+        for i in range(5):
+            assert await client.echo(f"still-{i}") == f"still-{i}".encode()
+    finally:
+        await client.delete(stream)
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"), [(0.1, 100), (0.0001, 1), (4.0, 4000), (86_400.0, 4000)]
+)
+def test_blocking_reads_block_less_than_the_read_timeout_and_never_forever(
+    seconds: float, expected: int
+) -> None:
+    assert block_ms(seconds) == expected  # BLOCK 0 would wait for good
 
 
 async def _run_probe(dist: Dist, name: str) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from asgi_dist import Dist
 from asgi_dist.transactions import TransactionConfig
+from tests.transactions.proxy import TcpProxy, proxied
 
 
 @pytest.fixture
@@ -26,3 +28,10 @@ def sched_dist(make_dist: Any) -> Any:
         return dist
 
     return factory
+
+
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """(proxy, Redis URL through it): ``proxy.black_hole()`` makes Redis stop answering."""
+    async with proxied(redis_url, 6379) as (proxy, url):
+        yield proxy, url

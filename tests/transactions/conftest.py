@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from tests.transactions.proxy import TcpProxy
+from tests.transactions.proxy import TcpProxy, proxied
 from tests.transactions.settings import FAST
 
 
@@ -24,13 +23,15 @@ async def pg(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pg_proxy(postgres_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
     """(proxy, dsn through it): ``await proxy.cut()`` makes PostgreSQL unreachable."""
-    parts = urlsplit(postgres_dsn)
-    proxy = await TcpProxy(parts.port or 5432, parts.hostname or "127.0.0.1").start()
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{proxy.port}"
-    dsn = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-    yield proxy, dsn
-    await proxy.cut()
+    async with proxied(postgres_dsn, 5432) as (proxy, dsn):
+        yield proxy, dsn
+
+
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """(proxy, Redis URL through it): ``proxy.black_hole()`` makes Redis stop answering."""
+    async with proxied(redis_url, 6379) as (proxy, url):
+        yield proxy, url
 
 
 @pytest.fixture
