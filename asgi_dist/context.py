@@ -70,7 +70,9 @@ def current_request(what: str = "this") -> RequestContext:
         raise NoRequestContext(
             f"{what} was called outside a request: it works only while DistMiddleware is "
             "handling an HTTP or websocket request (wrap the app with dist.wrap(app) or "
-            "app.add_middleware(DistMiddleware, dist=dist))"
+            "app.add_middleware(DistMiddleware, dist=dist)); in a thread, run the call with "
+            "the request's context (starlette.concurrency.run_in_threadpool or "
+            "asyncio.to_thread copy it, loop.run_in_executor does not)"
         ) from None
 
 

@@ -40,6 +40,14 @@ log = logging.getLogger("asgi_dist")
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _MEMORY = (None, "", "memory://", "memory")
 _STOP_TIMEOUT = 15.0
+_ENV = (
+    "ASGI_DIST_REDIS_URL",
+    "ASGI_DIST_POSTGRES_DSN",
+    "ASGI_DIST_ZOOKEEPER_HOSTS",
+    "ASGI_DIST_NAMESPACE",
+    "ASGI_DIST_SECRET_KEYS",
+    "ASGI_DIST_LEADER_TTL",
+)
 
 
 class Dist:
@@ -147,6 +155,7 @@ class Dist:
         )
         self._started = False
         self._starts = 0
+        self._serving = False  # a DistMiddleware serves requests with this Dist
         # The public factories are the capabilities' own methods, so their
         # signatures and docs are the ones users see.
         self.lock = self.locks.lock
@@ -163,18 +172,24 @@ class Dist:
     def from_env(cls, **overrides: Any) -> Dist:
         """Build from ``ASGI_DIST_REDIS_URL``, ``ASGI_DIST_POSTGRES_DSN``,
         ``ASGI_DIST_NAMESPACE`` and ``ASGI_DIST_SECRET_KEYS`` (comma-separated,
-        newest first); keyword arguments win over the environment."""
-        env = os.environ
-        kwargs: dict[str, Any] = {
-            "redis": env.get("ASGI_DIST_REDIS_URL") or None,
-            "postgres": env.get("ASGI_DIST_POSTGRES_DSN") or None,
-            "zookeeper": env.get("ASGI_DIST_ZOOKEEPER_HOSTS") or None,
+        newest first), ``ASGI_DIST_ZOOKEEPER_HOSTS`` and ``ASGI_DIST_LEADER_TTL``;
+        keyword arguments win over the environment.  Values are stripped of
+        surrounding whitespace (an env file with CRLF line ends leaves a ``\\r``)."""
+        env = {
+            name: value.strip()
+            for name, value in os.environ.items()
+            if name.startswith("ASGI_DIST_") and value.strip()
         }
-        if env.get("ASGI_DIST_NAMESPACE"):
+        kwargs: dict[str, Any] = {
+            "redis": env.get("ASGI_DIST_REDIS_URL"),
+            "postgres": env.get("ASGI_DIST_POSTGRES_DSN"),
+            "zookeeper": env.get("ASGI_DIST_ZOOKEEPER_HOSTS"),
+        }
+        if "ASGI_DIST_NAMESPACE" in env:
             kwargs["namespace"] = env["ASGI_DIST_NAMESPACE"]
-        if env.get("ASGI_DIST_SECRET_KEYS"):
+        if "ASGI_DIST_SECRET_KEYS" in env:
             kwargs["secret_keys"] = env["ASGI_DIST_SECRET_KEYS"]
-        if env.get("ASGI_DIST_LEADER_TTL"):
+        if "ASGI_DIST_LEADER_TTL" in env:
             try:
                 kwargs["leader_ttl"] = float(env["ASGI_DIST_LEADER_TTL"])
             except ValueError:
@@ -183,7 +198,15 @@ class Dist:
                     "seconds: set it to e.g. 15"
                 ) from None
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            # The message names the Dist() argument; say where its value came from
+            # (names only: URLs and keys may hold secrets).
+            read = [name for name in _ENV if name in env]
+            if not read:
+                raise
+            raise ConfigError(f"{exc} (Dist.from_env() read {', '.join(read)})") from exc
 
     # lifecycle -----------------------------------------------------------------
 
@@ -207,6 +230,8 @@ class Dist:
         """Connect the backends (bounded by ``connect_timeout``), migrate, start capabilities."""
         if self._started:
             return
+        if self._serving and (problem := self._serving_problem()) is not None:
+            raise problem
         runtime = self.runtime
         # A Dist may be started again after a stop, maybe on another event loop.
         runtime.stopping = asyncio.Event()
@@ -273,20 +298,50 @@ class Dist:
         """``DistMiddleware(app, dist=self)``."""
         from asgi_dist.middleware import DistMiddleware
 
+        # Both forms on one app run every request through this Dist twice: two
+        # session loads, and a warning that blames another session middleware.
+        added = getattr(app, "user_middleware", None) or ()
+        if (isinstance(app, DistMiddleware) and app.dist is self) or any(
+            getattr(m, "cls", None) is DistMiddleware
+            and getattr(m, "kwargs", {}).get("dist") is self
+            for m in added
+        ):
+            raise ConfigError(
+                "this app already has DistMiddleware with this Dist (app.add_middleware("
+                "DistMiddleware, dist=dist) or an earlier dist.wrap(app)): install it once, "
+                "either app = dist.wrap(app) or app.add_middleware(DistMiddleware, dist=dist)"
+            )
         return DistMiddleware(app, dist=self)
 
     def check_serving(self) -> None:
         """Refuse to serve requests with a configuration that would break them.
 
         Called by DistMiddleware; workers that only lock or schedule need no keys.
+        Built at import time (``dist.wrap(app)``), the middleware raises at once.
+        ``app.add_middleware(DistMiddleware, ...)`` is built by Starlette inside its
+        first ASGI call, the lifespan, and an error raised there looks to uvicorn like
+        an app without lifespan: it would log that at INFO and answer every request
+        500. So inside a running event loop the error waits for ``start()``, which
+        the middleware runs next and whose failure fails the server's startup.
         """
+        self._serving = True
+        problem = self._serving_problem()
+        if problem is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise problem from None
+
+    def _serving_problem(self) -> ConfigError | None:
         shared = self.runtime.redis is not None or self.runtime.postgres is not None
         if self._sessions is not None and not self._secret_keys and shared:
-            raise ConfigError(
+            return ConfigError(
                 "secret_keys is required when sessions are stored in Redis or PostgreSQL "
                 "(every process must sign cookies alike): pass Dist(secret_keys=[...]), set "
                 "ASGI_DIST_SECRET_KEYS, or turn sessions off with Dist(sessions=False)"
             )
+        return None
 
     def add_migrations(self, name: str, steps: Sequence[str]) -> None:
         """Register the app's own ordered SQL steps, applied at start like asgi_dist's.
@@ -301,6 +356,24 @@ class Dist:
         postgres.register_migrations(f"app:{name}", steps)
 
     def request_hooks(self) -> list[RequestHook]:
+        """The capabilities' request hooks; DistMiddleware asks on its first request.
+
+        A request served by a Dist that never started would half work (sessions load
+        lazily, locks refuse, get_tx() looks like an outage, no job ever runs), so it
+        is refused here with what skipped the lifespan and the fix.
+        """
+        if not self._started:
+            raise ConfigError(
+                "a request reached DistMiddleware before its Dist was started: the Dist "
+                "starts in the ASGI lifespan, which did not run. A sub-app mounted with "
+                "Mount(..., app=dist.wrap(sub)) gets no lifespan from Starlette: wrap the "
+                "outermost app instead (dist.wrap(app)). A server run with --lifespan off "
+                "skips it too, and so do test clients outside their lifespan block: use "
+                "'with TestClient(app) as client:' (Starlette, FastAPI) or 'async with "
+                "app.test_app() as test_app:' (Quart). Otherwise start it yourself: "
+                "'async with dist:' around the serving code, or 'await dist.start()' in "
+                "the outer app's lifespan"
+            )
         hooks: list[RequestHook | None] = [cap.request_hook() for cap in self._capabilities()]
         return [h for h in hooks if h is not None]
 
