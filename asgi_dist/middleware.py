@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asgi_dist._types import ASGIApp, Message, Receive, Scope, Send
-from asgi_dist.backends import as_backend_unavailable
+from asgi_dist.backends import _OUTAGES, as_backend_unavailable
 from asgi_dist.context import RequestContext, RequestHook, reset_current, set_current
 from asgi_dist.errors import (
     BackendUnavailable,
@@ -240,13 +240,25 @@ class DistMiddleware:
 
         try:
             await self.app(scope, inner_receive, inner_send)
-        except BaseException:
+        except BaseException as exc:
             if startup_answered:
                 await self.dist.stop()
                 raise
+            if _speaks_lifespan(self.app):
+                # Starlette, FastAPI and Quart answer the startup even when it fails;
+                # raising before that is a broken app (a middleware that cannot be
+                # built, say): fail the startup instead of serving every request a 500.
+                log.error("the app failed before answering the lifespan startup: %r", exc)
+                await self.dist.stop()
+                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                raise
             # The inner app does not speak lifespan (it raised on the scope type):
             # asgi_dist still needs its own startup and shutdown.
-            log.debug("inner app does not support lifespan; asgi_dist handles it alone")
+            log.info(
+                "the app raised on the lifespan scope (%r); taken as an app without "
+                "lifespan support, asgi_dist handles its own startup and shutdown",
+                exc,
+            )
         if not startup_answered:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
@@ -355,6 +367,13 @@ def _client_closed(scope: Scope, exc: Exception) -> bool:
     return isinstance(exc, WebSocketDisconnect)
 
 
+def _speaks_lifespan(app: Any) -> bool:
+    """Whether ``app`` is one of the frameworks that always answer a lifespan startup."""
+    app = getattr(app, "__self__", app)  # Quart's init_app wraps its asgi_app method
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(app).__mro__}
+    return bool(names & {"starlette.applications.Starlette", "quart.app.Quart"})
+
+
 def _install_exception_handlers(app: Any, outage: Callable[[str, BaseException], None]) -> None:
     """Teach Starlette/FastAPI apps our status codes (``outage`` hears of each 503).
 
@@ -373,13 +392,6 @@ def _install_exception_handlers(app: Any, outage: Callable[[str, BaseException],
             outage(f"{request.scope['type']} {request.url.path}", exc)
         return PlainTextResponse(body, status_code=status, headers=headers)
 
-    from redis import exceptions as redis_errors
-
-    for cls in (
-        BackendUnavailable,
-        LockTimeout,
-        LockLost,
-        redis_errors.ConnectionError,
-        redis_errors.TimeoutError,
-    ):
+    # The same errors the middleware answers with 503 when they reach it.
+    for cls in (BackendUnavailable, LockTimeout, LockLost, *_OUTAGES):
         add(cls, handler)

@@ -129,6 +129,40 @@ async def test_inner_startup_failure_stops_the_dist() -> None:
     assert not dist.started
 
 
+async def test_a_starlette_app_that_breaks_before_answering_startup_fails_the_startup() -> None:
+    class Broken:
+        def __init__(self, app: Any) -> None:
+            raise RuntimeError("this middleware cannot be built")
+
+    # Starlette builds its middleware stack on the first call, the lifespan: the
+    # error comes before the app could answer the startup.
+    dist = Dist()
+    driver = Lifespan(dist.wrap(Starlette(middleware=[Middleware(Broken)])))
+    message = await driver.startup()
+    assert message["type"] == "lifespan.startup.failed"
+    assert "cannot be built" in message["message"]
+    assert not dist.started
+    assert driver._task is not None
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        await driver._task  # raised too, as servers expect
+
+
+async def test_the_wrap_form_answers_a_postgres_outage_met_in_a_view_with_503() -> None:
+    import asyncpg
+
+    async def view(request: Request) -> PlainTextResponse:
+        # The view's own driver call, to a server that is not there.
+        await asyncpg.connect("postgresql://postgres@127.0.0.1:1/test", timeout=2)
+        return PlainTextResponse("unreachable")
+
+    dist = Dist()
+    app = dist.wrap(Starlette(routes=[Route("/", view)]))
+    async with Lifespan(app), _client(app) as client:
+        response = await client.get("/")
+    assert response.status_code == 503
+    assert "Retry-After" in response.headers
+
+
 async def test_request_context_is_set_inside_a_request_and_gone_outside() -> None:
     seen: list[RequestContext] = []
 
