@@ -11,7 +11,7 @@ import contextvars
 from typing import TYPE_CHECKING, Protocol
 
 from asgi_dist._types import Message, Scope
-from asgi_dist.errors import NoRequestContext
+from asgi_dist.errors import ConfigError, NoRequestContext
 
 if TYPE_CHECKING:
     from asgi_dist.locks.request import RequestLocks
@@ -88,7 +88,7 @@ def get_session() -> Session:
     """The session of the current request (also inside websockets)."""
     ctx = current_request("get_session()")
     if ctx.session is None:
-        raise NoRequestContext(
+        raise ConfigError(
             "get_session(): sessions are disabled for this Dist; build it with sessions enabled"
         )
     return ctx.session
@@ -98,7 +98,7 @@ def get_locks() -> RequestLocks:
     """The request's lock scope: every lock it acquires is released when the response ends."""
     ctx = current_request("get_locks()")
     if ctx.locks is None:
-        raise NoRequestContext("get_locks(): the lock capability is not attached to this request")
+        raise ConfigError("get_locks(): the lock capability is not attached to this request")
     return ctx.locks
 
 
@@ -108,7 +108,7 @@ def get_tx() -> RequestTransaction:
     tx = ctx.tx
     if tx is None:
         if ctx.transactions is None:
-            raise NoRequestContext(
+            raise ConfigError(
                 "get_tx() needs PostgreSQL: build the Dist with postgres=... "
                 "(or set ASGI_DIST_POSTGRES_DSN)"
             )

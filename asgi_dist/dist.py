@@ -113,6 +113,13 @@ class Dist:
         keys = _secret_keys(secret_keys)
         self.namespace = namespace
         self._secret_keys = keys
+        if node_id is not None and (
+            not isinstance(node_id, str) or not node_id or len(node_id) > 200 or "\x00" in node_id
+        ):
+            raise ConfigError(
+                f"node_id={node_id!r} is invalid: pass a non-empty str of at most 200 "
+                "characters (or None for host:pid:random)"
+            )
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         redis_backend = None
         if redis not in _MEMORY:

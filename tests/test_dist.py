@@ -43,6 +43,8 @@ KEYS = ["a-test-secret-key-of-32-chars-xx"]
         ({"postgres": "mysql://u:pw@db/x"}, "is not a PostgreSQL URL"),
         ({"postgres": "nonsense"}, "is not a PostgreSQL URL"),
         ({"postgres": "postgresql://db:port/x"}, "port that is not a number"),
+        ({"node_id": 5}, "node_id=5 is invalid"),
+        ({"node_id": ""}, "node_id='' is invalid"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_value_and_the_fix(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from asgi_dist import Dist, NoRequestContext
+from asgi_dist import ConfigError, Dist
 from asgi_dist.integrations.fastapi import TxDep
 from tests.helpers.processes import ProcessGroup
 
@@ -59,7 +59,7 @@ async def test_fastapi_dependencies_resolve_inside_a_request() -> None:
 
     transport = httpx.ASGITransport(app=dist.wrap(api))
     async with dist, httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        with pytest.raises(NoRequestContext, match="get_tx\\(\\) needs PostgreSQL"):
+        with pytest.raises(ConfigError, match="get_tx\\(\\) needs PostgreSQL"):
             await client.get("/tx")
 
 
