@@ -496,38 +496,69 @@ class Scheduler:
 
     async def _lead_loop(self, term: _Term) -> None:
         """Claim due fires, then sleep until the next one (or a wake-up), while leading."""
-        store = self.store
         loop = asyncio.get_running_loop()
         check_queues, last_check, next_once = True, loop.time(), None
+        failures = 0
         while not self._stopping:
             if term.lost.is_set():
                 # Normally the election cancels this body; checking too keeps a
                 # swallowed cancellation from leaving a deposed leader looping.
                 raise LockLost(f"the scheduler's term {self.fence} was lost")
-            now = await store.now_ms()
-            offset = now - loop.time() * 1000  # server clock minus loop clock (ms)
-            # Jobs are independent: claim their due fires concurrently, so the
-            # tenth job due at 12:00 is not ten round trips late.
-            await asyncio.gather(*(self._fire_due(job, now) for job in self.registry))
-            if check_queues or (next_once is not None and next_once <= now):
-                await self._run_triggers()
-                await self._run_once(now)
-                next_once = await store.next_once_ms()
-                last_check = loop.time()
-            pending = [ms for ms in self._next.values() if ms is not None]
-            if next_once is not None:
-                pending.append(next_once)
-            # Sleep by the loop clock to the server time of the next fire (+1 ms
-            # so the claim, which checks the server clock, does not come early).
-            sleep = _MAX_SLEEP
-            if pending:
-                sleep = (min(pending) + 1 - (loop.time() * 1000 + offset)) / 1000
-            woken = False
-            if sleep > 0:
-                woken = await store.wait_wakeup(min(sleep, _MAX_SLEEP))
-            # Triggers, one-offs and pauses announce themselves; the queues are
-            # read on a wake-up, or every _MAX_SLEEP in case one was lost.
-            check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
+            try:
+                check_queues, last_check, next_once = await self._lead_pass(
+                    check_queues, last_check, next_once
+                )
+            except Exception as exc:
+                # An outage (or one stale pooled connection after a Redis restart)
+                # does not end the term: the election does that, once its renewals
+                # have failed for renew_deadline or the lease is gone.  Ending it on
+                # the first error left a lease nobody could take until its ttl ran
+                # out (it outlives a restart that keeps data) and moved the term on
+                # every stray error.  Claims are fenced, so a deposed leader's
+                # passes are refused by the store.
+                if as_backend_unavailable(exc) is None:
+                    raise
+                failures += 1
+                if failures == 1:
+                    log.warning("scheduler leader: backend unavailable, retrying: %s", exc)
+                check_queues = True
+                await asyncio.sleep(min(1.0, 0.05 * 2**failures))
+                continue
+            if failures:
+                log.warning("scheduler leader: backend answers again after %d failures", failures)
+                failures = 0
+
+    async def _lead_pass(
+        self, check_queues: bool, last_check: float, next_once: int | None
+    ) -> tuple[bool, float, int | None]:
+        """One pass of the leader: claim what is due, then sleep until the next fire."""
+        store = self.store
+        loop = asyncio.get_running_loop()
+        now = await store.now_ms()
+        offset = now - loop.time() * 1000  # server clock minus loop clock (ms)
+        # Jobs are independent: claim their due fires concurrently, so the
+        # tenth job due at 12:00 is not ten round trips late.
+        await asyncio.gather(*(self._fire_due(job, now) for job in self.registry))
+        if check_queues or (next_once is not None and next_once <= now):
+            await self._run_triggers()
+            await self._run_once(now)
+            next_once = await store.next_once_ms()
+            last_check = loop.time()
+        pending = [ms for ms in self._next.values() if ms is not None]
+        if next_once is not None:
+            pending.append(next_once)
+        # Sleep by the loop clock to the server time of the next fire (+1 ms
+        # so the claim, which checks the server clock, does not come early).
+        sleep = _MAX_SLEEP
+        if pending:
+            sleep = (min(pending) + 1 - (loop.time() * 1000 + offset)) / 1000
+        woken = False
+        if sleep > 0:
+            woken = await store.wait_wakeup(min(sleep, _MAX_SLEEP))
+        # Triggers, one-offs and pauses announce themselves; the queues are
+        # read on a wake-up, or every _MAX_SLEEP in case one was lost.
+        check_queues = woken or loop.time() - last_check >= _MAX_SLEEP
+        return check_queues, last_check, next_once
 
     def _start_recovery(self, ended: asyncio.Event) -> asyncio.Task[None] | None:
         """While leading: record the fires whose node died before they finished, and
