@@ -8,6 +8,7 @@ SIGKILLed, SIGSTOPped and SIGCONTinued, and all are killed when the group closes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Worker:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int | None, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int | None, log: Path, own_session: bool = False
+    ) -> None:
         self.proc = proc
+        self.own_session = own_session
         self.port = port
         self.log = log
 
@@ -116,12 +120,14 @@ class ProcessGroup:
         for _ in range(n):
             port = free_port()
             log = self.tmp / f"{server}-{port}.log"
+            # A session of its own: hypercorn serves from a spawned child, which
+            # close() must kill too (killing the parent alone orphaned it).
             proc = subprocess.Popen(
                 [sys.executable, "-m", server, *args(port)],
                 env=self._env(env), cwd=ROOT,
-                stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-            worker = Worker(proc, port, log)
+            worker = Worker(proc, port, log, own_session=True)
             self.workers.append(worker)
             started.append(worker)
         for worker in started:
@@ -164,3 +170,6 @@ class ProcessGroup:
     def close(self) -> None:
         for worker in self.workers:
             worker.kill()
+            if worker.own_session:  # a server's children (see _servers)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.pid, signal.SIGKILL)
