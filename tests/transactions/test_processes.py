@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,41 @@ async def setup(make_dist: Callable[..., Any], pg: asyncpg.Connection) -> Dist:
         f"CREATE TABLE {dist.namespace}_effects (msg_id uuid, key text, n int, pid int)"
     )
     return dist
+
+
+@dataclass
+class Relayed:
+    """A Dist whose outbox one relay process publishes to the stream of topic 'work'."""
+
+    dist: Dist
+    env: dict[str, str]
+    redis: aioredis.Redis
+
+    @property
+    def stream(self) -> str:
+        return f"{{{self.dist.namespace}:topic:work}}:stream"
+
+    async def pending(self) -> int:
+        """Entries of group 'g' delivered and not yet acknowledged."""
+        return int((await self.redis.xpending(self.stream, "g"))["pending"])
+
+    async def dead_letters(self) -> int:
+        return int(await self.redis.xlen(f"{{{self.dist.namespace}:topic:work}}:dead:g"))
+
+
+async def relayed(
+    make_dist: Callable[..., Any],
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    redis_url: str,
+    dsn: str,
+    state: Path,
+) -> Relayed:
+    dist = await setup(make_dist, pg)
+    env = worker_env(dist, redis_url, dsn, state)
+    processes.python(WORKER, 1, env, args=["relay"])
+    return Relayed(dist, env, redis_client)
 
 
 async def count(pg: asyncpg.Connection, sql: str) -> int:
@@ -183,16 +218,13 @@ async def test_a_dead_consumers_entries_are_reclaimed_past_many_live_ones(
     """Twelve entries held by two live, slow members head the group's pending list; a
     killed member's five come after them.  A member taking one entry at a time
     (XAUTOCLAIM scans ten pending entries per entry asked) must still find those five."""
-    dist = await setup(make_dist, pg)
-    ns = dist.namespace
-    stream = f"{{{ns}:topic:work}}:stream"
-    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
-    processes.python(WORKER, 1, env, args=["relay"])
+    group = await relayed(make_dist, pg, redis_client, processes, redis_url, postgres_dsn, tmp_path)
+    dist, env, ns = group.dist, group.env, group.dist.namespace
     live = processes.python(WORKER, 2, env, args=["blocker", "6"])
     await wait_files([tmp_path / f"blocker-{w.pid}.ready" for w in live], processes)
 
     async def pending(n: int) -> bool:
-        return bool((await redis_client.xpending(stream, "g"))["pending"] == n)
+        return await group.pending() == n
 
     await publish_all(dist, 12)
     await eventually(lambda: pending(12), 30, "the live members hold 12 entries")
@@ -210,7 +242,7 @@ async def test_a_dead_consumers_entries_are_reclaimed_past_many_live_ones(
     await eventually(handled, 20, "the killed member's entries reclaimed and handled")
     rows = await pg.fetch(f"SELECT msg_id::text AS id FROM {ns}_effects")
     assert sorted(r["id"] for r in rows) == sorted(ids)
-    assert (await redis_client.xpending(stream, "g"))["pending"] == 12
+    assert await group.pending() == 12
 
 
 async def test_a_graceful_stop_hands_its_messages_over_without_spending_an_attempt(
@@ -225,17 +257,14 @@ async def test_a_graceful_stop_hands_its_messages_over_without_spending_an_attem
     """A member stopped by SIGTERM (a deploy) in the middle of its handlers: the group
     handles those messages once, and with max_deliveries=1 none is dead-lettered for
     a delivery that never failed."""
-    dist = await setup(make_dist, pg)
-    ns = dist.namespace
-    stream = f"{{{ns}:topic:work}}:stream"
-    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
-    processes.python(WORKER, 1, env, args=["relay"])
+    group = await relayed(make_dist, pg, redis_client, processes, redis_url, postgres_dsn, tmp_path)
+    dist, env, ns = group.dist, group.env, group.dist.namespace
     (stopping,) = processes.python(WORKER, 1, env, args=["blocker", "3"])
     await wait_files([tmp_path / f"blocker-{stopping.pid}.ready"], processes)
     ids = await publish_all(dist, 3)
 
     async def held() -> bool:
-        return bool((await redis_client.xpending(stream, "g"))["pending"] == 3)
+        return await group.pending() == 3
 
     await eventually(held, 30, "the stopping member runs 3 handlers")
     assert stopping.terminate() == 0, stopping.output()
@@ -247,7 +276,7 @@ async def test_a_graceful_stop_hands_its_messages_over_without_spending_an_attem
     await eventually(handled, 20, "the stopped member's messages handled by the other")
     rows = await pg.fetch(f"SELECT msg_id::text AS id FROM {ns}_effects")
     assert sorted(r["id"] for r in rows) == sorted(ids)
-    assert await redis_client.xlen(f"{{{ns}:topic:work}}:dead:g") == 0
+    assert await group.dead_letters() == 0
 
 
 async def test_a_message_still_running_in_a_stalled_member_is_not_dead_lettered(
@@ -262,27 +291,24 @@ async def test_a_message_still_running_in_a_stalled_member_is_not_dead_lettered(
     """A handler blocks its process's event loop past reclaim_after (2 s), so another
     member reclaims its message as a second delivery, past max_deliveries=1.  The
     message is still running, and succeeds: it is handled once and not dead-lettered."""
-    dist = await setup(make_dist, pg)
-    ns = dist.namespace
-    stream = f"{{{ns}:topic:work}}:stream"
-    env = worker_env(dist, redis_url, postgres_dsn, tmp_path)
-    processes.python(WORKER, 1, env, args=["relay"])
+    group = await relayed(make_dist, pg, redis_client, processes, redis_url, postgres_dsn, tmp_path)
+    dist, env, ns = group.dist, group.env, group.dist.namespace
     (stalled,) = processes.python(WORKER, 1, env, args=["stalling", "8"])
     await wait_files([tmp_path / f"stalling-{stalled.pid}.ready"], processes)
     ids = await publish_all(dist, 1)
 
     async def taken() -> bool:
-        return bool((await redis_client.xpending(stream, "g"))["pending"] == 1)
+        return await group.pending() == 1
 
     await eventually(taken, 30, "the stalling member runs the message")
     (other,) = processes.python(WORKER, 1, env, args=["stalling", "0"])
     await wait_files([tmp_path / f"stalling-{other.pid}.ready"], processes)
 
     async def settled() -> bool:
-        acked = (await redis_client.xpending(stream, "g"))["pending"] == 0
+        acked = await group.pending() == 0
         return acked and await count(pg, f"SELECT count(*) FROM {ns}_effects") == 1
 
     await eventually(settled, 30, "the message handled and acked")
     rows = await pg.fetch(f"SELECT msg_id::text AS id, pid FROM {ns}_effects")
     assert [(r["id"], r["pid"]) for r in rows] == [(ids[0], stalled.pid)]
-    assert await redis_client.xlen(f"{{{ns}:topic:work}}:dead:g") == 0
+    assert await group.dead_letters() == 0
